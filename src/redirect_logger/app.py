@@ -1,0 +1,177 @@
+"""The Quart-Trio app: redirects at the ASGI edge, admin routes in Quart, lifecycle.
+
+Redirect hits never enter Quart's routing: ``Frontend`` answers them straight
+from the rule table (werkzeug's routing would merge slashes and redirect on its
+own, which is not what a faithful redirector may do). Quart serves the admin
+endpoints ``/healthz``, ``/readyz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import time
+from typing import Any
+
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+from uuid_utils import uuid7
+
+from .config import ADMIN_PATHS, ConfigError
+from .hits import Hit
+from .metrics import CONTENT_TYPE
+from .pipeline import Admission
+from .service import EXIT_OK, Service
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+ASGIApp = Any
+
+_NOT_FOUND = b"not found\n"
+_OVERLOADED = b"overloaded, retry later\n"
+
+
+def _head(status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+class Frontend:
+    """ASGI middleware in front of Quart: answers every non-admin HTTP request.
+
+    With ``own_lifecycle`` (the ``hypercorn`` launch mode) it also runs the
+    service's lifecycle from the ASGI lifespan.
+    """
+
+    def __init__(self, quart: QuartTrio, service: Service, *, own_lifecycle: bool) -> None:
+        self._quart = quart
+        self._inner: ASGIApp = quart.asgi_app
+        self._service = service
+        self._own_lifecycle = own_lifecycle
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http" and scope["path"] not in ADMIN_PATHS:
+            await self._hit(scope, send)
+        elif kind == "lifespan" and self._own_lifecycle:
+            await self._lifespan(receive, send)
+        else:
+            await self._inner(scope, receive, send)
+
+    async def _hit(self, scope: Scope, send: Any) -> None:
+        """Answer at once: match, build the response, hand the hit to the channel."""
+        now = time.time()
+        hit_id = str(uuid7())
+        service = self._service
+        target, remainder = service.rules.match(scope["path"])
+        location = target.location(remainder, scope["query_string"])
+        status = target.status
+        pipeline = service.pipeline
+        if pipeline is None:  # not started or already stopped: nothing can be recorded
+            admission = Admission.SHED
+        else:
+            admission = await pipeline.intake.submit(
+                Hit(
+                    hit_id,
+                    now,
+                    scope["method"],
+                    scope["scheme"],
+                    scope["path"],
+                    scope["query_string"],
+                    scope["headers"],
+                    scope.get("client"),
+                    status,
+                    location,
+                    target.name,
+                )
+            )
+        headers = [(b"x-hit-id", hit_id.encode())]
+        if admission is Admission.SHED:
+            status, body = 503, _OVERLOADED
+            headers.append((b"retry-after", b"1"))
+        elif location is None:
+            body = _NOT_FOUND
+        else:
+            body = b""
+            headers.append((b"location", location.encode("ascii")))
+        headers.append((b"content-length", str(len(body)).encode()))
+        if body:
+            headers.append((b"content-type", b"text/plain; charset=utf-8"))
+        await send(_head(status, headers))
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        """The ASGI lifespan when no CLI owns the lifecycle (``hypercorn`` mode).
+
+        Startup runs the service; shutdown (after Hypercorn has finished the
+        in-flight requests) drains and flushes it, in our own nursery and time
+        budget, never in ``app.nursery``. Losing records fails the shutdown, so
+        the worker process exits non-zero.
+        """
+        await receive()  # lifespan.startup
+        service = self._service
+        try:
+            async with service.running(), trio.open_nursery() as nursery:
+                await nursery.start(_mark_draining_on_sigterm, service)
+                self._quart.nursery = nursery
+                await self._quart.startup()
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+                service.draining = True
+                await self._quart.shutdown()
+                nursery.cancel_scope.cancel()
+        except ConfigError as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        if service.exit_code() == EXIT_OK:
+            await send({"type": "lifespan.shutdown.complete"})
+        else:
+            message = f"records lost: {service.ledger_snapshot()}"
+            await send({"type": "lifespan.shutdown.failed", "message": message})
+
+
+async def _mark_draining_on_sigterm(
+    service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Under ``hypercorn --workers N`` the master coordinates shutdown.
+
+    A worker that gets SIGTERM itself (a process-group kill, or the master's
+    ``terminate()`` of the workers still draining) must not die mid-drain: it
+    turns not-ready and carries on until the master's shutdown reaches it. A
+    single-process Hypercorn (``--workers 0``) has no master, so SIGTERM becomes
+    its Ctrl+C, which Hypercorn handles as a graceful shutdown.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            service.draining = True
+            log.info("SIGTERM: not ready; draining when the server stops")
+            if multiprocessing.parent_process() is None:
+                signal.raise_signal(signal.SIGINT)
+
+
+def create_app(service: Service, *, own_lifecycle: bool) -> QuartTrio:
+    """The ASGI app. ``own_lifecycle``: run the service from the ASGI lifespan."""
+    app = QuartTrio(__name__)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response("ok\n", content_type="text/plain")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        reason = service.readiness()
+        if reason is None:
+            return Response("ready\n", content_type="text/plain")
+        return Response(f"not ready: {reason}\n", status=503, content_type="text/plain")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.exposition(), content_type=CONTENT_TYPE)
+
+    app.asgi_app = Frontend(app, service, own_lifecycle=own_lifecycle)  # type: ignore[method-assign,assignment]
+    return app

@@ -1,0 +1,28 @@
+"""``app`` for ``hypercorn -k trio redirect_logger.asgi:app``.
+
+The config file is named by ``REDIRECT_LOGGER_CONFIG``. Each Hypercorn worker
+process imports this module and so has its own pipeline and producer, run from
+the ASGI lifespan.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .app import create_app
+from .config import ConfigError, load_settings
+from .logs import configure_logging
+from .service import Service
+
+ENV_VAR = "REDIRECT_LOGGER_CONFIG"
+
+
+def _load() -> Service:
+    path = os.environ.get(ENV_VAR)
+    if not path:
+        raise ConfigError(f"{ENV_VAR} is not set: it must name the TOML config file")
+    return Service(load_settings(path))
+
+
+configure_logging()
+app = create_app(_load(), own_lifecycle=True)

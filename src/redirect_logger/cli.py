@@ -1,0 +1,271 @@
+"""``redirect-logger``: serve, check, tail.
+
+Exit codes: 0 ok; 1 runtime failure (cannot bind, broker error); 2 invalid
+config or usage; 3 records were lost (failed) at shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+import uuid
+from functools import partial
+from typing import Any
+
+import orjson
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from .app import create_app
+from .config import ConfigError, Settings, load_settings
+from .devbroker import DevBrokerError, run_dev_broker
+from .logs import configure_logging
+from .service import Service
+
+log = logging.getLogger("redirect_logger.cli")
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+# Producer-only librdkafka properties, left out of the ``tail`` consumer's config.
+_PRODUCER_ONLY = frozenset(
+    {
+        "acks",
+        "request.required.acks",
+        "enable.idempotence",
+        "compression.type",
+        "compression.codec",
+        "linger.ms",
+        "queue.buffering.max.ms",
+        "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes",
+        "batch.num.messages",
+        "batch.size",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "retries",
+        "message.send.max.retries",
+        "enable.gapless.guarantee",
+        "partitioner",
+        "statistics.interval.ms",
+    }
+)
+
+
+async def _watch_signals(
+    service: Service,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if stop.is_set():
+                log.warning("%s again: the drain is already bounded by flush_timeout", name)
+                continue
+            log.info("%s: not ready, stopping the listeners, draining", name)
+            service.draining = True
+            stop.set()
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = list(settings.server.bind)
+    config.graceful_timeout = settings.server.graceful_timeout
+    config.accesslog = None
+    return config
+
+
+async def serve_service(
+    settings: Settings,
+    *,
+    dev_broker: bool = False,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """The root nursery of ``serve``: signals, dev broker, pipeline, Hypercorn.
+
+    Returns the exit code once a signal has stopped the server and the
+    pipeline has drained. Reports the bound addresses as started.
+    """
+    service = Service(settings)
+    app = create_app(service, own_lifecycle=False)
+    stop = trio.Event()
+    async with trio.open_nursery() as root:
+        await root.start(_watch_signals, service, stop)
+        if dev_broker:
+            await root.start(run_dev_broker, str(settings.kafka["bootstrap.servers"]))
+        async with service.running(), trio.open_nursery() as server:
+            binds = await server.start(
+                partial(serve, app, hypercorn_config(settings), shutdown_trigger=stop.wait)
+            )
+            log.info("serving on %s", " ".join(binds))
+            task_status.started(binds)
+        root.cancel_scope.cancel()
+    return service.exit_code()
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    if args.bind:
+        server = settings.server.model_copy(update={"bind": args.bind})
+        settings = settings.model_copy(update={"server": server})
+    try:
+        return trio.run(partial(serve_service, settings, dev_broker=args.dev_broker))
+    except BaseExceptionGroup as group:
+        config_errors, other = group.split(ConfigError)
+        startup_errors, other = other.split((OSError, DevBrokerError)) if other else (None, None)
+        if other is not None:
+            raise
+        for exc in _leaves(config_errors) + _leaves(startup_errors):
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if config_errors else EXIT_FAILURE
+
+
+def _leaves(group: BaseExceptionGroup[BaseException] | None) -> list[BaseException]:
+    if group is None:
+        return []
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    from confluent_kafka import KafkaException, Producer
+
+    try:  # librdkafka knows its own properties; creating a producer checks them.
+        Producer({**settings.kafka, "logger": logging.getLogger("redirect_logger.check")})
+    except KafkaException as exc:
+        print(f"error: {args.config}: kafka: {exc.args[0].str()}", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(orjson.dumps(settings.redacted(), option=orjson.OPT_INDENT_2).decode())
+    sys.stdout.write("\n")
+    return 0
+
+
+def _tail_config(settings: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        key: value for key, value in settings.kafka.items() if key not in _PRODUCER_ONLY
+    }
+    config.update(
+        {
+            "group.id": f"redirect-logger-tail-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "logger": logging.getLogger("redirect_logger.librdkafka"),
+        }
+    )
+    return config
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+
+    topic = settings.records.topic
+    consumer = Consumer(_tail_config(settings))
+    start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
+    printed = 0
+    last_activity = time.monotonic()
+    out = sys.stdout
+    try:
+        partitions: list[int] = []
+        while not partitions:
+            metadata = consumer.list_topics(topic, timeout=5).topics.get(topic)
+            if metadata is not None and metadata.error is None:
+                partitions = sorted(metadata.partitions)
+            elif args.idle_timeout and time.monotonic() - last_activity > args.idle_timeout:
+                return 0
+            else:
+                time.sleep(0.5)
+        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+        while args.count is None or printed < args.count:
+            message = consumer.poll(0.5)
+            if message is None:
+                if args.idle_timeout and time.monotonic() - last_activity > args.idle_timeout:
+                    break
+                continue
+            error, value = message.error(), message.value()
+            if error is not None or value is None:
+                print(
+                    f"error: {error.str() if error else 'record without a value'}", file=sys.stderr
+                )
+                continue
+            out.write(value.decode("utf-8", "backslashreplace") + "\n")
+            out.flush()
+            printed += 1
+            last_activity = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="redirect-logger",
+        description="Answer every request with a redirect; log every hit to Kafka.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="run the service")
+    serve_cmd.add_argument("--config", required=True, help="TOML config file")
+    serve_cmd.add_argument(
+        "--bind",
+        action="append",
+        metavar="HOST:PORT",
+        help="listen here instead of server.bind (repeatable)",
+    )
+    serve_cmd.add_argument(
+        "--dev-broker",
+        action="store_true",
+        help="also run the embedded memory-only broker on kafka.bootstrap.servers",
+    )
+    serve_cmd.set_defaults(run=_cmd_serve)
+
+    check_cmd = commands.add_parser("check", help="validate and print the effective config")
+    check_cmd.add_argument("--config", required=True)
+    check_cmd.set_defaults(run=_cmd_check)
+
+    tail_cmd = commands.add_parser("tail", help="print records from the topic as JSON lines")
+    tail_cmd.add_argument("--config", required=True)
+    tail_cmd.add_argument("--from-beginning", action="store_true")
+    tail_cmd.add_argument("--count", type=int, help="stop after this many records")
+    tail_cmd.add_argument(
+        "--idle-timeout", type=float, help="stop after this many seconds without a record"
+    )
+    tail_cmd.set_defaults(run=_cmd_tail)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    logging.getLogger("redirect_logger.check").setLevel(logging.CRITICAL)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Typed, validated settings loaded from a TOML file.
+
+Every key is checked; a misspelled or unknown key is an error that names it.
+librdkafka properties pass through verbatim in ``[kafka]``; we only add
+defaults (``KAFKA_DEFAULTS``) and refuse combinations that contradict each other.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+REDIRECT_STATUSES = (301, 302, 307, 308)
+
+KAFKA_DEFAULTS: dict[str, str | int | float | bool] = {
+    "acks": "all",
+    "enable.idempotence": True,
+    "compression.type": "lz4",
+    "linger.ms": 5,
+    # Bounded on purpose: a full librdkafka queue is backpressure, not growth.
+    "queue.buffering.max.messages": 100_000,
+    # Readiness reads broker states from the statistics callback.
+    "statistics.interval.ms": 1000,
+}
+
+# Substrings that mark a librdkafka property as a secret.
+_SECRET_MARKERS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key")
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
+
+KafkaValue = str | int | float | bool
+PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ServerSettings(_Section):
+    bind: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"], min_length=1)
+    graceful_timeout: PositiveSeconds = 5.0  # s for in-flight requests after SIGTERM
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list
+    )
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, binds: list[str]) -> list[str]:
+        for bind in binds:
+            host, sep, port = bind.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"{bind!r} is not HOST:PORT")
+        return binds
+
+
+class _Target(_Section):
+    status: int = 302
+    target: str | None = None
+    forward_query: bool = True  # merge the request's query into the target's
+    forward_path: bool = False  # append what matched "*" to the target's path
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, target: str | None) -> str | None:
+        if target is None:
+            return None
+        if _CONTROL_RE.search(target):
+            raise ValueError("must not contain spaces or control characters")
+        parts = urlsplit(target)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if not target.isascii():
+            raise ValueError("must be ASCII (percent-encode anything else)")
+        return target
+
+
+class Rule(_Target):
+    name: str = Field(min_length=1, max_length=200)
+    path: str
+    target: str
+
+    @field_validator("status")
+    @classmethod
+    def _check_status(cls, status: int) -> int:
+        if status not in REDIRECT_STATUSES:
+            raise ValueError(f"must be one of {', '.join(map(str, REDIRECT_STATUSES))}")
+        return status
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError('must start with "/"')
+        if "*" in path.removesuffix("/*"):
+            raise ValueError('"*" is only allowed as a final "/*" (a prefix rule)')
+        if _CONTROL_RE.search(path):
+            raise ValueError("must not contain spaces or control characters")
+        if path in ADMIN_PATHS:
+            raise ValueError(f"{path} is reserved for the admin endpoints")
+        return path
+
+    @model_validator(mode="after")
+    def _check_forward_path(self) -> Rule:
+        if self.forward_path and not self.path.endswith("/*"):
+            raise ValueError('forward_path: needs a prefix rule (a path ending in "/*")')
+        return self
+
+
+class Fallback(_Target):
+    status: int = 404
+    forward_path: bool = False  # append the whole request path to the target's path
+
+    @model_validator(mode="after")
+    def _check(self) -> Fallback:
+        if self.status == 404:
+            if self.target is not None:
+                raise ValueError("target: not allowed with status 404")
+        elif self.status not in REDIRECT_STATUSES:
+            raise ValueError("status: must be 404 or one of 301, 302, 307, 308")
+        elif self.target is None:
+            raise ValueError(f"target: required with status {self.status}")
+        return self
+
+
+class RecordsSettings(_Section):
+    topic: str = "redirect-hits"
+    key: Literal["client_ip", "path", "rule", "none"] = "client_ip"
+    queue_size: int = Field(10_000, ge=1, le=10_000_000)  # records in the bounded channel
+    when_full: Literal["block", "drop", "shed"] = "block"
+    max_block: float = Field(1.0, ge=0, le=60)  # s a request may wait for room
+    workers: int = Field(2, ge=1, le=64)
+    batch_size: int = Field(500, ge=1, le=100_000)  # records
+    batch_linger: float = Field(0.02, gt=0, le=10)  # s
+    instance: str | None = None  # defaults to "<hostname>:<pid>"
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, topic: str) -> str:
+        if not _TOPIC_RE.match(topic) or topic in (".", ".."):
+            raise ValueError("must be 1-249 characters of A-Z a-z 0-9 . _ -")
+        return topic
+
+
+class ShutdownSettings(_Section):
+    # s for the whole drain: channel, worker batches and librdkafka's flush.
+    flush_timeout: PositiveSeconds = 10.0
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    rules: list[Rule] = Field(default_factory=list)
+    fallback: Fallback = Field(default_factory=Fallback)
+    records: RecordsSettings = Field(default_factory=lambda: RecordsSettings())
+    kafka: dict[str, KafkaValue]
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+
+    @field_validator("kafka")
+    @classmethod
+    def _check_kafka(cls, kafka: dict[str, KafkaValue]) -> dict[str, KafkaValue]:
+        if not str(kafka.get("bootstrap.servers", "")).strip():
+            raise ValueError('"bootstrap.servers" is required')
+        for key in ("on_delivery", "stats_cb", "error_cb", "logger", "on_commit"):
+            if key in kafka:
+                raise ValueError(f"{key!r} is set by redirect_logger and cannot be configured")
+        return {**KAFKA_DEFAULTS, **kafka}
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Settings:
+        seen_names: set[str] = set()
+        seen_paths: set[str] = set()
+        for index, rule in enumerate(self.rules):
+            if rule.name in seen_names:
+                raise _KeyError(f"rules.{index}.name", f"duplicate rule name {rule.name!r}")
+            if rule.path in seen_paths:
+                raise _KeyError(f"rules.{index}.path", f"duplicate path {rule.path!r}")
+            seen_names.add(rule.name)
+            seen_paths.add(rule.path)
+        _cross_check_kafka(self)
+        records = self.records
+        if records.when_full == "block" and records.max_block > self.server.graceful_timeout:
+            raise _KeyError(
+                "records.max_block",
+                f"{records.max_block} s is longer than server.graceful_timeout "
+                f"({self.server.graceful_timeout} s): a request blocked on a full queue "
+                "would be cut off at shutdown",
+            )
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, with secret Kafka properties masked."""
+        data = self.model_dump(mode="json")
+        data["kafka"] = {
+            key: ("***" if is_secret(key) else value) for key, value in data["kafka"].items()
+        }
+        return data
+
+
+class _KeyError(ValueError):
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+
+
+def is_secret(kafka_key: str) -> bool:
+    return any(marker in kafka_key.lower() for marker in _SECRET_MARKERS)
+
+
+def _as_int(settings: Settings, key: str) -> int | None:
+    value = settings.kafka.get(key)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _KeyError(f'kafka."{key}"', f"{value!r} is not an integer") from None
+
+
+def _truthy(value: KafkaValue | None) -> bool:
+    return str(value).lower() in ("true", "1")
+
+
+def _cross_check_kafka(settings: Settings) -> None:
+    kafka = settings.kafka
+    queue_max = _as_int(settings, "queue.buffering.max.messages")
+    if queue_max is not None and queue_max < settings.records.batch_size:
+        raise _KeyError(
+            'kafka."queue.buffering.max.messages"',
+            f"{queue_max} is smaller than records.batch_size ({settings.records.batch_size}): "
+            "a batch could never fit",
+        )
+    stats = _as_int(settings, "statistics.interval.ms")
+    if stats is not None and stats <= 0:
+        raise _KeyError(
+            'kafka."statistics.interval.ms"',
+            "must be > 0: readiness (/readyz) is computed from librdkafka's statistics",
+        )
+    if _truthy(kafka.get("enable.idempotence")) and str(kafka.get("acks")) not in ("all", "-1"):
+        raise _KeyError(
+            'kafka."acks"',
+            f"{kafka.get('acks')!r} contradicts enable.idempotence = true, which needs acks = "
+            '"all"; set both',
+        )
+    linger = _as_int(settings, "linger.ms")
+    if linger is not None and linger / 1000 >= settings.shutdown.flush_timeout:
+        raise _KeyError(
+            'kafka."linger.ms"',
+            f"{linger} ms is not shorter than shutdown.flush_timeout "
+            f"({settings.shutdown.flush_timeout} s): the last batch could not leave in time",
+        )
+
+
+def _error_location(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        text = str(part)
+        if "." in text:
+            text = f'"{text}"'
+        parts.append(text)
+    return ".".join(parts) or "(top level)"
+
+
+def parse_settings(data: dict[str, Any], source: str = "config") -> Settings:
+    """Validate already-parsed TOML data.
+
+    Raises ConfigError naming the first offending key (dotted path) and why.
+    """
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False):
+            message = error["msg"].removeprefix("Value error, ")
+            loc = error["loc"]
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif error["type"] == "missing":
+                message = "required key is missing"
+            if isinstance(error.get("ctx", {}).get("error"), _KeyError):
+                lines.append(message)
+            else:
+                lines.append(f"{_error_location(loc)}: {message}")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate a TOML config file.
+
+    Raises ConfigError for a missing or unreadable file, invalid TOML (with its
+    line and column) or an invalid setting (naming the key and the reason).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    return parse_settings(data, str(path))

@@ -1,0 +1,169 @@
+"""The hit record: raw capture on the request path, enrichment and JSON in the workers.
+
+The request path only builds a ``Hit`` (a tuple of values it already has);
+header lookups, client-IP resolution, timestamps and serialization happen in
+``Enricher.encode``, which runs in the worker pool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import time
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+import orjson
+
+from .config import RecordsSettings, ServerSettings
+
+SCHEMA_VERSION = 1
+
+Headers = list[tuple[bytes, bytes]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Hit(NamedTuple):
+    """What the request path captures: no I/O, no parsing, no JSON."""
+
+    id: str
+    ts: float  # request time, seconds since the epoch
+    method: str
+    scheme: str
+    path: str  # decoded path as the server saw it
+    query: bytes  # raw query string
+    headers: Headers  # the request's header list, as received
+    client: tuple[str, int] | None  # peer address
+    status: int  # status answered
+    location: str | None
+    rule: str | None  # rule name; None for the fallback
+
+
+class Encoded(NamedTuple):
+    """A hit ready for Kafka."""
+
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+
+def rfc3339_ms(ts: float) -> str:
+    """UTC time with millisecond precision, e.g. ``2026-11-24T17:22:05.123Z``."""
+    moment = datetime.fromtimestamp(ts, tz=UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "backslashreplace")
+
+
+def _parse_ip(text: str) -> Address | None:
+    """An IP from a forwarding header hop: strips quotes, brackets and a port."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else text[1:]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _forwarded_for(value: str) -> list[str]:
+    """The ``for=`` hops of an RFC 7239 ``Forwarded`` header, in order."""
+    hops = []
+    for element in value.split(","):
+        for pair in element.split(";"):
+            name, _, hop = pair.partition("=")
+            if name.strip().lower() == "for":
+                hops.append(hop)
+    return hops
+
+
+class Enricher:
+    """Turns a ``Hit`` into the Kafka message: key, JSON value, timestamp."""
+
+    def __init__(self, records: RecordsSettings, server: ServerSettings) -> None:
+        self._key = records.key
+        self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
+        self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
+
+    def _trusted_hop(self, address: Address) -> bool:
+        return any(address in network for network in self._trusted)
+
+    def client_ip(self, peer: str | None, headers: Headers) -> str | None:
+        """The client's IP: the peer, unless the peer is a trusted proxy.
+
+        Behind trusted proxies the forwarding chain (``Forwarded``, else
+        ``X-Forwarded-For``) is walked right to left; the first hop that is
+        not a trusted proxy is the client. An unparsable hop ends the walk at
+        the last trusted one.
+        """
+        if peer is None or not self._trusted:
+            return peer
+        address = _parse_ip(peer)
+        if address is None or not self._trusted_hop(address):
+            return peer
+        forwarded = [v for k, v in headers if k == b"forwarded"]
+        if forwarded:
+            hops = _forwarded_for(b",".join(forwarded).decode("latin-1"))
+        else:
+            xff = b",".join(v for k, v in headers if k == b"x-forwarded-for")
+            hops = xff.decode("latin-1").split(",") if xff else []
+        for hop in reversed(hops):
+            hop_address = _parse_ip(hop)
+            if hop_address is None:
+                break
+            address = hop_address
+            if not self._trusted_hop(hop_address):
+                break
+        return str(address)
+
+    def record(self, hit: Hit) -> dict[str, object]:
+        """The record of docs/records.md (schema version ``v``)."""
+        host = user_agent = referer = None
+        for name, value in hit.headers:
+            if name == b"host":
+                host = value
+            elif name == b"user-agent":
+                user_agent = value
+            elif name == b"referer":
+                referer = value
+        peer = hit.client[0] if hit.client else None
+        if hit.client is None:
+            remote = None
+        elif ":" in hit.client[0]:
+            remote = f"[{hit.client[0]}]:{hit.client[1]}"
+        else:
+            remote = f"{hit.client[0]}:{hit.client[1]}"
+        return {
+            "v": SCHEMA_VERSION,
+            "id": hit.id,
+            "ts": rfc3339_ms(hit.ts),
+            "method": hit.method,
+            "scheme": hit.scheme,
+            "host": _text(host),
+            "path": hit.path,
+            "query": hit.query.decode("utf-8", "backslashreplace"),
+            "status": hit.status,
+            "location": hit.location,
+            "rule": hit.rule,
+            "client_ip": self.client_ip(peer, hit.headers),
+            "remote_address": remote,
+            "user_agent": _text(user_agent),
+            "referer": _text(referer),
+            "logged_at": rfc3339_ms(time.time()),
+            "instance": self.instance,
+        }
+
+    def encode(self, hit: Hit) -> Encoded:
+        record = self.record(hit)
+        key: object = None if self._key == "none" else record[self._key]
+        return Encoded(
+            key=None if key is None else str(key).encode(),
+            value=orjson.dumps(record),
+            timestamp_ms=int(hit.ts * 1000),
+        )

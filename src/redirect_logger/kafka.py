@@ -1,0 +1,154 @@
+"""The Kafka producer behind the thread boundary.
+
+Every method here runs in a worker thread, never on the Trio thread. One
+delivery-report callback (set once, in the producer's config) serves every
+message; it runs in whichever thread polls (the one poller, or the final
+flush) and touches only thread-safe state: the ledger, prometheus metrics and
+plain attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from .config import ConfigError, KafkaValue
+from .hits import Encoded
+from .pipeline import Ledger
+
+log = logging.getLogger(__name__)
+
+_BUFFER_RETRY = 0.005  # s between produce attempts while librdkafka's queue is full
+
+
+class _RateLimitedLog:
+    """Logs a recurring condition at most once per ``interval`` s, with a count."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, key: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self._interval) < self._interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            message += f" (and {suppressed} more like it)"
+        log.log(level, "%s", message)
+
+
+class KafkaSink:
+    """A confluent-kafka producer with one delivery callback and broker readiness."""
+
+    def __init__(
+        self,
+        config: Mapping[str, KafkaValue],
+        topic: str,
+        ledger: Ledger,
+        observe_latency: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        self.topic = topic
+        self.reachable = False  # some broker connection is UP (librdkafka statistics)
+        self.fatal_error: str | None = None
+        self._ledger = ledger
+        self._observe_latency = observe_latency
+        self._log = _RateLimitedLog()
+        # len(producer) also counts librdkafka's events (stats, errors), so the
+        # records awaiting a report are counted here: produced minus reported.
+        self._count_lock = threading.Lock()
+        self._produced = 0
+        self._reported = 0
+        conf: dict[str, Any] = {
+            **config,
+            "on_delivery": self._on_delivery,
+            "stats_cb": self._on_stats,
+            "error_cb": self._on_error,
+            "logger": logging.getLogger("redirect_logger.librdkafka"),
+        }
+        try:
+            self._producer = Producer(conf)
+        except KafkaException as exc:
+            raise ConfigError(f"kafka: {exc.args[0].str()}") from exc
+
+    # -- callbacks: run in the polling thread -------------------------------
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        with self._count_lock:
+            self._reported += 1
+        if error is None:
+            self._ledger.add_delivered()
+            latency = message.latency()
+            if latency is not None:
+                self._observe_latency(latency)
+            return
+        self._ledger.add_failed()
+        self._log(logging.ERROR, error.name(), f"delivery failed: {error.str()}")
+
+    def _on_stats(self, stats_json: str) -> None:
+        brokers = orjson.loads(stats_json).get("brokers", {})
+        self.reachable = any(broker.get("state") == "UP" for broker in brokers.values())
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.reachable = False
+        if error.fatal():
+            self.fatal_error = error.str()
+            log.critical("fatal producer error: %s", error.str())
+            return
+        self._log(logging.WARNING, error.name(), f"kafka: {error.str()}")
+
+    # -- the Sink protocol (pipeline.Sink) ------------------------------------
+
+    def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
+        produce = self._producer.produce
+        topic = self.topic
+        give_up = time.monotonic() + window
+        produced = 0
+        try:
+            for index, (key, value, timestamp_ms) in enumerate(batch):
+                while True:
+                    try:
+                        produce(topic, value, key, timestamp=timestamp_ms)
+                        produced += 1
+                        break
+                    except BufferError:  # queue full: backpressure, not loss
+                        if time.monotonic() >= give_up:
+                            return index
+                        time.sleep(_BUFFER_RETRY)
+                    except KafkaException as exc:  # this record can never be produced
+                        self._ledger.add_failed()
+                        self._log(logging.ERROR, "produce", f"refused: {exc.args[0].str()}")
+                        break
+            return len(batch)
+        finally:
+            with self._count_lock:
+                self._produced += produced
+
+    def queued(self) -> int:
+        with self._count_lock:
+            return self._produced - self._reported
+
+    def poll_until(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._producer.poll(0.1)
+
+    def flush(self, timeout: float) -> int:
+        return int(self._producer.flush(timeout))
+
+    def purge(self) -> None:
+        self._producer.purge(in_queue=True, in_flight=True, blocking=True)
+        for _ in range(50):
+            if not self._producer.poll(0.1) and not self.queued():
+                break

@@ -1,0 +1,70 @@
+"""Prometheus metrics: the ledger, queue gauges, batch sizes, delivery latency.
+
+Each service has its own ``CollectorRegistry`` (not the global one), so several
+services can live in one process (tests) without clashing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .pipeline import Ledger
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _LedgerCollector(Collector):
+    def __init__(self, ledger: Ledger, gauges: Callable[[], dict[str, float]]) -> None:
+        self._ledger = ledger
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        records = CounterMetricFamily(
+            "redirect_logger_records",
+            "Hit records by outcome (received = delivered + failed + dropped + shed + in_flight)",
+            labels=["outcome"],
+        )
+        ledger = self._ledger
+        for outcome in ("received", "delivered", "failed", "dropped", "shed"):
+            records.add_metric([outcome], getattr(ledger, outcome))
+        yield records
+        for name, value in self._gauges().items():
+            yield GaugeMetricFamily(f"redirect_logger_{name}", _GAUGE_HELP[name], value=value)
+
+
+_GAUGE_HELP = {
+    "in_flight": "Records received but not yet delivered, failed, dropped or shed",
+    "queue_depth": "Records waiting in the bounded channel",
+    "queue_capacity": "Capacity of the bounded channel (records.queue_size)",
+    "producer_queue": "Records in librdkafka's queue awaiting a delivery report",
+    "ready": "1 when /readyz answers 200",
+    "broker_reachable": "1 when the producer has a connection to some broker",
+}
+
+
+class Metrics:
+    def __init__(self, ledger: Ledger, gauges: Callable[[], dict[str, float]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_LedgerCollector(ledger, gauges))
+        self.batch_size = Histogram(
+            "redirect_logger_batch_size_records",
+            "Records per batch handed to the producer",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.delivery_latency = Histogram(
+            "redirect_logger_delivery_latency_seconds",
+            "Time from produce to the broker's acknowledgement",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

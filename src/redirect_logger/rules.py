@@ -1,0 +1,132 @@
+"""The rule table: match a request path, build the target URL.
+
+Safety property: a ``Location`` always starts with the rule target's own
+``scheme://host``; bytes from the request only ever land, percent-encoded,
+in the path after it or in the query. Nothing from the request is reflected raw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+from .config import Fallback, Rule, Settings
+
+# RFC 3986 pchar minus "%": a forwarded path segment keeps its slashes and
+# sub-delims; everything else (including "\", "%", CR/LF, NUL, non-ASCII) is escaped.
+_PATH_SAFE = "/-._~!$&'()*+,;=:@"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A compiled redirect (or, with ``status == 404``, no redirect at all)."""
+
+    name: str | None  # rule name; None for the fallback
+    status: int
+    forward_query: bool
+    forward_path: bool
+    origin: str = ""  # "scheme://netloc"
+    path: str = "/"
+    query: bytes = b""
+    fragment: str = ""
+    static_location: str | None = None  # the Location when nothing is forwarded
+
+    @classmethod
+    def compile(cls, name: str | None, spec: Rule | Fallback) -> Target:
+        if spec.target is None:
+            return cls(name, spec.status, forward_query=False, forward_path=False)
+        parts = urlsplit(spec.target)
+        target = cls(
+            name,
+            spec.status,
+            spec.forward_query,
+            spec.forward_path,
+            origin=f"{parts.scheme}://{parts.netloc}",
+            path=parts.path or "/",
+            query=parts.query.encode("ascii"),
+            fragment=f"#{parts.fragment}" if parts.fragment else "",
+        )
+        return replace(target, static_location=target._assemble(target.path, target.query))
+
+    def location(self, remainder: str, query_string: bytes) -> str | None:
+        """The Location for a request, or None when this target answers 404.
+
+        ``remainder`` is the decoded part of the path matched by "*";
+        ``query_string`` is the request's raw query bytes.
+        """
+        if self.static_location is None:
+            return None
+        forward_path = self.forward_path and remainder
+        forward_query = self.forward_query and query_string
+        if not forward_path and not forward_query:
+            return self.static_location
+        path = _join_path(self.path, remainder) if forward_path else self.path
+        query = merge_query(self.query, query_string) if forward_query else self.query
+        return self._assemble(path, query)
+
+    def _assemble(self, path: str, query: bytes) -> str:
+        location = self.origin + path
+        if query:
+            location += "?" + query.decode("ascii")
+        return location + self.fragment
+
+
+def _join_path(base: str, remainder: str) -> str:
+    encoded = quote(remainder, safe=_PATH_SAFE)
+    if base.endswith("/"):
+        return base + encoded.lstrip("/") if encoded.startswith("/") else base + encoded
+    return base + encoded if encoded.startswith("/") else f"{base}/{encoded}"
+
+
+def merge_query(target_query: bytes, request_query: bytes) -> bytes:
+    """Merge a request's query into a target's; the request wins per key.
+
+    Keys of the target that the request does not set keep their values and
+    order; then come the request's pairs in their order. The result is
+    percent-encoded ASCII whatever bytes the request held.
+    """
+    request_pairs = parse_qsl(request_query, keep_blank_values=True)
+    overridden = {key for key, _ in request_pairs}
+    pairs = [
+        pair
+        for pair in parse_qsl(target_query, keep_blank_values=True)
+        if pair[0] not in overridden
+    ]
+    pairs.extend(request_pairs)
+    return urlencode(pairs, quote_via=quote, safe="").encode("ascii")
+
+
+class RuleTable:
+    """Exact paths first, then the longest matching prefix, then the fallback."""
+
+    def __init__(self, rules: list[Rule], fallback: Fallback) -> None:
+        self._exact: dict[str, Target] = {}
+        prefixes: list[tuple[str, Target]] = []
+        for rule in rules:
+            target = Target.compile(rule.name, rule)
+            if rule.path.endswith("/*"):
+                prefix = rule.path[:-1]  # keeps the trailing "/"
+                prefixes.append((prefix, target))
+                # "/docs/*" also answers "/docs" itself, unless an exact rule does.
+                self._exact.setdefault(prefix[:-1] or "/", target)
+            else:
+                self._exact[rule.path] = target
+        for rule in rules:  # an explicit exact rule beats a prefix's bare form
+            if not rule.path.endswith("/*"):
+                self._exact[rule.path] = Target.compile(rule.name, rule)
+        self._prefixes = sorted(prefixes, key=lambda item: len(item[0]), reverse=True)
+        self.fallback = Target.compile(None, fallback)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RuleTable:
+        return cls(settings.rules, settings.fallback)
+
+    def match(self, path: str) -> tuple[Target, str]:
+        """The target for a decoded request path and the part matched by "*"."""
+        target = self._exact.get(path)
+        if target is not None:
+            return target, ""
+        for prefix, target in self._prefixes:
+            if path.startswith(prefix):
+                return target, path[len(prefix) :]
+        return self.fallback, path if self.fallback.forward_path else ""
