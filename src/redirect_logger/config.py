@@ -162,7 +162,7 @@ class Settings(_Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     rules: list[Rule] = Field(default_factory=list)
     fallback: Fallback = Field(default_factory=Fallback)
-    records: RecordsSettings = Field(default_factory=lambda: RecordsSettings())
+    records: RecordsSettings = Field(default_factory=RecordsSettings)
     kafka: dict[str, KafkaValue]
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
 
