@@ -57,7 +57,6 @@ _PRODUCER_ONLY = frozenset(
 
 
 async def _watch_signals(
-    service: Service,
     stop: trio.Event,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -70,8 +69,13 @@ async def _watch_signals(
                 log.warning("%s again: the drain is already bounded by flush_timeout", name)
                 continue
             log.info("%s: not ready, stopping the listeners, draining", name)
-            service.draining = True
             stop.set()
+
+
+async def _until_stopped(service: Service, stop: trio.Event) -> None:
+    """Hypercorn's shutdown trigger: readiness turns false before the listeners close."""
+    await stop.wait()
+    service.draining = True
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
@@ -86,26 +90,34 @@ async def serve_service(
     settings: Settings,
     *,
     dev_broker: bool = False,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """The root nursery of ``serve``: signals, dev broker, pipeline, Hypercorn.
 
-    Returns the exit code once a signal has stopped the server and the
-    pipeline has drained. Reports the bound addresses as started.
+    SIGTERM or SIGINT (or setting ``stop``) starts the shutdown. Returns the
+    exit code once the server has stopped and the pipeline has drained.
+    Reports the running Service as started (its ``binds`` are the addresses).
     """
     service = Service(settings)
     app = create_app(service, own_lifecycle=False)
-    stop = trio.Event()
+    stop = trio.Event() if stop is None else stop
     async with trio.open_nursery() as root:
-        await root.start(_watch_signals, service, stop)
+        await root.start(_watch_signals, stop)
         if dev_broker:
             await root.start(run_dev_broker, str(settings.kafka["bootstrap.servers"]))
         async with service.running(), trio.open_nursery() as server:
             binds = await server.start(
-                partial(serve, app, hypercorn_config(settings), shutdown_trigger=stop.wait)
+                partial(
+                    serve,
+                    app,
+                    hypercorn_config(settings),
+                    shutdown_trigger=partial(_until_stopped, service, stop),
+                )
             )
+            service.binds = binds
             log.info("serving on %s", " ".join(binds))
-            task_status.started(binds)
+            task_status.started(service)
         root.cancel_scope.cancel()
     return service.exit_code()
 

@@ -37,6 +37,7 @@ class Service:
         self.pipeline: Pipeline | None = None
         self.sink: KafkaSink | None = None
         self.draining = False
+        self.binds: list[str] = []  # addresses served, once listening
 
     def readiness(self) -> str | None:
         """None when ready to take traffic, else why not."""

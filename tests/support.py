@@ -1,0 +1,196 @@
+"""Helpers shared by the tests: config files, reading a topic, running the service."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unique_topic(prefix: str = "hits") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def toml_text(config: Mapping[str, Any]) -> str:
+    """TOML for our config shape: tables of scalars, and [[rules]]."""
+    lines: list[str] = []
+    for table, body in config.items():
+        entries = body if isinstance(body, list) else [body]
+        for entry in entries:
+            lines.append(f"[[{table}]]" if isinstance(body, list) else f"[{table}]")
+            lines.extend(f"{json.dumps(key)} = {_toml_value(value)}" for key, value in entry.items())
+            lines.append("")
+    return "\n".join(lines)
+
+
+def service_config(bootstrap: str, topic: str, **tables: Mapping[str, Any]) -> dict[str, Any]:
+    """A complete config: two rules, 404 fallback, fast drain; ``tables`` override per table."""
+    config: dict[str, Any] = {
+        "server": {"bind": ["127.0.0.1:0"], "graceful_timeout": 5.0},
+        "rules": [
+            {"name": "home", "path": "/", "target": "https://example.com/", "status": 302},
+            {
+                "name": "docs",
+                "path": "/docs/*",
+                "target": "https://docs.example.com/",
+                "status": 301,
+                "forward_path": True,
+            },
+        ],
+        "fallback": {"status": 404},
+        "records": {"topic": topic, "workers": 2, "batch_size": 200, "batch_linger": 0.01},
+        "kafka": {"bootstrap.servers": bootstrap, "linger.ms": 5},
+        "shutdown": {"flush_timeout": 10.0},
+    }
+    for table, body in tables.items():
+        if isinstance(body, Mapping) and isinstance(config.get(table), dict):
+            config[table] = {**config[table], **body}
+        else:
+            config[table] = body
+    return config
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> Path:
+    path.write_text(toml_text(config))
+    return path
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Every record in the topic, read from the beginning up to each partition's end."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if metadata is not None and metadata.error is None and metadata.partitions:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"topic {topic} does not exist")
+            time.sleep(0.2)
+        ends = {}
+        for partition in metadata.partitions:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high > 0:
+                ends[partition] = high
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        records: list[dict[str, Any]] = []
+        positions = dict.fromkeys(ends, 0)
+        while any(positions[p] < ends[p] for p in ends):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"read {len(records)} records; the topic ends at {ends}")
+            for message in consumer.consume(1000, 0.5):
+                if message.error():
+                    raise AssertionError(str(message.error()))
+                positions[message.partition()] = message.offset() + 1
+                records.append(json.loads(message.value()))
+        return records
+    finally:
+        consumer.close()
+
+
+LEDGER_RE = re.compile(r"ledger (\{.*\})")
+BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
+
+
+class ServiceProcess:
+    """A service subprocess (either launch mode) with its stderr collected."""
+
+    def __init__(self, command: list[str], env: Mapping[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def cli(cls, config: Path, *args: str) -> ServiceProcess:
+        return cls([sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config), *args])
+
+    @classmethod
+    def hypercorn(cls, config: Path, workers: int) -> ServiceProcess:
+        return cls(
+            [
+                sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", str(workers),
+                "-b", "127.0.0.1:0", "--graceful-timeout", "5", "redirect_logger.asgi:app",
+            ],
+            env={"REDIRECT_LOGGER_CONFIG": str(config)},
+        )
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: re.Pattern[str], count: int = 1, timeout: float = 30.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = pattern.findall(self.output)
+            if len(found) >= count:
+                return found
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern.pattern!r} x{count} not seen; output:\n{self.output}")
+
+    def url(self, timeout: float = 30.0) -> str:
+        return self.wait_for(BIND_RE, timeout=timeout)[0]
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"no exit {timeout} s after SIGTERM; output:\n{self.output}") from None
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def ledgers(self) -> list[dict[str, int]]:
+        return [json.loads(found) for found in LEDGER_RE.findall(self.output)]

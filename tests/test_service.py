@@ -1,0 +1,140 @@
+"""The whole service in-process (CLI lifecycle) against a real broker."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import httpx
+import trio
+
+from brokers import Broker
+from redirect_logger.cli import serve_service
+from redirect_logger.config import parse_settings
+from redirect_logger.service import Service
+from support import read_topic, service_config, unique_topic
+
+UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+async def _start(nursery: trio.Nursery, settings_data: dict[str, object], stop: trio.Event) -> tuple[Service, list[int]]:
+    codes: list[int] = []
+
+    async def run(*, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED) -> None:
+        codes.append(await serve_service(parse_settings(settings_data), stop=stop, task_status=task_status))
+
+    service: Service = await nursery.start(run)
+    return service, codes
+
+
+async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Broker) -> None:
+    topic = unique_topic()
+    stop = trio.Event()
+    sent: dict[str, tuple[str, str, int, str | None]] = {}  # id -> (method, target, status, location)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await _start(nursery, service_config(broker.bootstrap, topic), stop)
+            base = service.binds[0]
+            requests = [("GET", "/?utm_source=mail&x=1")] * 100
+            requests += [("GET", "/docs/guide/intro?q=%0D%0A")] * 100
+            requests += [("HEAD", "/docs")] * 50 + [("GET", "/missing")] * 50
+            limits = httpx.Limits(max_connections=16)
+            async with httpx.AsyncClient(base_url=base, limits=limits) as client:
+
+                async def send(method: str, target: str) -> None:
+                    response = await client.request(
+                        method, target, headers={"user-agent": "ua/1", "referer": "https://ref.example/"}
+                    )
+                    hit_id = response.headers["x-hit-id"]
+                    assert hit_id not in sent
+                    if method == "HEAD":
+                        assert response.content == b""
+                    sent[hit_id] = (method, target, response.status_code, response.headers.get("location"))
+
+                async with trio.open_nursery() as clients:
+                    for method, target in requests:
+                        clients.start_soon(send, method, target)
+            stop.set()
+    assert codes == [0]
+    assert len(sent) == 300
+    statuses = sorted({(target, status, location) for _, target, status, location in sent.values()})
+    assert statuses == [
+        ("/?utm_source=mail&x=1", 302, "https://example.com/?utm_source=mail&x=1"),
+        ("/docs", 301, "https://docs.example.com/"),
+        ("/docs/guide/intro?q=%0D%0A", 301, "https://docs.example.com/guide/intro?q=%0D%0A"),
+        ("/missing", 404, None),
+    ]
+    assert service.ledger_snapshot() == {
+        "received": 300, "delivered": 300, "failed": 0, "dropped": 0, "shed": 0, "in_flight": 0,
+    }
+
+    records = await trio.to_thread.run_sync(read_topic, broker.bootstrap, topic)
+    ids = [record["id"] for record in records]
+    assert len(ids) == len(set(ids)) == 300
+    assert set(ids) == set(sent)
+    rule_of = {"/": "home", "/docs": "docs", "/missing": None}
+    for record in records:
+        method, target, status, location = sent[record["id"]]
+        path, _, query = target.partition("?")
+        assert UUID7.match(record["id"])
+        assert record["v"] == 1
+        assert (record["method"], record["scheme"], record["path"], record["query"]) == (
+            method, "http", path, query,
+        )
+        assert (record["status"], record["location"]) == (status, location)
+        assert record["rule"] == rule_of.get(path, "docs")
+        assert record["host"] == base.removeprefix("http://")
+        assert record["client_ip"] == "127.0.0.1"
+        assert re.match(r"^127\.0\.0\.1:\d+$", record["remote_address"])
+        assert (record["user_agent"], record["referer"]) == ("ua/1", "https://ref.example/")
+        assert RFC3339_MS.match(record["ts"]) and RFC3339_MS.match(record["logged_at"])
+        assert record["logged_at"] >= record["ts"]
+        assert record["instance"] == service.enricher.instance
+        assert datetime.fromisoformat(record["ts"]).year >= 2024
+
+
+async def test_admin_endpoints_and_readiness(broker: Broker) -> None:
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await _start(nursery, service_config(broker.bootstrap, unique_topic()), stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                assert (await client.get("/healthz")).status_code == 200
+                with trio.fail_after(10):  # librdkafka reports broker state every second
+                    while (await client.get("/readyz")).status_code != 200:
+                        await trio.sleep(0.1)
+                await client.get("/docs/x")
+                metrics = (await client.get("/metrics")).text
+                assert 'redirect_logger_records_total{outcome="received"} 1.0' in metrics
+                assert "redirect_logger_queue_capacity 10000.0" in metrics
+                assert "redirect_logger_ready 1.0" in metrics
+                assert "x-hit-id" not in (await client.get("/healthz")).headers
+                service.draining = True
+                ready = await client.get("/readyz")
+                assert (ready.status_code, ready.text) == (503, "not ready: draining\n")
+            stop.set()
+    assert codes == [0]
+
+
+async def test_unreachable_kafka_still_redirects_and_exit_code_reports_the_loss() -> None:
+    stop = trio.Event()
+    config = service_config(
+        "127.0.0.1:9", unique_topic(), shutdown={"flush_timeout": 1.0},
+        kafka={"bootstrap.servers": "127.0.0.1:9", "linger.ms": 5, "message.timeout.ms": 60000},
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, codes = await _start(nursery, config, stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                for _ in range(20):
+                    response = await client.get("/?a=1")
+                    assert response.status_code == 302
+                ready = await client.get("/readyz")
+                assert ready.status_code == 503
+                assert ready.text in ("not ready: no Kafka broker reachable\n",)
+            stop.set()
+    assert codes == [3]
+    assert service.ledger_snapshot() == {
+        "received": 20, "delivered": 0, "failed": 20, "dropped": 0, "shed": 0, "in_flight": 0,
+    }
