@@ -45,7 +45,9 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def wait_for_metadata(bootstrap: str, deadline: float, process: subprocess.Popen[bytes] | None) -> None:
+def wait_for_metadata(
+    bootstrap: str, deadline: float, process: subprocess.Popen[bytes] | None
+) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -132,7 +134,9 @@ def kafka_jars() -> Path:
         timeout=600,
     )
     if result.returncode != 0 or not (tmp / marker.name).exists():
-        raise BrokerUnavailable(f"fetching Apache Kafka with Maven failed:\n{result.stdout}{result.stderr}")
+        raise BrokerUnavailable(
+            f"fetching Apache Kafka with Maven failed:\n{result.stdout}{result.stderr}"
+        )
     tmp.rename(libs)
     return libs
 
@@ -176,8 +180,15 @@ class KafkaBroker(Broker):
         self._classpath = f"{libs}/*"
         java = ["java", "-Xms256m", "-Xmx768m", "-XX:+UseSerialGC", "-cp", self._classpath]
         subprocess.run(
-            [*java, "kafka.tools.StorageTool", "format", "-t", _cluster_id(),
-             "-c", str(self.properties)],
+            [
+                *java,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                _cluster_id(),
+                "-c",
+                str(self.properties),
+            ],
             check=True,
             capture_output=True,
             timeout=120,

@@ -43,7 +43,9 @@ def toml_text(config: Mapping[str, Any]) -> str:
         entries = body if isinstance(body, list) else [body]
         for entry in entries:
             lines.append(f"[[{table}]]" if isinstance(body, list) else f"[{table}]")
-            lines.extend(f"{json.dumps(key)} = {_toml_value(value)}" for key, value in entry.items())
+            lines.extend(
+                f"{json.dumps(key)} = {_toml_value(value)}" for key, value in entry.items()
+            )
             lines.append("")
     return "\n".join(lines)
 
@@ -142,14 +144,26 @@ class ServiceProcess:
 
     @classmethod
     def cli(cls, config: Path, *args: str) -> ServiceProcess:
-        return cls([sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config), *args])
+        return cls(
+            [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config), *args]
+        )
 
     @classmethod
     def hypercorn(cls, config: Path, workers: int) -> ServiceProcess:
         return cls(
             [
-                sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", str(workers),
-                "-b", "127.0.0.1:0", "--graceful-timeout", "5", "redirect_logger.asgi:app",
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "-k",
+                "trio",
+                "--workers",
+                str(workers),
+                "-b",
+                "127.0.0.1:0",
+                "--graceful-timeout",
+                "5",
+                "redirect_logger.asgi:app",
             ],
             env={"REDIRECT_LOGGER_CONFIG": str(config)},
         )
@@ -163,7 +177,9 @@ class ServiceProcess:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, pattern: re.Pattern[str], count: int = 1, timeout: float = 30.0) -> list[str]:
+    def wait_for(
+        self, pattern: re.Pattern[str], count: int = 1, timeout: float = 30.0
+    ) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = pattern.findall(self.output)
@@ -183,7 +199,9 @@ class ServiceProcess:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            raise AssertionError(f"no exit {timeout} s after SIGTERM; output:\n{self.output}") from None
+            raise AssertionError(
+                f"no exit {timeout} s after SIGTERM; output:\n{self.output}"
+            ) from None
         self._reader.join(5)
         return code
 

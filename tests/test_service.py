@@ -18,11 +18,15 @@ UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-async def _start(nursery: trio.Nursery, settings_data: dict[str, object], stop: trio.Event) -> tuple[Service, list[int]]:
+async def _start(
+    nursery: trio.Nursery, settings_data: dict[str, object], stop: trio.Event
+) -> tuple[Service, list[int]]:
     codes: list[int] = []
 
     async def run(*, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED) -> None:
-        codes.append(await serve_service(parse_settings(settings_data), stop=stop, task_status=task_status))
+        codes.append(
+            await serve_service(parse_settings(settings_data), stop=stop, task_status=task_status)
+        )
 
     service: Service = await nursery.start(run)
     return service, codes
@@ -31,7 +35,9 @@ async def _start(nursery: trio.Nursery, settings_data: dict[str, object], stop: 
 async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Broker) -> None:
     topic = unique_topic()
     stop = trio.Event()
-    sent: dict[str, tuple[str, str, int, str | None]] = {}  # id -> (method, target, status, location)
+    sent: dict[
+        str, tuple[str, str, int, str | None]
+    ] = {}  # id -> (method, target, status, location)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             service, codes = await _start(nursery, service_config(broker.bootstrap, topic), stop)
@@ -44,13 +50,20 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
 
                 async def send(method: str, target: str) -> None:
                     response = await client.request(
-                        method, target, headers={"user-agent": "ua/1", "referer": "https://ref.example/"}
+                        method,
+                        target,
+                        headers={"user-agent": "ua/1", "referer": "https://ref.example/"},
                     )
                     hit_id = response.headers["x-hit-id"]
                     assert hit_id not in sent
                     if method == "HEAD":
                         assert response.content == b""
-                    sent[hit_id] = (method, target, response.status_code, response.headers.get("location"))
+                    sent[hit_id] = (
+                        method,
+                        target,
+                        response.status_code,
+                        response.headers.get("location"),
+                    )
 
                 async with trio.open_nursery() as clients:
                     for method, target in requests:
@@ -66,7 +79,12 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
         ("/missing", 404, None),
     ]
     assert service.ledger_snapshot() == {
-        "received": 300, "delivered": 300, "failed": 0, "dropped": 0, "shed": 0, "in_flight": 0,
+        "received": 300,
+        "delivered": 300,
+        "failed": 0,
+        "dropped": 0,
+        "shed": 0,
+        "in_flight": 0,
     }
 
     records = await trio.to_thread.run_sync(read_topic, broker.bootstrap, topic)
@@ -80,7 +98,10 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
         assert UUID7.match(record["id"])
         assert record["v"] == 1
         assert (record["method"], record["scheme"], record["path"], record["query"]) == (
-            method, "http", path, query,
+            method,
+            "http",
+            path,
+            query,
         )
         assert (record["status"], record["location"]) == (status, location)
         assert record["rule"] == rule_of.get(path, "docs")
@@ -98,11 +119,13 @@ async def test_admin_endpoints_and_readiness(broker: Broker) -> None:
     stop = trio.Event()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            service, codes = await _start(nursery, service_config(broker.bootstrap, unique_topic()), stop)
+            service, codes = await _start(
+                nursery, service_config(broker.bootstrap, unique_topic()), stop
+            )
             async with httpx.AsyncClient(base_url=service.binds[0]) as client:
                 assert (await client.get("/healthz")).status_code == 200
                 with trio.fail_after(10):  # librdkafka reports broker state every second
-                    while (await client.get("/readyz")).status_code != 200:
+                    while (await client.get("/readyz")).status_code != 200:  # noqa: ASYNC110
                         await trio.sleep(0.1)
                 await client.get("/docs/x")
                 metrics = (await client.get("/metrics")).text
@@ -120,7 +143,9 @@ async def test_admin_endpoints_and_readiness(broker: Broker) -> None:
 async def test_unreachable_kafka_still_redirects_and_exit_code_reports_the_loss() -> None:
     stop = trio.Event()
     config = service_config(
-        "127.0.0.1:9", unique_topic(), shutdown={"flush_timeout": 1.0},
+        "127.0.0.1:9",
+        unique_topic(),
+        shutdown={"flush_timeout": 1.0},
         kafka={"bootstrap.servers": "127.0.0.1:9", "linger.ms": 5, "message.timeout.ms": 60000},
     )
     with trio.fail_after(30):
@@ -136,5 +161,10 @@ async def test_unreachable_kafka_still_redirects_and_exit_code_reports_the_loss(
             stop.set()
     assert codes == [3]
     assert service.ledger_snapshot() == {
-        "received": 20, "delivered": 0, "failed": 20, "dropped": 0, "shed": 0, "in_flight": 0,
+        "received": 20,
+        "delivered": 0,
+        "failed": 20,
+        "dropped": 0,
+        "shed": 0,
+        "in_flight": 0,
     }

@@ -146,11 +146,12 @@ class Pipeline:
         observe_batch: Callable[[int], None],
     ) -> None:
         self.intake = Intake(send, records, ledger)
+        self.ledger = ledger
+        self.workers = records.workers
         self._send = send
         self._records = records
         self._sink = sink
         self._encode = encode
-        self._ledger = ledger
         self._observe_batch = observe_batch
         self._limiter = trio.CapacityLimiter(records.workers)
         self.held = 0  # records taken from the channel, not yet in librdkafka
@@ -168,7 +169,7 @@ class Pipeline:
             batch.append(self._encode(hit))
         except Exception:
             self.held -= 1
-            self._ledger.add_failed()
+            self.ledger.add_failed()
             log.exception("record %s could not be encoded; counted as failed", hit.id)
 
     async def collect(self, receive: trio.MemoryReceiveChannel[Hit]) -> tuple[list[Encoded], bool]:
@@ -216,6 +217,31 @@ async def _serve_reports(sink: Sink, stop: threading.Event) -> None:
     await trio.to_thread.run_sync(sink.poll_until, stop, limiter=trio.CapacityLimiter(1))
 
 
+async def _run_workers(
+    pipeline: Pipeline,
+    receive: trio.MemoryReceiveChannel[Hit],
+    drain: trio.CancelScope,
+    stop_polling: threading.Event,
+) -> None:
+    """Run the worker pool inside ``drain`` until the channel ends or its deadline.
+
+    Then count what was not handed over as failed and stop the report poller.
+    """
+    try:
+        with drain:
+            async with trio.open_nursery() as workers:
+                for _ in range(pipeline.workers):
+                    workers.start_soon(pipeline.run_worker, receive.clone())
+    finally:
+        stop_polling.set()
+        unsent = pipeline.held + receive.statistics().current_buffer_used
+        receive.close()
+        if unsent:
+            pipeline.ledger.add_failed(unsent)
+            pipeline.held = 0
+            log.error("%d records not handed to Kafka within flush_timeout: failed", unsent)
+
+
 @asynccontextmanager
 async def open_pipeline(
     records: RecordsSettings,
@@ -227,39 +253,26 @@ async def open_pipeline(
 ) -> AsyncIterator[Pipeline]:
     """Run the worker pool and the one delivery-report poller around the body.
 
-    On exit, whatever the reason: the channel is closed, the workers drain it
-    and ship their last batches, and the producer is flushed, all within
-    ``flush_timeout`` s (shielded from outer cancellation). Records that could
-    not be handed over or flushed in that time are counted as failed, so at
-    exit ``in_flight`` is 0.
+    The workers are shielded from the caller's cancellation: on exit, whatever
+    the reason, the channel is closed, the workers drain it and ship their
+    last batches, and the producer is flushed, all within ``flush_timeout`` s.
+    Records that could not be handed over or flushed in that time are counted
+    as failed, so at exit ``in_flight`` is 0.
     """
     send, receive = trio.open_memory_channel[Hit](records.queue_size)
     pipeline = Pipeline(send, records, sink, encode, ledger, observe_batch)
     stop_polling = threading.Event()
-    deadline = trio.current_time() + flush_timeout
-    async with trio.open_nursery() as poller:
-        poller.start_soon(_serve_reports, sink, stop_polling)
+    drain = trio.CancelScope(shield=True)  # only the drain deadline stops the workers
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_serve_reports, sink, stop_polling)
+        nursery.start_soon(_run_workers, pipeline, receive, drain, stop_polling)
         try:
-            async with trio.open_nursery() as workers:
-                for _ in range(records.workers):
-                    workers.start_soon(pipeline.run_worker, receive.clone())
-                try:
-                    yield pipeline
-                finally:
-                    send.close()
-                    deadline = trio.current_time() + flush_timeout
-                    workers.cancel_scope.deadline = deadline
-                    workers.cancel_scope.shield = True
+            yield pipeline
         finally:
-            stop_polling.set()
-            unsent = pipeline.held + receive.statistics().current_buffer_used
-            receive.close()
-            if unsent:
-                ledger.add_failed(unsent)
-                pipeline.held = 0
-                log.error("%d records not handed to Kafka within flush_timeout: failed", unsent)
+            send.close()
+            drain.deadline = trio.current_time() + flush_timeout
     with trio.CancelScope(shield=True):
-        budget = max(0.0, deadline - trio.current_time())
+        budget = max(0.0, drain.deadline - trio.current_time())
         left = await trio.to_thread.run_sync(sink.flush, budget)
         if left:
             log.error("%d records not delivered within flush_timeout: purged, failed", left)

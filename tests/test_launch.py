@@ -1,0 +1,119 @@
+"""Both launch modes as real processes: SIGTERM under load loses no answered hit."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from brokers import Broker
+from support import BIND_RE, ServiceProcess, read_topic, service_config, unique_topic, write_config
+
+CLIENTS = 8
+
+
+async def _load(url: str, answered: dict[str, int], signalled: trio.Event) -> None:
+    """Request in a loop on one keep-alive connection until the server is gone."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        n = 0
+        while True:
+            n += 1
+            try:
+                response = await client.get(f"/docs/p{n}?n={n}")
+            except httpx.TransportError:
+                if signalled.is_set():
+                    return
+                raise
+            assert response.status_code == 301, response.text
+            hit_id = response.headers["x-hit-id"]
+            assert hit_id not in answered
+            answered[hit_id] = response.status_code
+
+
+async def _sigterm_under_load(
+    service: ServiceProcess, urls: list[str], signum: int = signal.SIGTERM
+) -> tuple[int, dict[str, int]]:
+    answered: dict[str, int] = {}
+    signalled = trio.Event()
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            for index in range(CLIENTS):
+                nursery.start_soon(_load, urls[index % len(urls)], answered, signalled)
+            await trio.sleep(2.0)
+            assert len(answered) > 50, "no load reached the service"
+            signalled.set()
+            service.process.send_signal(signum)
+            code = await trio.to_thread.run_sync(service.process.wait)
+    return code, answered
+
+
+def _check_delivery(
+    broker: Broker, topic: str, service: ServiceProcess, answered: dict[str, int], processes: int
+) -> None:
+    ledgers = service.ledgers()
+    assert len(ledgers) == processes, service.output
+    for ledger in ledgers:
+        assert ledger["failed"] == ledger["dropped"] == ledger["shed"] == ledger["in_flight"] == 0
+        assert ledger["received"] == ledger["delivered"] > 0
+    records = read_topic(broker.bootstrap, topic)
+    ids = [record["id"] for record in records]
+    assert len(ids) == len(set(ids)), "a hit was delivered twice"
+    assert set(answered) <= set(ids), f"{len(set(answered) - set(ids))} answered hits missing"
+    assert len(ids) == sum(ledger["delivered"] for ledger in ledgers)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_cli_signal_under_load_delivers_every_answered_hit(
+    broker: Broker, tmp_path: Path, signum: int
+) -> None:
+    topic = unique_topic()
+    config = write_config(tmp_path / "c.toml", service_config(broker.bootstrap, topic))
+    service = ServiceProcess.cli(config)
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        code, answered = await _sigterm_under_load(service, [url], signum)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    await trio.to_thread.run_sync(_check_delivery, broker, topic, service, answered, 1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_hypercorn_sigterm_under_load_delivers_every_answered_hit(
+    broker: Broker, tmp_path: Path, workers: int
+) -> None:
+    topic = unique_topic()
+    config = write_config(tmp_path / "c.toml", service_config(broker.bootstrap, topic))
+    service = ServiceProcess.hypercorn(config, workers)
+    try:
+        urls = await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, workers, 60))
+        code, answered = await _sigterm_under_load(service, urls)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    await trio.to_thread.run_sync(_check_delivery, broker, topic, service, answered, workers)
+
+
+async def test_cli_exits_nonzero_when_records_are_lost(tmp_path: Path) -> None:
+    config = service_config(
+        "127.0.0.1:9",
+        unique_topic(),
+        shutdown={"flush_timeout": 1.0},
+        kafka={"bootstrap.servers": "127.0.0.1:9", "linger.ms": 5},
+    )
+    service = ServiceProcess.cli(write_config(tmp_path / "c.toml", config))
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        async with httpx.AsyncClient(base_url=url) as client:
+            statuses = [(await client.get("/")).status_code for _ in range(5)]
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert statuses == [302] * 5
+    assert code == 3, service.output
+    assert service.ledgers() == [
+        {"received": 5, "delivered": 0, "failed": 5, "dropped": 0, "shed": 0, "in_flight": 0}
+    ]

@@ -1,0 +1,231 @@
+"""The pipeline's timing and accounting, on Trio's virtual clock, with an in-memory sink.
+
+The sink here stands in for the producer to observe batching, overflow and
+drain deadlines exactly; delivery to a real broker is tested in test_service.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import pytest
+import trio
+import trio.testing
+
+from redirect_logger.config import RecordsSettings
+from redirect_logger.hits import Encoded, Hit
+from redirect_logger.pipeline import Admission, Ledger, Pipeline, open_pipeline
+
+
+class MemorySink:
+    """Delivers at once while open; while closed, refuses like a full librdkafka queue."""
+
+    def __init__(self, ledger: Ledger, *, open: bool = True) -> None:
+        self.ledger = ledger
+        self.open = threading.Event()
+        if open:
+            self.open.set()
+        self.values: list[bytes] = []
+
+    def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
+        if not self.open.wait(0.5):  # real time: the virtual clock jumps meanwhile
+            return 0
+        self.values.extend(encoded.value for encoded in batch)
+        self.ledger.add_delivered(len(batch))
+        return len(batch)
+
+    def queued(self) -> int:
+        return 0
+
+    def poll_until(self, stop: threading.Event) -> None:
+        stop.wait()
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+    def purge(self) -> None:
+        pass
+
+
+@pytest.fixture
+def virtual_clock() -> trio.testing.MockClock:
+    """Jumps to the next deadline once Trio has been idle for 0.25 s of real time.
+
+    Not 0 (as ``autojump_clock``): the worker's hop to a thread is idle time for
+    Trio, and the clock must not run ahead while a batch is being handed over.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.25)
+
+
+def hit(n: int) -> Hit:
+    return Hit(f"id-{n:04d}", 0.0, "GET", "http", "/", b"", [], None, 302, "https://t/", "r")
+
+
+def encode(h: Hit) -> Encoded:
+    return Encoded(None, h.id.encode(), 0)
+
+
+def records(**overrides: object) -> RecordsSettings:
+    base: dict[str, object] = {
+        "workers": 1,
+        "batch_size": 10,
+        "batch_linger": 1.0,
+        "queue_size": 100,
+    }
+    return RecordsSettings.model_validate({**base, **overrides})
+
+
+def assert_identity(ledger: Ledger, pipeline: Pipeline) -> None:
+    accounted = ledger.delivered + ledger.failed + ledger.dropped + ledger.shed
+    assert ledger.received == accounted + pipeline.in_flight()
+
+
+async def test_batches_by_size_and_drains_the_rest_on_close(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger)
+    shipped: list[tuple[int, float]] = []
+    t0 = trio.current_time()
+    async with open_pipeline(
+        records(), 10.0, sink, encode, ledger, lambda n: shipped.append((n, trio.current_time()))
+    ) as pipeline:
+        for n in range(25):
+            assert await pipeline.intake.submit(hit(n)) is Admission.ACCEPTED
+    # Two full batches at once; the rest leaves when the channel closes, not after the linger.
+    assert shipped == [(10, t0), (10, t0), (5, t0)]
+    assert sink.values == [f"id-{n:04d}".encode() for n in range(25)]
+    assert ledger.snapshot(pipeline.in_flight()) == {
+        "received": 25,
+        "delivered": 25,
+        "failed": 0,
+        "dropped": 0,
+        "shed": 0,
+        "in_flight": 0,
+    }
+
+
+async def test_a_lone_hit_waits_exactly_the_linger(virtual_clock: trio.testing.MockClock) -> None:
+    ledger = Ledger()
+    shipped: list[float] = []
+    t0 = trio.current_time()
+    async with open_pipeline(
+        records(batch_linger=0.02),
+        10.0,
+        MemorySink(ledger),
+        encode,
+        ledger,
+        lambda n: shipped.append(trio.current_time()),
+    ) as pipeline:
+        await pipeline.intake.submit(hit(1))
+        await trio.sleep(5)
+    assert shipped == [pytest.approx(t0 + 0.02, abs=1e-9)]
+    assert ledger.delivered == 1
+
+
+async def _fill(pipeline: Pipeline, count: int) -> list[Admission]:
+    """Submit one hit and let the worker take it, then ``count`` more."""
+    outcomes = [await pipeline.intake.submit(hit(0))]
+    await trio.testing.wait_all_tasks_blocked()
+    for n in range(1, count + 1):
+        outcomes.append(await pipeline.intake.submit(hit(n)))
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("policy", "refused", "field"),
+    [("drop", Admission.DROPPED, "dropped"), ("shed", Admission.SHED, "shed")],
+)
+async def test_full_queue_refuses_per_policy_and_counts_it(
+    virtual_clock: trio.testing.MockClock, policy: str, refused: Admission, field: str
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger, open=False)
+    async with open_pipeline(
+        records(queue_size=2, batch_size=1, when_full=policy), 10.0, sink, encode, ledger
+    ) as pipeline:
+        outcomes = await _fill(pipeline, 4)
+        assert outcomes == [Admission.ACCEPTED] * 3 + [refused] * 2
+        assert (pipeline.held, pipeline.queue_depth()) == (1, 2)
+        assert getattr(ledger, field) == 2
+        assert_identity(ledger, pipeline)
+        sink.open.set()
+    assert ledger.snapshot(pipeline.in_flight())[field] == 2
+    assert (ledger.received, ledger.delivered, pipeline.in_flight()) == (5, 3, 0)
+    assert_identity(ledger, pipeline)
+
+
+async def test_block_waits_max_block_then_drops(virtual_clock: trio.testing.MockClock) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger, open=False)
+    async with open_pipeline(
+        records(queue_size=1, batch_size=1, when_full="block", max_block=0.5),
+        10.0,
+        sink,
+        encode,
+        ledger,
+    ) as pipeline:
+        assert await _fill(pipeline, 1) == [Admission.ACCEPTED] * 2
+        start = trio.current_time()
+        assert await pipeline.intake.submit(hit(7)) is Admission.DROPPED
+        assert trio.current_time() - start == pytest.approx(0.5)
+        with trio.move_on_after(0.1):  # a request cancelled while blocked is counted too
+            await pipeline.intake.submit(hit(8))
+        assert ledger.dropped == 2
+        assert_identity(ledger, pipeline)
+        sink.open.set()
+    assert (ledger.received, ledger.delivered, ledger.dropped, pipeline.in_flight()) == (4, 2, 2, 0)
+
+
+async def test_block_accepts_once_room_frees_up(virtual_clock: trio.testing.MockClock) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger, open=False)
+    async with open_pipeline(
+        records(queue_size=1, batch_size=1, when_full="block", max_block=5.0),
+        10.0,
+        sink,
+        encode,
+        ledger,
+    ) as pipeline:
+        await _fill(pipeline, 1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipeline.intake.submit, hit(9))
+            await trio.sleep(1.0)
+            sink.open.set()
+    assert (ledger.received, ledger.delivered, ledger.dropped) == (3, 3, 0)
+
+
+async def test_drain_deadline_counts_unshipped_records_as_failed(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger, open=False)
+    async with open_pipeline(records(batch_size=2), 3.0, sink, encode, ledger) as pipeline:
+        for n in range(5):
+            await pipeline.intake.submit(hit(n))
+        closing = trio.current_time()
+    assert trio.current_time() - closing == pytest.approx(3.0, abs=0.05)
+    assert ledger.snapshot(pipeline.in_flight()) == {
+        "received": 5,
+        "delivered": 0,
+        "failed": 5,
+        "dropped": 0,
+        "shed": 0,
+        "in_flight": 0,
+    }
+
+
+async def test_drain_is_shielded_from_outer_cancellation(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger)
+    with trio.CancelScope() as scope:
+        async with open_pipeline(records(), 10.0, sink, encode, ledger) as pipeline:
+            for n in range(30):
+                await pipeline.intake.submit(hit(n))
+            scope.cancel()
+            await trio.sleep(1)
+    assert ledger.delivered == 30
+    assert pipeline.in_flight() == 0
