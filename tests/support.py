@@ -15,7 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import trio
 from confluent_kafka import Consumer, TopicPartition
+
+from redirect_logger.cli import serve_service
+from redirect_logger.config import parse_settings
+from redirect_logger.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,3 +217,17 @@ class ServiceProcess:
 
     def ledgers(self) -> list[dict[str, int]]:
         return [json.loads(found) for found in LEDGER_RE.findall(self.output)]
+
+
+async def start_service(
+    nursery: trio.Nursery, config: Mapping[str, Any], stop: trio.Event
+) -> tuple[Service, list[int]]:
+    """Run the CLI's lifecycle in ``nursery`` until ``stop``; its exit code lands in the list."""
+    codes: list[int] = []
+
+    async def run(*, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED) -> None:
+        settings = parse_settings(dict(config))
+        codes.append(await serve_service(settings, stop=stop, task_status=task_status))
+
+    service: Service = await nursery.start(run)
+    return service, codes

@@ -9,27 +9,10 @@ import httpx
 import trio
 
 from brokers import Broker
-from redirect_logger.cli import serve_service
-from redirect_logger.config import parse_settings
-from redirect_logger.service import Service
-from support import read_topic, service_config, unique_topic
+from support import read_topic, service_config, start_service, unique_topic
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-async def _start(
-    nursery: trio.Nursery, settings_data: dict[str, object], stop: trio.Event
-) -> tuple[Service, list[int]]:
-    codes: list[int] = []
-
-    async def run(*, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED) -> None:
-        codes.append(
-            await serve_service(parse_settings(settings_data), stop=stop, task_status=task_status)
-        )
-
-    service: Service = await nursery.start(run)
-    return service, codes
 
 
 async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Broker) -> None:
@@ -40,7 +23,9 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
     ] = {}  # id -> (method, target, status, location)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            service, codes = await _start(nursery, service_config(broker.bootstrap, topic), stop)
+            service, codes = await start_service(
+                nursery, service_config(broker.bootstrap, topic), stop
+            )
             base = service.binds[0]
             requests = [("GET", "/?utm_source=mail&x=1")] * 100
             requests += [("GET", "/docs/guide/intro?q=%0D%0A")] * 100
@@ -119,7 +104,7 @@ async def test_admin_endpoints_and_readiness(broker: Broker) -> None:
     stop = trio.Event()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            service, codes = await _start(
+            service, codes = await start_service(
                 nursery, service_config(broker.bootstrap, unique_topic()), stop
             )
             async with httpx.AsyncClient(base_url=service.binds[0]) as client:
@@ -150,7 +135,7 @@ async def test_unreachable_kafka_still_redirects_and_exit_code_reports_the_loss(
     )
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            service, codes = await _start(nursery, config, stop)
+            service, codes = await start_service(nursery, config, stop)
             async with httpx.AsyncClient(base_url=service.binds[0]) as client:
                 for _ in range(20):
                     response = await client.get("/?a=1")
