@@ -142,6 +142,7 @@ class ServiceProcess:
             env={**os.environ, **(env or {})},
             cwd=ROOT,
             text=True,
+            start_new_session=True,  # its own process group, as under a supervisor
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -34,7 +35,7 @@ async def _load(url: str, answered: dict[str, int], signalled: trio.Event) -> No
 
 
 async def _sigterm_under_load(
-    service: ServiceProcess, urls: list[str], signum: int = signal.SIGTERM
+    service: ServiceProcess, urls: list[str], signum: int = signal.SIGTERM, group: bool = False
 ) -> tuple[int, dict[str, int]]:
     answered: dict[str, int] = {}
     signalled = trio.Event()
@@ -45,7 +46,10 @@ async def _sigterm_under_load(
             await trio.sleep(2.0)
             assert len(answered) > 50, "no load reached the service"
             signalled.set()
-            service.process.send_signal(signum)
+            if group:
+                os.killpg(service.process.pid, signum)
+            else:
+                service.process.send_signal(signum)
             code = await trio.to_thread.run_sync(service.process.wait)
     return code, answered
 
@@ -81,20 +85,22 @@ async def test_cli_signal_under_load_delivers_every_answered_hit(
     await trio.to_thread.run_sync(_check_delivery, broker, topic, service, answered, 1)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "group"), [(0, False), (1, False), (2, False), (2, True)])
 async def test_hypercorn_sigterm_under_load_delivers_every_answered_hit(
-    broker: Broker, tmp_path: Path, workers: int
+    broker: Broker, tmp_path: Path, workers: int, group: bool
 ) -> None:
+    """SIGTERM to the master, or (``group``) to the whole process group as a supervisor does."""
     topic = unique_topic()
     config = write_config(tmp_path / "c.toml", service_config(broker.bootstrap, topic))
     service = ServiceProcess.hypercorn(config, workers)
+    processes = max(workers, 1)
     try:
-        urls = await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, workers, 60))
-        code, answered = await _sigterm_under_load(service, urls)
+        urls = await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, processes, 60))
+        code, answered = await _sigterm_under_load(service, urls, group=group)
     finally:
         service.kill()
     assert code == 0, service.output
-    await trio.to_thread.run_sync(_check_delivery, broker, topic, service, answered, workers)
+    await trio.to_thread.run_sync(_check_delivery, broker, topic, service, answered, processes)
 
 
 async def test_cli_exits_nonzero_when_records_are_lost(tmp_path: Path) -> None:

@@ -151,7 +151,13 @@ async def _mark_draining_on_sigterm(
             service.draining = True
             log.info("SIGTERM: not ready; draining when the server stops")
             if multiprocessing.parent_process() is None:
-                signal.raise_signal(signal.SIGINT)
+                _interrupt_main_task()
+
+
+@trio.lowlevel.enable_ki_protection
+def _interrupt_main_task() -> None:
+    """Ctrl+C for Hypercorn: KI-protected here, so Trio delivers it to the main task."""
+    signal.raise_signal(signal.SIGINT)
 
 
 def create_app(service: Service, *, own_lifecycle: bool) -> QuartTrio:
