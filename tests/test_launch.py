@@ -123,3 +123,30 @@ async def test_cli_exits_nonzero_when_records_are_lost(tmp_path: Path) -> None:
     assert service.ledgers() == [
         {"received": 5, "delivered": 0, "failed": 5, "dropped": 0, "shed": 0, "in_flight": 0}
     ]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_hypercorn_worker_that_loses_records_reports_it(tmp_path: Path, workers: int) -> None:
+    """The worker process exits 3. Hypercorn's master (0.18) returns 0 whatever its
+    workers' exit codes, so with workers the ERROR ledger line is what reports it."""
+    config = service_config(
+        "127.0.0.1:9",
+        unique_topic(),
+        shutdown={"flush_timeout": 1.0},
+        kafka={"bootstrap.servers": "127.0.0.1:9", "linger.ms": 5},
+    )
+    service = ServiceProcess.hypercorn(write_config(tmp_path / "c.toml", config), workers)
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        async with httpx.AsyncClient(base_url=url) as client:
+            statuses = [(await client.get("/")).status_code for _ in range(3)]
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert statuses == [302] * 3
+    if workers == 0:
+        assert code == 3, service.output
+    assert service.ledgers() == [
+        {"received": 3, "delivered": 0, "failed": 3, "dropped": 0, "shed": 0, "in_flight": 0}
+    ]
+    assert "ERROR redirect_logger.service" in service.output

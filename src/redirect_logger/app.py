@@ -8,8 +8,10 @@ endpoints ``/healthz``, ``/readyz`` and ``/metrics``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from typing import Any
@@ -127,11 +129,20 @@ class Frontend:
         except ConfigError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
-        if service.exit_code() == EXIT_OK:
+        code = service.exit_code()
+        if code == EXIT_OK:
             await send({"type": "lifespan.shutdown.complete"})
-        else:
-            message = f"records lost: {service.ledger_snapshot()}"
-            await send({"type": "lifespan.shutdown.failed", "message": message})
+            return
+        # Hypercorn 0.18 ignores a failed lifespan shutdown and its worker
+        # exits 0; the process exit code is set at interpreter exit instead.
+        atexit.register(_exit_with, code)
+        message = f"records lost: {service.ledger_snapshot()}"
+        await send({"type": "lifespan.shutdown.failed", "message": message})
+
+
+def _exit_with(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)
 
 
 async def _mark_draining_on_sigterm(

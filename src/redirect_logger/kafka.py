@@ -49,6 +49,31 @@ class _RateLimitedLog:
         log.log(level, "%s", message)
 
 
+class _RepeatFilter(logging.Filter):
+    """Passes one librdkafka log line per facility every ``interval`` s.
+
+    While a broker is down librdkafka logs every reconnect attempt; the error
+    callback already reports the condition (rate-limited) with a count.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last: dict[object, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = record.args[0] if isinstance(record.args, tuple) and record.args else record.msg
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            return False
+        self._last[key] = now
+        return True
+
+
+_librdkafka_log = logging.getLogger("redirect_logger.librdkafka")
+_librdkafka_log.addFilter(_RepeatFilter())
+
+
 class KafkaSink:
     """A confluent-kafka producer with one delivery callback and broker readiness."""
 
@@ -75,7 +100,7 @@ class KafkaSink:
             "on_delivery": self._on_delivery,
             "stats_cb": self._on_stats,
             "error_cb": self._on_error,
-            "logger": logging.getLogger("redirect_logger.librdkafka"),
+            "logger": _librdkafka_log,
         }
         try:
             self._producer = Producer(conf)
