@@ -87,8 +87,14 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
     return path
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """Every record in the topic, read from the beginning up to each partition's end."""
+def read_topic(
+    bootstrap: str, topic: str, timeout: float = 30.0, expected: int = 0
+) -> list[dict[str, Any]]:
+    """Every record in the topic, from the beginning to each partition's end.
+
+    Reads until the partitions' end offsets stop moving and at least
+    ``expected`` records are in; fails after ``timeout`` s.
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -97,34 +103,47 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict[s
             "log_level": 0,
         }
     )
+    deadline = time.monotonic() + timeout
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if metadata is not None and metadata.error is None and metadata.partitions:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"topic {topic} does not exist")
-            time.sleep(0.2)
-        ends = {}
-        for partition in metadata.partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            if high > 0:
-                ends[partition] = high
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        partitions = _partitions(consumer, topic, deadline)
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         records: list[dict[str, Any]] = []
-        positions = dict.fromkeys(ends, 0)
-        while any(positions[p] < ends[p] for p in ends):
+        positions = dict.fromkeys(partitions, 0)
+        ends: dict[int, int] = {}
+        while True:
+            previous, ends = ends, _ends(consumer, topic, partitions)
+            if previous == ends and len(records) >= expected:
+                return records
+            while any(positions[p] < ends[p] for p in partitions):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"read {len(records)} records; the topic ends at {ends}")
+                for message in consumer.consume(1000, 0.5):
+                    if message.error():
+                        raise AssertionError(str(message.error()))
+                    positions[message.partition()] = message.offset() + 1
+                    records.append(json.loads(message.value()))
             if time.monotonic() > deadline:
-                raise AssertionError(f"read {len(records)} records; the topic ends at {ends}")
-            for message in consumer.consume(1000, 0.5):
-                if message.error():
-                    raise AssertionError(str(message.error()))
-                positions[message.partition()] = message.offset() + 1
-                records.append(json.loads(message.value()))
-        return records
+                raise AssertionError(f"read {len(records)} of {expected} records; ends {ends}")
+            time.sleep(0.2)
     finally:
         consumer.close()
+
+
+def _partitions(consumer: Consumer, topic: str, deadline: float) -> list[int]:
+    while True:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is not None and metadata.error is None and metadata.partitions:
+            return sorted(metadata.partitions)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"topic {topic} does not exist")
+        time.sleep(0.2)
+
+
+def _ends(consumer: Consumer, topic: str, partitions: list[int]) -> dict[int, int]:
+    return {
+        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        for p in partitions
+    }
 
 
 LEDGER_RE = re.compile(r"ledger (\{.*\})")
@@ -199,17 +218,19 @@ class ServiceProcess:
     def url(self, timeout: float = 30.0) -> str:
         return self.wait_for(BIND_RE, timeout=timeout)[0]
 
-    def terminate(self, timeout: float = 60.0) -> int:
-        self.process.send_signal(signal.SIGTERM)
+    def wait(self, timeout: float = 60.0) -> int:
+        """The exit code, once the process has exited and all its output is read."""
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            raise AssertionError(
-                f"no exit {timeout} s after SIGTERM; output:\n{self.output}"
-            ) from None
-        self._reader.join(5)
+            raise AssertionError(f"no exit within {timeout} s; output:\n{self.output}") from None
+        self._reader.join(timeout)  # EOF once every process holding the pipe has exited
         return code
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -29,6 +29,7 @@ HOSTILE_TARGETS = [
     b"/docs/%FF%FE",
     b"/?next=//evil.com&%0d%0a=1",
     b"/?a=%0D%0ASet-Cookie:%20x=1",
+    b"/?q=caf%C3%A9&r=%FF&s=a+b",
     b"/docs/x?url=https://evil.com/&q=\xc3\xa9",
     b"/docs/caf\xc3\xa9",
     b"/docs/%",

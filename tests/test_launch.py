@@ -50,7 +50,7 @@ async def _sigterm_under_load(
                 os.killpg(service.process.pid, signum)
             else:
                 service.process.send_signal(signum)
-            code = await trio.to_thread.run_sync(service.process.wait)
+            code = await trio.to_thread.run_sync(service.wait)
     return code, answered
 
 
@@ -61,12 +61,15 @@ def _check_delivery(
     assert len(ledgers) == processes, service.output
     for ledger in ledgers:
         assert ledger["failed"] == ledger["dropped"] == ledger["shed"] == ledger["in_flight"] == 0
-        assert ledger["received"] == ledger["delivered"] > 0
-    records = read_topic(broker.bootstrap, topic)
+        assert ledger["received"] == ledger["delivered"]  # one worker may get no connection
+    delivered = sum(ledger["delivered"] for ledger in ledgers)
+    assert delivered > 0
+    records = read_topic(broker.bootstrap, topic, expected=delivered)
     ids = [record["id"] for record in records]
-    assert len(ids) == len(set(ids)), "a hit was delivered twice"
-    assert set(answered) <= set(ids), f"{len(set(answered) - set(ids))} answered hits missing"
-    assert len(ids) == sum(ledger["delivered"] for ledger in ledgers)
+    counts = f"answered {len(answered)}, delivered {delivered}, in topic {len(ids)}"
+    assert len(ids) == len(set(ids)), f"a hit was delivered twice: {counts}"
+    assert not set(answered) - set(ids), f"answered hits missing: {counts}"
+    assert len(ids) == delivered, counts
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -87,9 +90,13 @@ async def test_cli_signal_under_load_delivers_every_answered_hit(
 
 @pytest.mark.parametrize(("workers", "group"), [(0, False), (1, False), (2, False), (2, True)])
 async def test_hypercorn_sigterm_under_load_delivers_every_answered_hit(
-    broker: Broker, tmp_path: Path, workers: int, group: bool
+    kafka_broker: Broker, tmp_path: Path, workers: int, group: bool
 ) -> None:
-    """SIGTERM to the master, or (``group``) to the whole process group as a supervisor does."""
+    """SIGTERM to the master, or (``group``) to the whole process group as a supervisor does.
+
+    On Apache Kafka: with two workers, two producers write to one partition.
+    """
+    broker = kafka_broker
     topic = unique_topic()
     config = write_config(tmp_path / "c.toml", service_config(broker.bootstrap, topic))
     service = ServiceProcess.hypercorn(config, workers)

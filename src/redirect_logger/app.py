@@ -117,15 +117,17 @@ class Frontend:
         await receive()  # lifespan.startup
         service = self._service
         try:
-            async with service.running(), trio.open_nursery() as nursery:
-                await nursery.start(_mark_draining_on_sigterm, service)
-                self._quart.nursery = nursery
-                await self._quart.startup()
-                await send({"type": "lifespan.startup.complete"})
-                await receive()  # lifespan.shutdown
-                service.draining = True
-                await self._quart.shutdown()
-                nursery.cancel_scope.cancel()
+            # The SIGTERM guard stays up until the drain below has finished.
+            async with trio.open_nursery() as guard:
+                await guard.start(_mark_draining_on_sigterm, service)
+                async with service.running(), trio.open_nursery() as quart_nursery:
+                    self._quart.nursery = quart_nursery
+                    await self._quart.startup()
+                    await send({"type": "lifespan.startup.complete"})
+                    await receive()  # lifespan.shutdown
+                    service.draining = True
+                    await self._quart.shutdown()
+                guard.cancel_scope.cancel()
         except ConfigError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return

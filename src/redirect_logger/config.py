@@ -60,7 +60,9 @@ class ServerSettings(_Section):
     def _check_bind(cls, binds: list[str]) -> list[str]:
         for bind in binds:
             host, sep, port = bind.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            if not sep or not host or not (port.isascii() and port.isdigit()):
+                raise ValueError(f"{bind!r} is not HOST:PORT")
+            if not 0 <= int(port) <= 65535:
                 raise ValueError(f"{bind!r} is not HOST:PORT")
         return binds
 
@@ -76,8 +78,8 @@ class _Target(_Section):
     def _check_target(cls, target: str | None) -> str | None:
         if target is None:
             return None
-        if _CONTROL_RE.search(target):
-            raise ValueError("must not contain spaces or control characters")
+        if _CONTROL_RE.search(target) or "\\" in target:
+            raise ValueError("must not contain spaces, backslashes or control characters")
         parts = urlsplit(target)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an absolute http:// or https:// URL")
@@ -222,7 +224,7 @@ def _as_int(settings: Settings, key: str) -> int | None:
         return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _KeyError(f'kafka."{key}"', f"{value!r} is not an integer") from None
 
 

@@ -82,18 +82,19 @@ def merge_query(target_query: bytes, request_query: bytes) -> bytes:
     """Merge a request's query into a target's; the request wins per key.
 
     Keys of the target that the request does not set keep their values and
-    order; then come the request's pairs in their order. The result is
-    percent-encoded ASCII whatever bytes the request held.
+    order; then come the request's pairs in their order. Bytes are kept as
+    they are (latin-1 maps each byte to one character and back) and the
+    result is percent-encoded ASCII whatever the request held.
     """
-    request_pairs = parse_qsl(request_query, keep_blank_values=True)
+    request_pairs = _pairs(request_query)
     overridden = {key for key, _ in request_pairs}
-    pairs = [
-        pair
-        for pair in parse_qsl(target_query, keep_blank_values=True)
-        if pair[0] not in overridden
-    ]
+    pairs = [pair for pair in _pairs(target_query) if pair[0] not in overridden]
     pairs.extend(request_pairs)
-    return urlencode(pairs, quote_via=quote, safe="").encode("ascii")
+    return urlencode(pairs, quote_via=quote, safe="", encoding="latin-1").encode("ascii")
+
+
+def _pairs(query: bytes) -> list[tuple[str, str]]:
+    return parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
 
 
 class RuleTable:

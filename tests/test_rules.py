@@ -1,0 +1,454 @@
+"""RuleTable, Target and merge_query, built from validated config.
+
+The safety property under test: a Location always starts with the rule
+target's own ``scheme://netloc/``, and request bytes only ever land there
+percent-encoded, in the path after it or in the query.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from redirect_logger.config import parse_settings
+from redirect_logger.rules import RuleTable, Target, merge_query
+
+KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
+
+
+def build_table(
+    rules: list[dict[str, Any]] | None = None, fallback: dict[str, Any] | None = None
+) -> RuleTable:
+    data: dict[str, Any] = {"kafka": dict(KAFKA), "rules": rules or []}
+    if fallback is not None:
+        data["fallback"] = fallback
+    return RuleTable.from_settings(parse_settings(data))
+
+
+def resolve(table: RuleTable, path: str, query: bytes = b"") -> tuple[Target, str | None]:
+    target, remainder = table.match(path)
+    return target, target.location(remainder, query)
+
+
+def byte_pairs(query: bytes) -> list[tuple[bytes, bytes]]:
+    """The form-encoded (key, value) pairs of a query, decoded to exact bytes.
+
+    Latin-1 maps each byte to one character and back, so parse_qsl's
+    percent-decoding yields the bytes themselves, whatever they are.
+    """
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    return [(key.encode("latin-1"), value.encode("latin-1")) for key, value in pairs]
+
+
+def documented_merge(target_query: bytes, request_query: bytes) -> list[tuple[bytes, bytes]]:
+    """merge_query's docstring: the target's pairs whose key the request does not
+    set, in order, then the request's pairs in order."""
+    request = byte_pairs(request_query)
+    overridden = {key for key, _ in request}
+    return [pair for pair in byte_pairs(target_query) if pair[0] not in overridden] + request
+
+
+def assert_on_origin(location: str | None, target_url: str) -> None:
+    assert location is not None
+    expected = urlsplit(target_url)
+    parts = urlsplit(location)
+    assert (parts.scheme, parts.netloc) == (expected.scheme, expected.netloc)
+    assert location.startswith(f"{expected.scheme}://{expected.netloc}/")
+    # Printable ASCII without space: no CR, LF, NUL, DEL, other controls or non-ASCII.
+    assert all("\x21" <= char <= "\x7e" for char in location), location
+    assert "\\" not in location
+
+
+def joined_path(base: str, remainder: str) -> str:
+    """The decoded path a forwarded remainder should produce: one "/" between
+    a base ending in "/" and the remainder, the remainder's own slashes kept
+    after a base that does not end in "/"."""
+    if not remainder:
+        return base
+    if base.endswith("/"):
+        return base + remainder.lstrip("/")
+    return base + (remainder if remainder.startswith("/") else "/" + remainder)
+
+
+NASTY_PATHS = [
+    "//evil.com",
+    "/\\evil.com",
+    "\\\\evil.com",
+    "%2F%2Fevil.com",
+    "/%2F%2Fevil.com",
+    "@evil.com",
+    "/@evil.com",
+    ":@evil.com",
+    "/\r\nSet-Cookie: a=1",
+    "/\x00",
+    "/a b?c=d#e",
+    "/caf\u00e9/\u65e5\u672c/\U0001f600",
+    "/" + "a" * 10_000,
+    "/" + "\u00e9/" * 3_000,
+]
+NASTY_QUERIES = [
+    b"",
+    b"x=1",
+    b"%0D%0A=%0D%0A",
+    b"a=\r\nLocation: https://evil.com",
+    b"a=\xff",
+    b"\x00=\x00",
+    b"q=caf%C3%A9",
+    b"#frag=1",
+    b"a=1&&&b=2&=&",
+    b"%zz=%",
+]
+
+EXACT_URL = "https://exact.example/landing?src=x#top"
+PREFIX_URL = "https://docs.example.com/base"
+FALLBACK_URL = "http://fallback.example:8080/f/?z=1"
+
+MIXED = build_table(
+    rules=[
+        {"name": "exact", "path": "/go", "target": EXACT_URL},
+        {"name": "prefix", "path": "/docs/*", "target": PREFIX_URL, "forward_path": True},
+    ],
+    fallback={"status": 302, "target": FALLBACK_URL, "forward_path": True},
+)
+URL_BY_NAME = {"exact": EXACT_URL, "prefix": PREFIX_URL, None: FALLBACK_URL}
+
+any_path = st.one_of(
+    st.text(),
+    st.text().map(lambda text: "/" + text),
+    st.text().map(lambda text: "/docs/" + text),
+    st.sampled_from(["/go", "/docs", "/docs/", *NASTY_PATHS]),
+)
+# Query-shaped bytes that hit the separators and escapes, next to arbitrary bytes.
+query_pieces = st.sampled_from(
+    [b"a", b"b", b"=", b"&", b"+", b" ", b"%", b"%0D%0A", b"%FF", b"%26", b"%3D", b"#", b"\xff"]
+)
+any_query = st.one_of(st.binary(), st.lists(query_pieces).map(b"".join))
+
+
+def nasty_examples(test: Any) -> Any:
+    for path in NASTY_PATHS:
+        test = example(path=path, query=b"a=1")(test)
+        test = example(path="/docs/" + path, query=b"")(test)
+    for query in NASTY_QUERIES:
+        test = example(path="/go", query=query)(test)
+        test = example(path="/docs//evil.com", query=query)(test)
+    return test
+
+
+@given(path=any_path, query=any_query)
+@nasty_examples
+def test_any_request_stays_on_the_rule_targets_origin(path: str, query: bytes) -> None:
+    target, location = resolve(MIXED, path, query)
+    assert_on_origin(location, URL_BY_NAME[target.name])
+
+
+@pytest.mark.parametrize("query", NASTY_QUERIES)
+@pytest.mark.parametrize("path", ["/go", "/docs/x", "/docs//evil.com", "//evil.com"])
+def test_nasty_queries_stay_on_origin(path: str, query: bytes) -> None:
+    target, location = resolve(MIXED, path, query)
+    assert_on_origin(location, URL_BY_NAME[target.name])
+
+
+# The path side on its own (query empty), so a query failure cannot mask it.
+@pytest.mark.parametrize(
+    "target_url",
+    [
+        "https://docs.example.com",
+        "https://docs.example.com/",
+        "https://docs.example.com/base",
+        "http://docs.example.com:8080/base/?a=1#frag",
+    ],
+)
+@given(remainder=st.text())
+@example(remainder="")
+@example(remainder="//evil.com")
+@example(remainder="/\\evil.com")
+@example(remainder="%2F%2Fevil.com")
+@example(remainder="@evil.com")
+@example(remainder="/\r\n\x00")
+@example(remainder="?#%")
+@example(remainder="\u00e9" * 5_000)
+def test_forwarded_prefix_remainder_lands_encoded_in_the_path(
+    target_url: str, remainder: str
+) -> None:
+    table = build_table(
+        rules=[{"name": "docs", "path": "/docs/*", "target": target_url, "forward_path": True}]
+    )
+    target, location = resolve(table, "/docs/" + remainder)
+    assert target.name == "docs"
+    assert_on_origin(location, target_url)
+    assert location is not None
+    expected = joined_path(urlsplit(target_url).path or "/", remainder)
+    assert unquote(urlsplit(location).path, errors="strict") == expected
+    assert urlsplit(location).query == urlsplit(target_url).query
+    assert urlsplit(location).fragment == urlsplit(target_url).fragment
+
+
+@pytest.mark.parametrize(
+    "target_url", ["https://f.example", "https://f.example/", "https://f.example/f?z=1#end"]
+)
+@given(path=st.one_of(st.text(), st.text().map(lambda text: "/" + text)))
+@example(path="//evil.com")
+@example(path="/\\evil.com")
+@example(path="%2F%2Fevil.com")
+@example(path="@evil.com")
+@example(path="/\r\n")
+@example(path="/\x00")
+@example(path="/" + "x" * 10_000)
+def test_forwarded_fallback_path_lands_encoded_in_the_path(target_url: str, path: str) -> None:
+    table = build_table(fallback={"status": 302, "target": target_url, "forward_path": True})
+    target, location = resolve(table, path)
+    assert (target.name, target.status) == (None, 302)
+    assert_on_origin(location, target_url)
+    assert location is not None
+    expected = joined_path(urlsplit(target_url).path or "/", path)
+    assert unquote(urlsplit(location).path, errors="strict") == expected
+
+
+@pytest.mark.parametrize(
+    "target_url",
+    ["https://t.example", "https://t.example/p?a=1&b=2", "https://t.example/p?b=2&b=3&c=#frag"],
+)
+@given(query=any_query)
+@example(query=b"b=9&c=3")
+@example(query=b"k%0D%0A=v%0D%0A&sp=a b&amp=x%26y")
+@example(query=b"raw=\xff&nul=\x00")
+@example(query=b"q=caf%C3%A9")
+@example(query=b"a=%FF")
+@example(query=b"#=#")
+def test_query_merge_round_trips_to_the_documented_pairs(target_url: str, query: bytes) -> None:
+    table = build_table(rules=[{"name": "q", "path": "/q", "target": target_url}])
+    _, location = resolve(table, "/q", query)
+    assert_on_origin(location, target_url)
+    assert location is not None
+    parts = urlsplit(location)
+    target_query = urlsplit(target_url).query.encode("ascii")
+    assert byte_pairs(parts.query.encode("ascii")) == documented_merge(target_query, query)
+    assert parts.fragment == urlsplit(target_url).fragment
+
+
+# --- merge semantics, exactly ---
+
+
+def exact_location(target_url: str, query: bytes, **options: Any) -> str | None:
+    table = build_table(rules=[{"name": "r", "path": "/r", "target": target_url, **options}])
+    return resolve(table, "/r", query)[1]
+
+
+def test_request_wins_per_key_and_adds_its_keys_after_the_targets() -> None:
+    location = exact_location("https://t.example/p?a=1&b=2", b"b=9&c=3")
+    assert location == "https://t.example/p?a=1&b=9&c=3"
+
+
+def test_repeated_request_keys_replace_all_of_the_targets_values() -> None:
+    location = exact_location("https://t.example/p?a=1&b=2&b=3&c=4", b"b=7&x=0&b=8")
+    assert location == "https://t.example/p?a=1&c=4&b=7&x=0&b=8"
+
+
+def test_forward_query_false_ignores_the_request_query() -> None:
+    location = exact_location(
+        "https://t.example/p?a=1", b"a=2&evil=%0D%0A&raw=\xff", forward_query=False
+    )
+    assert location == "https://t.example/p?a=1"
+
+
+def test_control_characters_spaces_and_ampersands_are_percent_encoded() -> None:
+    location = exact_location("https://t.example/p?a=1", b"k%0D%0A=v%0D%0A&sp=a b&amp=x%26y")
+    assert location == "https://t.example/p?a=1&k%0D%0A=v%0D%0A&sp=a%20b&amp=x%26y"
+    assert byte_pairs(urlsplit(location).query.encode("ascii")) == [
+        (b"a", b"1"),
+        (b"k\r\n", b"v\r\n"),
+        (b"sp", b"a b"),
+        (b"amp", b"x&y"),
+    ]
+
+
+def test_raw_non_ascii_bytes_are_percent_encoded() -> None:
+    location = exact_location("https://t.example/p?a=1", b"raw=\xff&sp=a b&amp=x%26y%0D%0A")
+    assert location == "https://t.example/p?a=1&raw=%FF&sp=a%20b&amp=x%26y%0D%0A"
+    assert byte_pairs(urlsplit(location).query.encode("ascii")) == [
+        (b"a", b"1"),
+        (b"raw", b"\xff"),
+        (b"sp", b"a b"),
+        (b"amp", b"x&y\r\n"),
+    ]
+
+
+def test_percent_encoded_utf8_in_the_request_query_is_kept() -> None:
+    assert exact_location("https://t.example/", b"q=caf%C3%A9") == "https://t.example/?q=caf%C3%A9"
+
+
+def test_a_hash_in_the_request_query_cannot_start_a_fragment() -> None:
+    location = exact_location("https://t.example/p#sec", b"a=#x")
+    assert location == "https://t.example/p?a=%23x#sec"
+
+
+def test_the_targets_fragment_stays_after_the_merged_query() -> None:
+    location = exact_location("https://t.example/p?a=1#sec", b"b=2")
+    assert location == "https://t.example/p?a=1&b=2#sec"
+
+
+def test_merge_query_directly() -> None:
+    assert merge_query(b"a=1&b=2", b"b=9&c=3") == b"a=1&b=9&c=3"
+    assert merge_query(b"", b"x=1&x=2") == b"x=1&x=2"
+    assert merge_query(b"a=1", b"&&") == b"a=1"
+    assert merge_query(b"", b"") == b""
+    assert merge_query(b"a=1", b"a") == b"a="
+
+
+# --- forward_path ---
+
+
+DOCS = build_table(
+    rules=[
+        {
+            "name": "docs",
+            "path": "/docs/*",
+            "target": "https://docs.example.com/",
+            "forward_path": True,
+        },
+        {"name": "base", "path": "/b/*", "target": "https://d.example/base", "forward_path": True},
+        {
+            "name": "frag",
+            "path": "/f/*",
+            "target": "https://d.example/base?v=1#top",
+            "forward_path": True,
+        },
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/docs/a/b", "https://docs.example.com/a/b"),
+        ("/docs", "https://docs.example.com/"),
+        ("/docs/", "https://docs.example.com/"),
+        ("/docs//a", "https://docs.example.com/a"),
+        ("/docs/a b/\u00fc?#%", "https://docs.example.com/a%20b/%C3%BC%3F%23%25"),
+        ("/docs/\\evil.com", "https://docs.example.com/%5Cevil.com"),
+        ("/b/a/b", "https://d.example/base/a/b"),
+        ("/b/a", "https://d.example/base/a"),
+        ("/b", "https://d.example/base"),
+        ("/b/", "https://d.example/base"),
+        ("/f/x/y", "https://d.example/base/x/y?v=1#top"),
+    ],
+)
+def test_forward_path_joins_the_remainder(path: str, expected: str) -> None:
+    assert resolve(DOCS, path)[1] == expected
+
+
+def test_forward_path_and_query_keep_the_fragment_last() -> None:
+    assert resolve(DOCS, "/f/x/y", b"q=1")[1] == "https://d.example/base/x/y?v=1&q=1#top"
+
+
+def test_prefix_rule_without_forward_path_ignores_the_remainder() -> None:
+    table = build_table(rules=[{"name": "p", "path": "/p/*", "target": "https://t.example/x"}])
+    assert resolve(table, "/p/a/b")[1] == "https://t.example/x"
+
+
+# --- precedence ---
+
+
+def test_exact_beats_prefix() -> None:
+    for rules in (
+        [
+            {"name": "docs", "path": "/docs/*", "target": "https://d.example/"},
+            {"name": "api", "path": "/docs/api", "target": "https://a.example/"},
+        ],
+        [
+            {"name": "api", "path": "/docs/api", "target": "https://a.example/"},
+            {"name": "docs", "path": "/docs/*", "target": "https://d.example/"},
+        ],
+    ):
+        table = build_table(rules=rules)
+        assert [(t.name, rest) for t, rest in map(table.match, ["/docs/api", "/docs/api/x"])] == [
+            ("api", ""),
+            ("docs", "api/x"),
+        ]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_longest_prefix_wins(reverse: bool) -> None:
+    rules = [
+        {"name": "a", "path": "/a/*", "target": "https://a.example/"},
+        {"name": "ab", "path": "/a/b/*", "target": "https://ab.example/"},
+        {"name": "root", "path": "/*", "target": "https://root.example/"},
+    ]
+    table = build_table(rules=rules[::-1] if reverse else rules)
+    paths = ["/a/b/c", "/a/b/", "/a/b", "/a/bc", "/a/", "/a", "/ab", "/", "/x/y"]
+    assert [(t.name, rest) for t, rest in map(table.match, paths)] == [
+        ("ab", "c"),
+        ("ab", ""),
+        ("ab", ""),
+        ("a", "bc"),
+        ("a", ""),
+        ("a", ""),
+        ("root", "ab"),
+        ("root", ""),
+        ("root", "x/y"),
+    ]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_explicit_exact_rule_beats_the_bare_form_of_a_prefix(reverse: bool) -> None:
+    rules = [
+        {"name": "docs", "path": "/docs/*", "target": "https://d.example/", "forward_path": True},
+        {"name": "bare", "path": "/docs", "target": "https://bare.example/"},
+    ]
+    table = build_table(rules=rules[::-1] if reverse else rules)
+    target, location = resolve(table, "/docs", b"")
+    assert (target.name, location) == ("bare", "https://bare.example/")
+    assert table.match("/docs/")[0].name == "docs"
+    assert resolve(table, "/docs/x")[1] == "https://d.example/x"
+
+
+def test_unmatched_goes_to_a_404_fallback() -> None:
+    table = build_table(rules=[{"name": "docs", "path": "/docs/*", "target": "https://d.example/"}])
+    for path in ["/docsx", "/", "", "/doc", "//docs/x"]:
+        target, location = resolve(table, path, b"a=1")
+        assert (target.name, target.status, location) == (None, 404, None)
+    assert table.fallback.static_location is None
+
+
+def test_unmatched_goes_to_a_redirect_fallback() -> None:
+    table = build_table(
+        rules=[{"name": "docs", "path": "/docs/*", "target": "https://d.example/"}],
+        fallback={"status": 307, "target": "https://f.example/home"},
+    )
+    target, location = resolve(table, "/docsx/y")
+    assert (target.name, target.status, location) == (None, 307, "https://f.example/home")
+    assert resolve(table, "/nope", b"x=1")[1] == "https://f.example/home?x=1"
+
+
+def test_rule_status_and_name_are_compiled() -> None:
+    table = build_table(
+        rules=[{"name": "home", "path": "/", "target": "https://t.example/", "status": 308}]
+    )
+    target, remainder = table.match("/")
+    assert (target.name, target.status, remainder) == ("home", 308, "")
+
+
+# --- static location ---
+
+
+def test_static_location_is_returned_when_nothing_is_forwarded() -> None:
+    url = "https://t.example/p?a=1#s"
+    table = build_table(
+        rules=[
+            {"name": "e", "path": "/e", "target": url},
+            {"name": "n", "path": "/n", "target": url, "forward_query": False},
+            {"name": "p", "path": "/p/*", "target": url, "forward_path": True},
+        ]
+    )
+    cases = [("/e", b""), ("/n", b"a=2&b=3"), ("/p", b""), ("/p/", b"")]
+    for path, query in cases:
+        target, remainder = table.match(path)
+        assert target.static_location == url
+        location = target.location(remainder, query)
+        assert location == url
+        assert location is target.static_location
