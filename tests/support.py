@@ -82,6 +82,18 @@ def service_config(bootstrap: str, topic: str, **tables: Mapping[str, Any]) -> d
     return config
 
 
+UNREACHABLE = "127.0.0.1:9"  # discard port: nothing listens, connections are refused
+
+
+def unreachable_config(**tables: Mapping[str, Any]) -> dict[str, Any]:
+    """A config whose Kafka cannot be reached, with a 1 s drain; ``tables`` override."""
+    return service_config(
+        UNREACHABLE,
+        unique_topic(),
+        **{"shutdown": {"flush_timeout": 1.0}, **tables},
+    )
+
+
 def write_config(path: Path, config: Mapping[str, Any]) -> Path:
     path.write_text(toml_text(config))
     return path

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from brokers import Broker
-from support import service_config, start_service, unique_topic
+from support import service_config, start_service, unique_topic, unreachable_config
 
 SAFE_ORIGIN = "https://safe.example"
 
@@ -131,16 +131,9 @@ async def test_head_is_get_without_a_body_and_404_has_one(broker: Broker) -> Non
 @pytest.mark.parametrize("policy", ["shed", "drop"])
 async def test_full_queue_while_kafka_is_down_matches_what_clients_saw(policy: str) -> None:
     """librdkafka's queue holds 1, a worker 1, the channel 1: the rest meets the policy."""
-    config = service_config(
-        "127.0.0.1:9",
-        unique_topic(),
+    config = unreachable_config(
         records={"queue_size": 1, "workers": 1, "batch_size": 1, "when_full": policy},
-        kafka={
-            "bootstrap.servers": "127.0.0.1:9",
-            "linger.ms": 5,
-            "queue.buffering.max.messages": 1,
-        },
-        shutdown={"flush_timeout": 1.0},
+        kafka={"queue.buffering.max.messages": 1},
     )
     stop = trio.Event()
     statuses: list[int] = []

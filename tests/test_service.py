@@ -9,7 +9,13 @@ import httpx
 import trio
 
 from brokers import Broker
-from support import read_topic, service_config, start_service, unique_topic
+from support import (
+    read_topic,
+    service_config,
+    start_service,
+    unique_topic,
+    unreachable_config,
+)
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -127,12 +133,7 @@ async def test_admin_endpoints_and_readiness(broker: Broker) -> None:
 
 async def test_unreachable_kafka_still_redirects_and_exit_code_reports_the_loss() -> None:
     stop = trio.Event()
-    config = service_config(
-        "127.0.0.1:9",
-        unique_topic(),
-        shutdown={"flush_timeout": 1.0},
-        kafka={"bootstrap.servers": "127.0.0.1:9", "linger.ms": 5, "message.timeout.ms": 60000},
-    )
+    config = unreachable_config(kafka={"message.timeout.ms": 60000})
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             service, codes = await start_service(nursery, config, stop)
