@@ -140,3 +140,29 @@ async def test_losing_records_is_reported(tmp_path: Path, mode: str, workers: in
         {"received": 3, "delivered": 0, "failed": 3, "dropped": 0, "shed": 0, "in_flight": 0}
     ]
     assert "ERROR redirect_logger.service" in service.output
+
+
+@pytest.mark.parametrize("mode", ["cli", "hypercorn"])
+async def test_a_property_librdkafka_refuses_stops_the_start(tmp_path: Path, mode: str) -> None:
+    config = write_config(tmp_path / "c.toml", unreachable_config(kafka={"no.such.property": "1"}))
+    service = ServiceProcess.cli(config) if mode == "cli" else ServiceProcess.hypercorn(config, 0)
+    try:
+        code = await trio.to_thread.run_sync(service.wait, 30.0)
+    finally:
+        service.kill()
+    assert code == (2 if mode == "cli" else 1), service.output
+    assert "No such configuration property" in service.output
+    assert "no.such.property" in service.output
+    if mode == "cli":  # Hypercorn binds before it re-raises a failed lifespan startup
+        assert "Running on" not in service.output
+
+
+async def test_serve_refuses_an_invalid_bind(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", unreachable_config())
+    service = ServiceProcess.cli(config, "--bind", "127.0.0.1:http")
+    try:
+        code = await trio.to_thread.run_sync(service.wait, 30.0)
+    finally:
+        service.kill()
+    assert code == 2
+    assert "server.bind: '127.0.0.1:http' is not HOST:PORT" in service.output

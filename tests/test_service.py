@@ -154,3 +154,21 @@ async def test_unreachable_kafka_still_redirects_and_exit_code_reports_the_loss(
         "shed": 0,
         "in_flight": 0,
     }
+
+
+async def test_readiness_turns_false_shutdown_delay_before_the_listeners_close(
+    broker: Broker,
+) -> None:
+    stop = trio.Event()
+    config = service_config(broker.bootstrap, unique_topic(), server={"shutdown_delay": 2.0})
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                stop.set()
+                await trio.sleep(0.2)
+                ready = await client.get("/readyz")
+                assert (ready.status_code, ready.text) == (503, "not ready: draining\n")
+                assert (await client.get("/")).status_code == 302  # still served meanwhile
+    assert codes == [0]
+    assert service.ledger_snapshot()["delivered"] == 1

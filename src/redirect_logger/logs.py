@@ -7,14 +7,22 @@ import os
 
 
 def configure_logging() -> None:
-    """Log to stderr at ``REDIRECT_LOGGER_LOG_LEVEL`` (default INFO), once."""
-    root = logging.getLogger()
-    if any(getattr(handler, "_redirect_logger", False) for handler in root.handlers):
+    """Log our records to stderr at ``REDIRECT_LOGGER_LOG_LEVEL`` (default INFO), once.
+
+    Only the ``redirect_logger`` loggers: Hypercorn logs through its own handlers.
+    """
+    ours = logging.getLogger("redirect_logger")
+    if ours.handlers:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     )
-    handler._redirect_logger = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(os.environ.get("REDIRECT_LOGGER_LOG_LEVEL", "INFO").upper())
+    ours.addHandler(handler)
+    ours.propagate = False
+    level = os.environ.get("REDIRECT_LOGGER_LOG_LEVEL", "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        ours.setLevel(logging.INFO)
+        ours.warning("REDIRECT_LOGGER_LOG_LEVEL=%r is not a level name; using INFO", level)
+        return
+    ours.setLevel(level)

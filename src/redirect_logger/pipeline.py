@@ -273,7 +273,8 @@ async def open_pipeline(
             drain.deadline = trio.current_time() + flush_timeout
     with trio.CancelScope(shield=True):
         budget = max(0.0, drain.deadline - trio.current_time())
-        left = await trio.to_thread.run_sync(sink.flush, budget)
+        flusher = trio.CapacityLimiter(1)
+        left = await trio.to_thread.run_sync(sink.flush, budget, limiter=flusher)
         if left:
             log.error("%d records not delivered within flush_timeout: purged, failed", left)
-            await trio.to_thread.run_sync(sink.purge)
+            await trio.to_thread.run_sync(sink.purge, limiter=flusher)

@@ -68,6 +68,17 @@ class Service:
             "broker_reachable": 1 if sink is not None and sink.reachable else 0,
         }
 
+    def create_sink(self) -> KafkaSink:
+        """The producer (created once). Raises ConfigError if librdkafka refuses ``[kafka]``."""
+        if self.sink is None:
+            self.sink = KafkaSink(
+                self.settings.kafka,
+                self.settings.records.topic,
+                self.ledger,
+                self.metrics.delivery_latency.observe,
+            )
+        return self.sink
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Run the producer and pipeline around the body, then drain and flush.
@@ -76,17 +87,12 @@ class Service:
         the ledger is logged. Raises ConfigError if librdkafka refuses ``[kafka]``.
         """
         settings = self.settings
-        self.sink = KafkaSink(
-            settings.kafka,
-            settings.records.topic,
-            self.ledger,
-            self.metrics.delivery_latency.observe,
-        )
+        sink = self.create_sink()
         try:
             async with open_pipeline(
                 settings.records,
                 settings.shutdown.flush_timeout,
-                self.sink,
+                sink,
                 self.enricher.encode,
                 self.ledger,
                 self.metrics.batch_size.observe,
