@@ -308,6 +308,36 @@ INVALID = [
         "'127.0.0.1:\u00b2' is not HOST:PORT",
         id="bind-port-superscript-digit",
     ),
+    pytest.param(
+        config(records={"workers": True}),
+        "records.workers",
+        "Input should be a valid integer",
+        id="bool-is-not-an-integer",
+    ),
+    pytest.param(
+        config(records={"queue_size": "5"}),
+        "records.queue_size",
+        "Input should be a valid integer",
+        id="string-is-not-an-integer",
+    ),
+    pytest.param(
+        config(rules=[rule(forward_query="yes")]),
+        "rules.0.forward_query",
+        "Input should be a valid boolean",
+        id="string-is-not-a-boolean",
+    ),
+    pytest.param(
+        config(server={"trusted_proxies": [5]}),
+        "server.trusted_proxies",
+        "5 is not a CIDR string",
+        id="proxy-is-not-a-string",
+    ),
+    pytest.param(
+        config(server={"trusted_proxies": ["10.0.0.1/8"]}),
+        "server.trusted_proxies",
+        "'10.0.0.1/8' is not an IP network (CIDR): 10.0.0.1/8 has host bits set",
+        id="proxy-with-host-bits",
+    ),
 ]
 
 
@@ -573,3 +603,31 @@ def test_check_rejects_an_unknown_librdkafka_property(tmp_path: Path) -> None:
     assert f"error: {path}: kafka: " in result.stderr
     assert "no.such.property" in result.stderr
     assert result.stdout == ""
+
+
+def tail(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "redirect_logger.cli", "tail", "--config", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_tail_rejects_an_unknown_librdkafka_property(tmp_path: Path) -> None:
+    path = tmp_path / "unknown.toml"
+    path.write_text(f'[kafka]\n"bootstrap.servers" = "{BOOTSTRAP}"\n"no.such.property" = 1\n')
+    result = tail(path)
+    assert result.returncode == 2, result.stderr
+    assert f"error: {path}: kafka: " in result.stderr
+    assert "no.such.property" in result.stderr
+
+
+def test_tail_without_a_broker_gives_up_after_idle_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "nobroker.toml"
+    path.write_text(f'[kafka]\n"bootstrap.servers" = "{BOOTSTRAP}"\n')
+    result = tail(path, "--idle-timeout", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr

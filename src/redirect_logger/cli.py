@@ -137,7 +137,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     if args.bind:
-        data = settings.model_dump()
+        data = settings.model_dump(mode="json")
         data["server"]["bind"] = args.bind
         try:
             settings = parse_settings(data, "--bind")
@@ -199,21 +199,45 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
-    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+    from confluent_kafka import KafkaException
+
+    try:
+        return _tail(settings, args)
+    except KafkaException as exc:
+        print(f"error: {args.config}: kafka: {exc.args[0].str()}", file=sys.stderr)
+        return EXIT_CONFIG if exc.args[0].code() == -186 else EXIT_FAILURE  # _INVALID_ARG
+
+
+def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the topic's records as JSON lines until --count, --idle-timeout or Ctrl+C."""
+    from confluent_kafka import (
+        OFFSET_BEGINNING,
+        OFFSET_END,
+        Consumer,
+        KafkaException,
+        TopicPartition,
+    )
 
     topic = settings.records.topic
     consumer = Consumer(_tail_config(settings))
     start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
     printed = 0
     last_activity = time.monotonic()
-    out = sys.stdout
+
+    def idle() -> bool:
+        return bool(args.idle_timeout) and time.monotonic() - last_activity > args.idle_timeout
+
     try:
         partitions: list[int] = []
-        while not partitions:
-            metadata = consumer.list_topics(topic, timeout=5).topics.get(topic)
+        while not partitions:  # the topic may not exist yet, or no broker answer yet
+            try:
+                metadata = consumer.list_topics(topic, timeout=5).topics.get(topic)
+            except KafkaException as exc:
+                log.warning("no metadata for %s yet: %s", topic, exc.args[0].str())
+                metadata = None
             if metadata is not None and metadata.error is None:
                 partitions = sorted(metadata.partitions)
-            elif args.idle_timeout and time.monotonic() - last_activity > args.idle_timeout:
+            elif idle():
                 return 0
             else:
                 time.sleep(0.5)
@@ -221,17 +245,16 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         while args.count is None or printed < args.count:
             message = consumer.poll(0.5)
             if message is None:
-                if args.idle_timeout and time.monotonic() - last_activity > args.idle_timeout:
+                if idle():
                     break
                 continue
             error, value = message.error(), message.value()
             if error is not None or value is None:
-                print(
-                    f"error: {error.str() if error else 'record without a value'}", file=sys.stderr
-                )
+                reason = error.str() if error else "record without a value"
+                print(f"error: {reason}", file=sys.stderr)
                 continue
-            out.write(value.decode("utf-8", "backslashreplace") + "\n")
-            out.flush()
+            sys.stdout.write(value.decode("utf-8", "backslashreplace") + "\n")
+            sys.stdout.flush()
             printed += 1
             last_activity = time.monotonic()
     except KeyboardInterrupt:

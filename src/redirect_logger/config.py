@@ -52,7 +52,7 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ServerSettings(_Section):
@@ -71,6 +71,8 @@ class ServerSettings(_Section):
             return networks
         parsed = []
         for network in networks:
+            if not isinstance(network, str):
+                raise ValueError(f"{network!r} is not a CIDR string")
             try:
                 parsed.append(ipaddress.ip_network(network))
             except (TypeError, ValueError) as exc:

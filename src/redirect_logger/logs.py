@@ -21,7 +21,7 @@ def configure_logging() -> None:
     ours.addHandler(handler)
     ours.propagate = False
     level = os.environ.get("REDIRECT_LOGGER_LOG_LEVEL", "INFO").upper()
-    if level not in logging.getLevelNamesMapping():
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         ours.setLevel(logging.INFO)
         ours.warning("REDIRECT_LOGGER_LOG_LEVEL=%r is not a level name; using INFO", level)
         return
