@@ -227,13 +227,13 @@ INVALID = [
     pytest.param(
         config(kafka={"on_delivery": "x"}),
         "kafka",
-        "'on_delivery' is set by redirect_logger and cannot be configured",
+        "'on_delivery' takes a callback and cannot be configured",
         id="kafka-on-delivery",
     ),
     pytest.param(
         config(kafka={"error_cb": "x"}),
         "kafka",
-        "'error_cb' is set by redirect_logger and cannot be configured",
+        "'error_cb' takes a callback and cannot be configured",
         id="kafka-error-cb",
     ),
     pytest.param(

@@ -94,13 +94,19 @@ async def test_hostile_targets_never_leave_the_rule_origin(broker: Broker) -> No
                 answered += 1
                 location = headers[b"location"].decode("ascii")
                 assert location.startswith(f"{SAFE_ORIGIN}/"), (target, location)
-                assert "evil.com" not in location.split("/")[2]
                 assert all(0x21 <= ord(char) < 0x7F and char != "\\" for char in location), location
                 assert len(headers[b"x-hit-id"]) == 36
             stop.set()
     assert codes == [0]
     assert answered == sum(target.isascii() for target in HOSTILE_TARGETS)
-    assert service.ledger_snapshot()["delivered"] == answered
+    assert service.ledger_snapshot() == {
+        "received": answered,
+        "delivered": answered,
+        "failed": 0,
+        "dropped": 0,
+        "shed": 0,
+        "in_flight": 0,
+    }
 
 
 async def test_head_is_get_without_a_body_and_404_has_one(broker: Broker) -> None:

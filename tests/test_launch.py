@@ -166,3 +166,27 @@ async def test_serve_refuses_an_invalid_bind(tmp_path: Path) -> None:
         service.kill()
     assert code == 2
     assert "server.bind: '127.0.0.1:http' is not HOST:PORT" in service.output
+
+
+async def test_hypercorn_single_process_takes_a_second_sigterm_calmly(
+    broker: Broker, tmp_path: Path
+) -> None:
+    topic = unique_topic()
+    config = write_config(tmp_path / "c.toml", service_config(broker.bootstrap, topic))
+    service = ServiceProcess.hypercorn(config, 0)
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        async with httpx.AsyncClient(base_url=url) as client:
+            statuses = [(await client.get("/")).status_code for _ in range(20)]
+        service.process.send_signal(signal.SIGTERM)
+        await trio.sleep(0.05)
+        service.process.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(service.wait)
+    finally:
+        service.kill()
+    assert statuses == [302] * 20
+    assert code == 0, service.output
+    assert "Traceback" not in service.output
+    assert service.ledgers() == [
+        {"received": 20, "delivered": 20, "failed": 0, "dropped": 0, "shed": 0, "in_flight": 0}
+    ]

@@ -15,7 +15,8 @@ import trio.testing
 
 from redirect_logger.config import RecordsSettings
 from redirect_logger.hits import Encoded, Hit
-from redirect_logger.pipeline import Admission, Ledger, Pipeline, open_pipeline
+from redirect_logger.ledger import Ledger
+from redirect_logger.pipeline import Admission, Pipeline, open_pipeline
 
 
 class MemorySink:
@@ -41,8 +42,8 @@ class MemorySink:
     def poll_until(self, stop: threading.Event) -> None:
         stop.wait()
 
-    def flush(self, timeout: float) -> int:
-        return 0
+    def flush(self, timeout: float) -> None:
+        pass
 
     def purge(self) -> None:
         pass
@@ -189,10 +190,17 @@ async def test_block_accepts_once_room_frees_up(virtual_clock: trio.testing.Mock
         ledger,
     ) as pipeline:
         await _fill(pipeline, 1)
+        outcomes: list[Admission] = []
+
+        async def submit() -> None:
+            outcomes.append(await pipeline.intake.submit(hit(9)))
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pipeline.intake.submit, hit(9))
+            nursery.start_soon(submit)
             await trio.sleep(1.0)
+            assert outcomes == []  # still waiting for room
             sink.open.set()
+    assert outcomes == [Admission.ACCEPTED]
     assert (ledger.received, ledger.delivered, ledger.dropped) == (3, 3, 0)
 
 
@@ -229,3 +237,28 @@ async def test_drain_is_shielded_from_outer_cancellation(
             await trio.sleep(1)
     assert ledger.delivered == 30
     assert pipeline.in_flight() == 0
+
+
+async def test_a_hit_that_cannot_be_encoded_is_counted_failed(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger)
+
+    def encode_or_fail(h: Hit) -> Encoded:
+        if h.id == "id-0003":
+            raise ValueError("unencodable")
+        return encode(h)
+
+    async with open_pipeline(records(), 10.0, sink, encode_or_fail, ledger) as pipeline:
+        for n in range(6):
+            await pipeline.intake.submit(hit(n))
+    assert sink.values == [f"id-{n:04d}".encode() for n in (0, 1, 2, 4, 5)]
+    assert ledger.snapshot(pipeline.in_flight()) == {
+        "received": 6,
+        "delivered": 5,
+        "failed": 1,
+        "dropped": 0,
+        "shed": 0,
+        "in_flight": 0,
+    }

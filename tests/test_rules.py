@@ -63,6 +63,21 @@ def assert_on_origin(location: str | None, target_url: str) -> None:
     assert "\\" not in location
 
 
+def has_dot_segments(path: str) -> bool:
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
+def assert_forwarded(location: str, base: str, remainder: str) -> None:
+    """The decoded Location path is ``joined_path``; with dot segments in the
+    remainder, it stays under ``base`` and keeps none of them."""
+    decoded = unquote(urlsplit(location).path, errors="strict")
+    if not has_dot_segments(remainder):
+        assert decoded == joined_path(base, remainder)
+        return
+    assert decoded.startswith(base)
+    assert not has_dot_segments(decoded[len(base) :])
+
+
 def joined_path(base: str, remainder: str) -> str:
     """The decoded path a forwarded remainder should produce: one "/" between
     a base ending in "/" and the remainder, the remainder's own slashes kept
@@ -182,8 +197,7 @@ def test_forwarded_prefix_remainder_lands_encoded_in_the_path(
     assert target.name == "docs"
     assert_on_origin(location, target_url)
     assert location is not None
-    expected = joined_path(urlsplit(target_url).path or "/", remainder)
-    assert unquote(urlsplit(location).path, errors="strict") == expected
+    assert_forwarded(location, urlsplit(target_url).path or "/", remainder)
     assert urlsplit(location).query == urlsplit(target_url).query
     assert urlsplit(location).fragment == urlsplit(target_url).fragment
 
@@ -205,8 +219,7 @@ def test_forwarded_fallback_path_lands_encoded_in_the_path(target_url: str, path
     assert (target.name, target.status) == (None, 302)
     assert_on_origin(location, target_url)
     assert location is not None
-    expected = joined_path(urlsplit(target_url).path or "/", path)
-    assert unquote(urlsplit(location).path, errors="strict") == expected
+    assert_forwarded(location, urlsplit(target_url).path or "/", path)
 
 
 @pytest.mark.parametrize(
@@ -452,3 +465,26 @@ def test_static_location_is_returned_when_nothing_is_forwarded() -> None:
         location = target.location(remainder, query)
         assert location == url
         assert location is target.static_location
+
+
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("/docs/../../admin/keys", "https://cdn.example/public/admin/keys"),
+        ("/docs/a/./b/../c", "https://cdn.example/public/a/c"),
+        ("/docs/..", "https://cdn.example/public/"),
+        ("/docs/a/..%2F..", "https://cdn.example/public/a/..%252F.."),
+    ],
+)
+def test_dot_segments_cannot_climb_above_the_target_path(path: str, location: str) -> None:
+    table = build_table(
+        rules=[
+            {
+                "name": "docs",
+                "path": "/docs/*",
+                "target": "https://cdn.example/public/",
+                "forward_path": True,
+            }
+        ]
+    )
+    assert resolve(table, path)[1] == location

@@ -21,7 +21,7 @@ from quart import Response
 from quart_trio import QuartTrio
 from uuid_utils import uuid7
 
-from .config import ADMIN_PATHS, ConfigError
+from .config import ADMIN_PATHS
 from .hits import Hit
 from .metrics import CONTENT_TYPE
 from .pipeline import Admission
@@ -71,7 +71,9 @@ class Frontend:
         location = target.location(remainder, scope["query_string"])
         status = target.status
         pipeline = service.pipeline
-        if pipeline is None:  # not started or already stopped: nothing can be recorded
+        if pipeline is None:  # not started: nothing can be recorded, and it is counted
+            service.ledger.received += 1
+            service.ledger.shed += 1
             admission = Admission.SHED
         else:
             admission = await pipeline.intake.submit(
@@ -118,20 +120,32 @@ class Frontend:
         service = self._service
         try:
             service.create_sink()
-        except ConfigError as exc:
+        except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         # The SIGTERM guard stays up until the drain below has finished.
-        async with trio.open_nursery() as guard:
-            await guard.start(_mark_draining_on_sigterm, service)
-            async with service.running(), trio.open_nursery() as quart_nursery:
-                self._quart.nursery = quart_nursery
-                await self._quart.startup()
-                await send({"type": "lifespan.startup.complete"})
-                await receive()  # lifespan.shutdown
-                service.draining = True
-                await self._quart.shutdown()
-            guard.cancel_scope.cancel()
+        started = False
+        try:
+            async with trio.open_nursery() as guard:
+                await guard.start(_mark_draining_on_sigterm, service)
+                async with service.running(), trio.open_nursery() as quart_nursery:
+                    self._quart.nursery = quart_nursery
+                    await self._quart.startup()
+                    await send({"type": "lifespan.startup.complete"})
+                    started = True
+                    await receive()  # lifespan.shutdown
+                    service.draining = True
+                    await self._quart.shutdown()
+                guard.cancel_scope.cancel()
+            # Drained: from here to exit a late SIGTERM must not turn a clean
+            # exit into a kill (nor hide an exit code of 3).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except Exception as exc:
+            if started:
+                raise
+            # Hypercorn would go on serving without a pipeline: refuse to start.
+            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+            return
         code = service.exit_code()
         if code == EXIT_OK:
             await send({"type": "lifespan.shutdown.complete"})
@@ -162,9 +176,10 @@ async def _mark_draining_on_sigterm(
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         task_status.started()
         async for _ in signals:
+            first = not service.draining
             service.draining = True
             log.info("SIGTERM: not ready; draining when the server stops")
-            if multiprocessing.parent_process() is None:
+            if first and multiprocessing.parent_process() is None:
                 _interrupt_main_task()
 
 

@@ -176,6 +176,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except KafkaException as exc:
         print(f"error: {args.config}: kafka: {exc.args[0].str()}", file=sys.stderr)
         return EXIT_CONFIG
+    except (TypeError, ValueError) as exc:
+        print(f"error: {args.config}: kafka: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     sys.stdout.write(orjson.dumps(settings.redacted(), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write("\n")
     return 0
@@ -199,13 +202,14 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
-    from confluent_kafka import KafkaException
+    from confluent_kafka import KafkaError, KafkaException
 
     try:
         return _tail(settings, args)
     except KafkaException as exc:
         print(f"error: {args.config}: kafka: {exc.args[0].str()}", file=sys.stderr)
-        return EXIT_CONFIG if exc.args[0].code() == -186 else EXIT_FAILURE  # _INVALID_ARG
+        invalid = exc.args[0].code() == KafkaError._INVALID_ARG
+        return EXIT_CONFIG if invalid else EXIT_FAILURE
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:

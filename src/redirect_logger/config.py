@@ -197,9 +197,9 @@ class Settings(_Section):
     def _check_kafka(cls, kafka: dict[str, KafkaValue]) -> dict[str, KafkaValue]:
         if not str(kafka.get("bootstrap.servers", "")).strip():
             raise ValueError('"bootstrap.servers" is required')
-        for key in ("on_delivery", "stats_cb", "error_cb", "logger", "on_commit"):
-            if key in kafka:
-                raise ValueError(f"{key!r} is set by redirect_logger and cannot be configured")
+        for key in kafka:
+            if key in ("on_delivery", "logger") or key.endswith("_cb"):
+                raise ValueError(f"{key!r} takes a callback and cannot be configured")
         defaults = {
             key: value
             for key, value in KAFKA_DEFAULTS.items()

@@ -83,6 +83,7 @@ async def run_dev_broker(
                 command,
                 check=False,
                 stdout=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl+C in a terminal is ours to handle, not its
                 deliver_cancel=_kill,  # memory only: nothing to save, and it ignores SIGTERM
             )
         )

@@ -20,7 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from .config import ConfigError, KafkaValue
 from .hits import Encoded
-from .pipeline import Ledger
+from .ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -28,47 +28,46 @@ _BUFFER_RETRY = 0.005  # s between produce attempts while librdkafka's queue is 
 _PURGE_REPORTS_WAIT = 1.0  # s for the purged records' (error) reports to be served
 
 
-class _RateLimitedLog:
-    """Logs a recurring condition at most once per ``interval`` s, with a count."""
+class _Throttle:
+    """Lets a recurring condition through at most once per ``interval`` s per key,
+    and counts what it held back meanwhile."""
 
     def __init__(self, interval: float = 10.0) -> None:
         self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._last: dict[object, float] = {}
+        self._suppressed: dict[object, int] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, level: int, key: str, message: str) -> None:
+    def allow(self, key: object) -> int | None:
+        """None to hold this one back; else how many were held back since the last."""
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(key, -self._interval) < self._interval:
                 self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
+                return None
             self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
+            return self._suppressed.pop(key, 0)
+
+
+class _RateLimitedLog(_Throttle):
+    def __call__(self, level: int, key: str, message: str) -> None:
+        suppressed = self.allow(key)
+        if suppressed is None:
+            return
         if suppressed:
             message += f" (and {suppressed} more like it)"
         log.log(level, "%s", message)
 
 
-class _RepeatFilter(logging.Filter):
-    """Passes one librdkafka log line per facility every ``interval`` s.
+class _RepeatFilter(_Throttle, logging.Filter):
+    """Passes one librdkafka log line per facility and text every ``interval`` s.
 
     While a broker is down librdkafka logs every reconnect attempt; the error
     callback already reports the condition (rate-limited) with a count.
     """
 
-    def __init__(self, interval: float = 10.0) -> None:
-        super().__init__()
-        self._interval = interval
-        self._last: dict[object, float] = {}
-
     def filter(self, record: logging.LogRecord) -> bool:
-        key = record.args[0] if isinstance(record.args, tuple) and record.args else record.msg
-        now = time.monotonic()
-        if now - self._last.get(key, -self._interval) < self._interval:
-            return False
-        self._last[key] = now
-        return True
+        return self.allow(record.getMessage()[:80]) is not None
 
 
 _librdkafka_log = logging.getLogger("redirect_logger.librdkafka")
@@ -107,6 +106,8 @@ class KafkaSink:
             self._producer = Producer(conf)
         except KafkaException as exc:
             raise ConfigError(f"kafka: {exc.args[0].str()}") from exc
+        except (TypeError, ValueError) as exc:  # e.g. a *_cb property given a string
+            raise ConfigError(f"kafka: {exc}") from exc
 
     # -- callbacks: run in the polling thread -------------------------------
 
@@ -170,11 +171,20 @@ class KafkaSink:
         while not stop.is_set():
             self._producer.poll(0.1)
 
-    def flush(self, timeout: float) -> int:
-        return int(self._producer.flush(timeout))
+    def flush(self, timeout: float) -> None:
+        self._producer.flush(timeout)
 
     def purge(self) -> None:
-        self._producer.purge(in_queue=True, in_flight=True, blocking=True)
-        give_up = time.monotonic() + _PURGE_REPORTS_WAIT
+        # Queued records first: they were never sent. Records already sent may
+        # still be acknowledged; only those still unanswered after the wait are
+        # purged too (and may then be in the topic although counted failed).
+        self._producer.purge(in_queue=True, in_flight=False, blocking=True)
+        self._serve_reports(_PURGE_REPORTS_WAIT)
+        if self.queued():
+            self._producer.purge(in_queue=True, in_flight=True, blocking=True)
+            self._serve_reports(_PURGE_REPORTS_WAIT)
+
+    def _serve_reports(self, timeout: float) -> None:
+        give_up = time.monotonic() + timeout
         while self.queued() and time.monotonic() < give_up:
             self._producer.poll(0.05)

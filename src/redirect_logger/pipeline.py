@@ -20,54 +20,23 @@ import trio
 
 from .config import RecordsSettings
 from .hits import Encoded, Hit
+from .ledger import Ledger
 
 log = logging.getLogger(__name__)
 
 # How long one produce attempt may wait for room in librdkafka's queue before
 # the worker checkpoints (so a drain deadline can take effect) and retries.
 PRODUCE_WINDOW = 0.25  # s
-
-
-class Ledger:
-    """Per-process record counters; monotonically increasing.
-
-    ``received``, ``dropped`` and ``shed`` are written by the Trio thread only;
-    ``delivered`` and ``failed`` also from librdkafka's callback thread, under a lock.
-    """
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.dropped = 0
-        self.shed = 0
-        self.delivered = 0
-        self.failed = 0
-        self._lock = threading.Lock()
-
-    def add_delivered(self, count: int = 1) -> None:
-        with self._lock:
-            self.delivered += count
-
-    def add_failed(self, count: int = 1) -> None:
-        with self._lock:
-            self.failed += count
-
-    def snapshot(self, in_flight: int) -> dict[str, int]:
-        return {
-            "received": self.received,
-            "delivered": self.delivered,
-            "failed": self.failed,
-            "dropped": self.dropped,
-            "shed": self.shed,
-            "in_flight": in_flight,
-        }
+_CHECKPOINT_EVERY = 256  # hits taken from a backlog between checkpoints
 
 
 class Sink(Protocol):
     """The producer side, called only from worker threads (never the Trio thread)."""
 
     def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
-        """Enqueue a prefix of ``batch``; return its length. Waits at most ``window`` s
-        for queue room; every record it accepts ends in exactly one delivery report."""
+        """Take a prefix of ``batch``; return its length. Waits at most ``window`` s
+        for queue room. Each record taken ends in exactly one delivery report, or,
+        if the producer refuses it outright, is counted as failed at once."""
 
     def queued(self) -> int:
         """Records enqueued whose delivery report has not been served yet."""
@@ -75,8 +44,8 @@ class Sink(Protocol):
     def poll_until(self, stop: threading.Event) -> None:
         """Serve delivery reports until ``stop`` is set."""
 
-    def flush(self, timeout: float) -> int:
-        """Wait up to ``timeout`` s for outstanding reports; return how many remain."""
+    def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for outstanding reports."""
 
     def purge(self) -> None:
         """Fail everything still queued, serving the (error) delivery reports."""
@@ -163,46 +132,64 @@ class Pipeline:
         """Records in the channel, in workers' batches, or in librdkafka's queue."""
         return self.queue_depth() + self.held + self._sink.queued()
 
-    def _take(self, hit: Hit, batch: list[Encoded]) -> None:
-        self.held += 1
-        try:
-            batch.append(self._encode(hit))
-        except Exception:
-            self.held -= 1
-            self.ledger.add_failed()
-            log.exception("record %s could not be encoded; counted as failed", hit.id)
+    def _encode_all(self, hits: list[Hit]) -> list[Encoded]:
+        """Enrich and serialize a batch (in a worker thread); a hit that cannot be
+        encoded is counted as failed."""
+        encoded = []
+        for hit in hits:
+            try:
+                encoded.append(self._encode(hit))
+            except Exception:
+                self.ledger.add_failed()
+                log.exception("record %s could not be encoded; counted as failed", hit.id)
+        return encoded
 
-    async def collect(self, receive: trio.MemoryReceiveChannel[Hit]) -> tuple[list[Encoded], bool]:
+    def _encode_and_produce(self, hits: list[Hit]) -> tuple[list[Encoded], int]:
+        encoded = self._encode_all(hits)
+        return encoded, self._sink.produce_batch(encoded, PRODUCE_WINDOW)
+
+    async def collect(self, receive: trio.MemoryReceiveChannel[Hit]) -> tuple[list[Hit], bool]:
         """Wait for a hit, then gather more until ``batch_size`` or ``batch_linger``.
 
-        Returns the batch and whether the channel has ended.
+        Returns the batch and whether the channel has ended. The hits gathered
+        count as ``held`` from the moment they leave the channel.
         """
-        batch: list[Encoded] = []
+        batch: list[Hit] = []
         try:
-            self._take(await receive.receive(), batch)
+            batch.append(await receive.receive())
+            self.held += 1
             with trio.move_on_after(self._records.batch_linger):
                 while len(batch) < self._records.batch_size:
                     try:
                         hit = receive.receive_nowait()
                     except trio.WouldBlock:
                         hit = await receive.receive()
-                    self._take(hit, batch)
+                    batch.append(hit)
+                    self.held += 1
+                    if len(batch) % _CHECKPOINT_EVERY == 0:  # a backlog must not stall redirects
+                        await trio.lowlevel.checkpoint()
         except trio.EndOfChannel:
             return batch, True
         return batch, False
 
-    async def ship(self, batch: list[Encoded]) -> None:
-        """Hand a batch to the sink across the thread boundary, retrying while full.
+    async def ship(self, hits: list[Hit]) -> None:
+        """Encode and produce a batch across the thread boundary, retrying while full.
 
         On cancellation the unshipped rest stays counted in ``held``.
         """
-        self._observe_batch(len(batch))
-        while batch:
+        self._observe_batch(len(hits))
+        batch, accepted = await trio.to_thread.run_sync(
+            self._encode_and_produce, hits, limiter=self._limiter
+        )
+        self.held -= len(hits) - len(batch)  # the ones that failed to encode
+        while True:
+            self.held -= accepted
+            del batch[:accepted]
+            if not batch:
+                return
             accepted = await trio.to_thread.run_sync(
                 self._sink.produce_batch, batch, PRODUCE_WINDOW, limiter=self._limiter
             )
-            self.held -= accepted
-            del batch[:accepted]
 
     async def run_worker(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
         async with receive:
@@ -256,8 +243,9 @@ async def open_pipeline(
     The workers are shielded from the caller's cancellation: on exit, whatever
     the reason, the channel is closed, the workers drain it and ship their
     last batches, and the producer is flushed, all within ``flush_timeout`` s.
-    Records that could not be handed over or flushed in that time are counted
-    as failed, so at exit ``in_flight`` is 0.
+    Records that could not be handed over or flushed in that time are purged
+    and counted as failed; ``in_flight`` is 0 at exit unless librdkafka does
+    not report the purged records within 1 s (the ledger then shows them).
     """
     send, receive = trio.open_memory_channel[Hit](records.queue_size)
     pipeline = Pipeline(send, records, sink, encode, ledger, observe_batch)
@@ -274,7 +262,8 @@ async def open_pipeline(
     with trio.CancelScope(shield=True):
         budget = max(0.0, drain.deadline - trio.current_time())
         flusher = trio.CapacityLimiter(1)
-        left = await trio.to_thread.run_sync(sink.flush, budget, limiter=flusher)
+        await trio.to_thread.run_sync(sink.flush, budget, limiter=flusher)
+        left = sink.queued()
         if left:
             log.error("%d records not delivered within flush_timeout: purged, failed", left)
             await trio.to_thread.run_sync(sink.purge, limiter=flusher)

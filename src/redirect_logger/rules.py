@@ -72,7 +72,22 @@ class Target:
 
 
 def _join_path(base: str, remainder: str) -> str:
-    encoded = quote(remainder, safe=_PATH_SAFE)
+    """``base`` + the percent-encoded remainder, which cannot climb above ``base``.
+
+    Dot segments are resolved within the remainder ("a/../b" is "b"; a ".."
+    with nothing left to remove is dropped), since browsers resolve "..", and
+    its encoded forms, in a Location.
+    """
+    segments: list[str] = []
+    for segment in remainder.split("/"):
+        if segment == "..":
+            if segments and segments[-1]:
+                segments.pop()
+        elif segment != ".":
+            segments.append(segment)
+    if remainder.startswith("/") and (not segments or segments[0]):
+        segments.insert(0, "")
+    encoded = quote("/".join(segments), safe=_PATH_SAFE)
     if base.endswith("/"):
         return base + encoded.lstrip("/") if encoded.startswith("/") else base + encoded
     return base + encoded if encoded.startswith("/") else f"{base}/{encoded}"
@@ -112,9 +127,6 @@ class RuleTable:
                 self._exact.setdefault(prefix[:-1] or "/", target)
             else:
                 self._exact[rule.path] = target
-        for rule in rules:  # an explicit exact rule beats a prefix's bare form
-            if not rule.path.endswith("/*"):
-                self._exact[rule.path] = Target.compile(rule.name, rule)
         self._prefixes = sorted(prefixes, key=lambda item: len(item[0]), reverse=True)
         self.fallback = Target.compile(None, fallback)
 

@@ -15,8 +15,9 @@ import orjson
 from .config import Settings
 from .hits import Enricher
 from .kafka import KafkaSink
+from .ledger import Ledger
 from .metrics import Metrics
-from .pipeline import Ledger, Pipeline, open_pipeline
+from .pipeline import Pipeline, open_pipeline
 from .rules import RuleTable
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class Service:
                 finally:
                     self.draining = True
                     log.info("draining: closing the channel, flushing the producer")
-        finally:
+        finally:  # also when the pipeline itself failed
             self.draining = True
             snapshot = self.ledger_snapshot()
             level = logging.INFO if self.exit_code() == EXIT_OK else logging.ERROR
