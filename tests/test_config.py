@@ -309,6 +309,12 @@ INVALID = [
         id="bind-port-superscript-digit",
     ),
     pytest.param(
+        config(kafka={"delivery.report.only.error": True}),
+        'kafka."delivery.report.only.error"',
+        "must be false: the ledger counts a record delivered on its success report",
+        id="success-reports-off",
+    ),
+    pytest.param(
         config(records={"workers": True}),
         "records.workers",
         "Input should be a valid integer",
@@ -630,4 +636,13 @@ def test_tail_without_a_broker_gives_up_after_idle_timeout(tmp_path: Path) -> No
     result = tail(path, "--idle-timeout", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+
+
+def test_check_rejects_a_property_value_of_the_wrong_type(tmp_path: Path) -> None:
+    path = tmp_path / "wrongtype.toml"
+    path.write_text(f'[kafka]\n"bootstrap.servers" = "{BOOTSTRAP}"\n"default.topic.config" = "x"\n')
+    result = check(path)
+    assert result.returncode == 2, result.stderr
+    assert f"error: {path}: kafka: " in result.stderr
     assert "Traceback" not in result.stderr

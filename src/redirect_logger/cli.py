@@ -176,7 +176,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except KafkaException as exc:
         print(f"error: {args.config}: kafka: {exc.args[0].str()}", file=sys.stderr)
         return EXIT_CONFIG
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # a value of the wrong type for a property
         print(f"error: {args.config}: kafka: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     sys.stdout.write(orjson.dumps(settings.redacted(), option=orjson.OPT_INDENT_2).decode())

@@ -278,6 +278,11 @@ def _cross_check_kafka(settings: Settings) -> None:
             f"{queue_max} is smaller than records.batch_size ({settings.records.batch_size}): "
             "a batch could never fit",
         )
+    if _truthy(kafka.get("delivery.report.only.error")):
+        raise _KeyError(
+            'kafka."delivery.report.only.error"',
+            "must be false: the ledger counts a record delivered on its success report",
+        )
     stats = _as_int(settings, "statistics.interval.ms")
     if stats is not None and stats <= 0:
         raise _KeyError(

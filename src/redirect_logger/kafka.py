@@ -60,7 +60,8 @@ class _RateLimitedLog(_Throttle):
 
 
 class _RepeatFilter(_Throttle, logging.Filter):
-    """Passes one librdkafka log line per facility and text every ``interval`` s.
+    """Passes a librdkafka log line at most once per ``interval`` s per text
+    (its first 80 characters: the changing details come last).
 
     While a broker is down librdkafka logs every reconnect attempt; the error
     callback already reports the condition (rate-limited) with a count.
@@ -106,7 +107,7 @@ class KafkaSink:
             self._producer = Producer(conf)
         except KafkaException as exc:
             raise ConfigError(f"kafka: {exc.args[0].str()}") from exc
-        except (TypeError, ValueError) as exc:  # e.g. a *_cb property given a string
+        except Exception as exc:  # e.g. a property given a value of the wrong type
             raise ConfigError(f"kafka: {exc}") from exc
 
     # -- callbacks: run in the polling thread -------------------------------

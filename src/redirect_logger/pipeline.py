@@ -1,10 +1,7 @@
 """Bounded channel, overflow policy, worker pool, batching, drain; and the ledger.
 
-    request ─► Intake.submit ─► bounded channel ─► workers (enrich, JSON, batch)
-            ─► Sink.produce_batch (in a thread) ─► delivery reports ─► Ledger
-
-Every hit the request path hands over is counted exactly once in the ledger:
-``received = delivered + failed + dropped + shed + in_flight``.
+request ─► Intake.submit ─► bounded channel ─► worker tasks (enrich, JSON, batch)
+        ─► Sink.produce_batch (in a thread) ─► delivery reports ─► Ledger (ledger.py)
 """
 
 from __future__ import annotations
@@ -234,7 +231,7 @@ async def open_pipeline(
     last batches, and the producer is flushed, all within ``flush_timeout`` s.
     Records that could not be handed over or flushed in that time are purged
     and counted as failed; ``in_flight`` is 0 at exit unless librdkafka does
-    not report the purged records within 1 s (the ledger then shows them).
+    not report the purged records within 2 s (the ledger then shows them).
     """
     send, receive = trio.open_memory_channel[Hit](records.queue_size)
     pipeline = Pipeline(send, records, sink, encode, ledger, observe_batch)
