@@ -315,6 +315,18 @@ INVALID = [
         id="success-reports-off",
     ),
     pytest.param(
+        config(server={"bind": ["0.0.0.0:8080"], "admin_bind": ["127.0.0.1:8080"]}),
+        "server",
+        "admin_bind: port 8080 is also in bind; the admin port must be its own",
+        id="admin-port-shared",
+    ),
+    pytest.param(
+        config(server={"admin_bind": ["localhost"]}),
+        "server.admin_bind",
+        "'localhost' is not HOST:PORT",
+        id="admin-bind-without-port",
+    ),
+    pytest.param(
         config(records={"workers": True}),
         "records.workers",
         "Input should be a valid integer",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from brokers import Broker
+from brokers import Broker, free_port
 from support import (
     BIND_RE,
     ServiceProcess,
@@ -189,4 +190,42 @@ async def test_hypercorn_single_process_takes_a_second_sigterm_calmly(
     assert "Traceback" not in service.output
     assert service.ledgers() == [
         {"received": 20, "delivered": 20, "failed": 0, "dropped": 0, "shed": 0, "in_flight": 0}
+    ]
+
+
+async def test_hypercorn_admin_bind(broker: Broker, tmp_path: Path) -> None:
+    main, admin = free_port(), free_port()
+    config = service_config(
+        broker.bootstrap, unique_topic(), server={"admin_bind": [f"127.0.0.1:{admin}"]}
+    )
+    service = ServiceProcess(
+        [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "-k",
+            "trio",
+            "--workers",
+            "1",
+            "-b",
+            f"127.0.0.1:{main}",
+            "-b",
+            f"127.0.0.1:{admin}",
+            "redirect_logger.asgi:app",
+        ],
+        env={"REDIRECT_LOGGER_CONFIG": str(write_config(tmp_path / "c.toml", config))},
+    )
+    try:
+        await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, 2, 60))
+        async with httpx.AsyncClient() as client:
+            metrics = await client.get(f"http://127.0.0.1:{admin}/metrics")
+            public = await client.get(f"http://127.0.0.1:{main}/metrics")
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert metrics.status_code == 200 and "redirect_logger_records_total" in metrics.text
+    assert public.status_code == 404 and "x-hit-id" in public.headers
+    assert code == 0, service.output
+    assert service.ledgers() == [
+        {"received": 1, "delivered": 1, "failed": 0, "dropped": 0, "shed": 0, "in_flight": 0}
     ]

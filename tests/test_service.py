@@ -172,3 +172,37 @@ async def test_readiness_turns_false_shutdown_delay_before_the_listeners_close(
                 assert (await client.get("/")).status_code == 302  # still served meanwhile
     assert codes == [0]
     assert service.ledger_snapshot()["delivered"] == 1
+
+
+async def test_admin_bind_serves_the_admin_endpoints_alone(broker: Broker) -> None:
+    stop = trio.Event()
+    config = service_config(
+        broker.bootstrap, unique_topic(), server={"admin_bind": ["127.0.0.1:0"]}
+    )
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            [main], [admin] = service.binds, service.admin_binds
+            async with httpx.AsyncClient(base_url=admin) as client:
+                assert (await client.get("/healthz")).text == "ok\n"
+                metrics = await client.get("/metrics")
+                assert metrics.status_code == 200
+                assert "redirect_logger_records_total" in metrics.text
+                other = await client.get("/")  # no redirects, no records on the admin port
+                assert other.status_code == 404
+                assert "x-hit-id" not in other.headers
+            async with httpx.AsyncClient(base_url=main) as client:
+                hit = await client.get("/metrics")  # an ordinary path on the public port
+                assert hit.status_code == 404
+                assert "x-hit-id" in hit.headers
+                assert (await client.get("/")).status_code == 302
+            stop.set()
+    assert codes == [0]
+    assert service.ledger_snapshot() == {
+        "received": 2,
+        "delivered": 2,
+        "failed": 0,
+        "dropped": 0,
+        "shed": 0,
+        "in_flight": 0,
+    }

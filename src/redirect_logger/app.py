@@ -21,7 +21,6 @@ from quart import Response
 from quart_trio import QuartTrio
 from uuid_utils import uuid7
 
-from .config import ADMIN_PATHS
 from .hits import Hit
 from .metrics import CONTENT_TYPE
 from .pipeline import Admission
@@ -55,7 +54,7 @@ class Frontend:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
-        if kind == "http" and scope["path"] not in ADMIN_PATHS:
+        if kind == "http" and not self._service.is_admin(scope):
             await self._hit(scope, send)
         elif kind == "lifespan" and self._own_lifecycle:
             await self._lifespan(receive, send)

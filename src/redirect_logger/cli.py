@@ -82,7 +82,7 @@ async def _until_stopped(service: Service, stop: trio.Event) -> None:
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = HypercornConfig()
-    config.bind = list(settings.server.bind)
+    config.bind = [*settings.server.bind, *settings.server.admin_bind]
     config.graceful_timeout = settings.server.graceful_timeout
     config.accesslog = None
     return config
@@ -117,8 +117,10 @@ async def serve_service(
                     shutdown_trigger=partial(_until_stopped, service, stop),
                 )
             )
-            service.binds = binds
-            log.info("serving on %s", " ".join(binds))
+            service.listening(binds)
+            log.info("serving on %s", " ".join(service.binds))
+            if service.admin_binds:
+                log.info("admin endpoints on %s", " ".join(service.admin_binds))
             task_status.started(service)
         root.cancel_scope.cancel()
     return service.exit_code()

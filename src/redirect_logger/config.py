@@ -60,6 +60,8 @@ class ServerSettings(_Section):
     graceful_timeout: PositiveSeconds = 5.0  # s for in-flight requests after SIGTERM
     # s between readiness turning false and the listeners closing (serve only)
     shutdown_delay: float = Field(0.0, ge=0, le=300)
+    # HOST:PORT for /healthz, /readyz and /metrics alone; empty: served on `bind`
+    admin_bind: list[str] = Field(default_factory=list)
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=list
     )
@@ -79,7 +81,7 @@ class ServerSettings(_Section):
                 raise ValueError(f"{network!r} is not an IP network (CIDR): {exc}") from None
         return parsed
 
-    @field_validator("bind")
+    @field_validator("bind", "admin_bind")
     @classmethod
     def _check_bind(cls, binds: list[str]) -> list[str]:
         for bind in binds:
@@ -89,6 +91,21 @@ class ServerSettings(_Section):
             if not 0 <= int(port) <= 65535:
                 raise ValueError(f"{bind!r} is not HOST:PORT")
         return binds
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> ServerSettings:
+        admin = {port_of(bind) for bind in self.admin_bind} - {0}
+        shared = admin & {port_of(bind) for bind in self.bind}
+        if shared:
+            raise ValueError(
+                f"admin_bind: port {min(shared)} is also in bind; the admin port must be its own"
+            )
+        return self
+
+
+def port_of(bind: str) -> int:
+    """The port of a validated HOST:PORT."""
+    return int(bind.rpartition(":")[2])
 
 
 class _Target(_Section):

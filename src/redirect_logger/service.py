@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
 
-from .config import Settings
+from .config import ADMIN_PATHS, Settings, port_of
 from .hits import Enricher
 from .kafka import KafkaSink
 from .ledger import Ledger
@@ -39,6 +40,25 @@ class Service:
         self.sink: KafkaSink | None = None
         self.draining = False
         self.binds: list[str] = []  # addresses served, once listening
+        self.admin_binds: list[str] = []
+        # Local ports that serve only the admin endpoints; None: admin on every port.
+        admin = settings.server.admin_bind
+        self.admin_ports = frozenset(port_of(b) for b in admin) if admin else None
+
+    def listening(self, binds: list[str]) -> None:
+        """Record the bound addresses (``server.bind`` first, then ``admin_bind``),
+        learning the admin ports chosen by the system for port 0."""
+        count = len(self.settings.server.bind)
+        self.binds, self.admin_binds = binds[:count], binds[count:]
+        if self.admin_binds:
+            self.admin_ports = frozenset(port_of(b) for b in self.admin_binds)
+
+    def is_admin(self, scope: dict[str, Any]) -> bool:
+        """Whether an HTTP request is for the admin endpoints (by path and local port)."""
+        if self.admin_ports is None:
+            return scope["path"] in ADMIN_PATHS
+        server = scope.get("server")
+        return server is not None and server[1] in self.admin_ports
 
     def readiness(self) -> str | None:
         """None when ready to take traffic, else why not."""
