@@ -29,6 +29,10 @@ CACHE = Path(os.environ.get("REDIRECT_LOGGER_CACHE", Path.home() / ".cache" / "r
 START_TIMEOUT = 90.0  # s; a cold JVM on a loaded 2-core machine is slow
 
 
+SASL_USER = "redirects"
+SASL_PASSWORD = "pw-7d1c0e-never-logged"  # the tests look for it in every output
+
+
 class BrokerUnavailable(RuntimeError):
     pass
 
@@ -140,8 +144,9 @@ class KafkaBroker(Broker):
 
     def __init__(self, workdir: Path) -> None:
         libs = kafka_jars()
-        port, controller = free_port(), free_port()
+        port, controller, sasl = free_port(), free_port(), free_port()
         super().__init__(f"127.0.0.1:{port}")
+        self.sasl_bootstrap = f"127.0.0.1:{sasl}"  # SASL_PLAINTEXT, mechanism PLAIN
         self.workdir = workdir
         data = workdir / "kafka-data"
         self.properties = workdir / "server.properties"
@@ -151,10 +156,18 @@ class KafkaBroker(Broker):
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{controller}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller},"
+                    f"SASL_PLAINTEXT://127.0.0.1:{sasl}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},"
+                    f"SASL_PLAINTEXT://127.0.0.1:{sasl}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,"
+                    "SASL_PLAINTEXT:SASL_PLAINTEXT",
+                    "sasl.enabled.mechanisms=PLAIN",
+                    "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                    f'user_{SASL_USER}="{SASL_PASSWORD}";',
                     f"log.dirs={data}",
                     "num.partitions=3",
                     "offsets.topic.replication.factor=1",
