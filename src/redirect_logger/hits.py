@@ -7,7 +7,9 @@ header lookups, client-IP resolution, timestamps and serialization happen in
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import math
 import os
 import socket
 import time
@@ -49,10 +51,18 @@ class Encoded(NamedTuple):
     timestamp_ms: int
 
 
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    return datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def rfc3339_ms(ts: float) -> str:
     """UTC time with millisecond precision, e.g. ``2026-11-24T17:22:05.123Z``."""
-    moment = datetime.fromtimestamp(ts, tz=UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+    fraction, whole = math.modf(ts)
+    second, micros = int(whole), round(fraction * 1_000_000)  # as datetime rounds
+    if micros == 1_000_000:
+        second, micros = second + 1, 0
+    return f"{_utc_second(second)}.{micros // 1000:03d}Z"  # a second's text is shared
 
 
 def _text(value: bytes | None) -> str | None:
@@ -94,6 +104,11 @@ class Enricher:
     def _trusted_hop(self, address: Address) -> bool:
         return any(address in network for network in self._trusted)
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Enricher per process
+    def _trusted_peer(self, peer: str) -> bool:
+        address = _parse_ip(peer)
+        return address is not None and self._trusted_hop(address)
+
     def client_ip(self, peer: str | None, headers: Headers) -> str | None:
         """The client's IP: the peer, unless the peer is a trusted proxy.
 
@@ -102,11 +117,9 @@ class Enricher:
         not a trusted proxy is the client. An unparsable hop ends the walk at
         the last trusted one.
         """
-        if peer is None or not self._trusted:
+        if peer is None or not self._trusted or not self._trusted_peer(peer):
             return peer
         address = _parse_ip(peer)
-        if address is None or not self._trusted_hop(address):
-            return peer
         forwarded = [v for k, v in headers if k == b"forwarded"]
         if forwarded:
             hops = _forwarded_for(b",".join(forwarded).decode("latin-1"))

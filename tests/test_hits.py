@@ -1,0 +1,111 @@
+"""Record enrichment: timestamps, client IP behind trusted proxies, text decoding."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from redirect_logger.config import parse_settings
+from redirect_logger.hits import Enricher, Hit, rfc3339_ms
+
+
+def enricher(trusted: list[str], key: str = "client_ip") -> Enricher:
+    settings = parse_settings(
+        {
+            "kafka": {"bootstrap.servers": "127.0.0.1:9"},
+            "server": {"trusted_proxies": trusted},
+            "records": {"key": key, "instance": "test-1"},
+        }
+    )
+    return Enricher(settings.records, settings.server)
+
+
+@given(ts=st.floats(min_value=0, max_value=2**33, allow_nan=False))
+@example(ts=3373501067.0459995)
+@example(ts=1.9999999)
+def test_rfc3339_ms_matches_datetime(ts: float) -> None:
+    moment = datetime.fromtimestamp(ts, tz=UTC)
+    assert rfc3339_ms(ts) == f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "client"),
+    [
+        # an untrusted peer is the client, whatever it claims
+        ("203.0.113.9", [(b"x-forwarded-for", b"1.1.1.1")], "203.0.113.9"),
+        # behind a trusted proxy: the rightmost untrusted hop
+        ("10.0.0.2", [(b"x-forwarded-for", b"1.1.1.1, 198.51.100.7, 10.0.0.5")], "198.51.100.7"),
+        # several X-Forwarded-For headers form one list
+        (
+            "10.0.0.2",
+            [(b"x-forwarded-for", b"1.1.1.1"), (b"x-forwarded-for", b"10.0.0.9")],
+            "1.1.1.1",
+        ),
+        # every hop trusted: the leftmost
+        ("10.0.0.2", [(b"x-forwarded-for", b"10.0.0.7, 10.0.0.5")], "10.0.0.7"),
+        # an unparsable hop ends the walk at the last trusted one
+        ("10.0.0.2", [(b"x-forwarded-for", b"1.1.1.1, unknown, 10.0.0.5")], "10.0.0.5"),
+        # Forwarded wins over X-Forwarded-For, with quoted IPv6 and ports
+        (
+            "10.0.0.2",
+            [
+                (b"x-forwarded-for", b"1.1.1.1"),
+                (b"forwarded", b'for="[2001:db8::1]:4711";proto=https, for=10.0.0.5'),
+            ],
+            "2001:db8::1",
+        ),
+        ("10.0.0.2", [(b"forwarded", b'for="192.0.2.60:8080"')], "192.0.2.60"),
+        # a trusted peer without forwarding headers is itself the client
+        ("10.0.0.2", [], "10.0.0.2"),
+    ],
+)
+def test_client_ip(peer: str, headers: list[tuple[bytes, bytes]], client: str) -> None:
+    assert enricher(["10.0.0.0/8"]).client_ip(peer, headers) == client
+
+
+def test_without_trusted_proxies_forwarding_headers_are_ignored() -> None:
+    assert enricher([]).client_ip("10.0.0.2", [(b"x-forwarded-for", b"1.1.1.1")]) == "10.0.0.2"
+
+
+def test_record_fields_and_key() -> None:
+    hit = Hit(
+        "01a20e9d-83a8-729b-bc18-e7921e0374f1",
+        1795541533.6081,
+        "GET",
+        "https",
+        "/docs/caf\u00e9",
+        b"q=caf%C3%A9&raw=\xff",
+        [(b"host", b"go.example"), (b"user-agent", b"ua\xff"), (b"referer", b"https://r/")],
+        ("::1", 4711),
+        301,
+        "https://docs.example.com/caf%C3%A9",
+        "docs",
+    )
+    encoded = enricher([], key="path").encode(hit)
+    record = orjson.loads(encoded.value)
+    logged_at = record.pop("logged_at")
+    assert record == {
+        "v": 1,
+        "id": "01a20e9d-83a8-729b-bc18-e7921e0374f1",
+        "ts": "2026-11-24T17:32:13.608Z",
+        "method": "GET",
+        "scheme": "https",
+        "host": "go.example",
+        "path": "/docs/caf\u00e9",
+        "query": "q=caf%C3%A9&raw=\\xff",
+        "status": 301,
+        "location": "https://docs.example.com/caf%C3%A9",
+        "rule": "docs",
+        "client_ip": "::1",
+        "remote_address": "[::1]:4711",
+        "user_agent": "ua\\xff",
+        "referer": "https://r/",
+        "instance": "test-1",
+    }
+    assert logged_at >= record["ts"]
+    assert encoded.key == "/docs/caf\u00e9".encode()
+    assert encoded.timestamp_ms == 1795541533608
