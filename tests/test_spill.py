@@ -1,0 +1,131 @@
+"""The spill journal on its own: round trip, segments, cap, torn and corrupt tails, fsync."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from redirect_logger.hits import Encoded
+from redirect_logger.spill import Journal, JournalError, read_segment
+
+encoded = st.builds(
+    Encoded,
+    key=st.one_of(st.none(), st.binary(max_size=40)),
+    value=st.binary(max_size=300),
+    timestamp_ms=st.integers(min_value=0, max_value=2**62),
+)
+
+
+def records(count: int, size: int = 50) -> list[Encoded]:
+    return [
+        Encoded(b"k%d" % n, b"v" * size + b"%d" % n, 1_700_000_000_000 + n) for n in range(count)
+    ]
+
+
+def read_all(journal: Journal) -> list[Encoded]:
+    out: list[Encoded] = []
+    for path in journal.seal():
+        read = read_segment(path)
+        assert read.corrupt_at is None
+        out.extend(read.records)
+    return out
+
+
+@settings(max_examples=50)
+@given(batch=st.lists(encoded, max_size=40))
+def test_round_trip_in_order(
+    tmp_path_factory: pytest.TempPathFactory, batch: list[Encoded]
+) -> None:
+    journal = Journal(tmp_path_factory.mktemp("j"), max_bytes=10**7, segment_bytes=2_000)
+    assert journal.append(batch) == len(batch)
+    assert read_all(journal) == batch
+    assert journal.size == sum(path.stat().st_size for path in journal.seal())
+
+
+def test_segments_rotate_and_reopen_continues_the_sequence(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=1_000)
+    assert journal.append(records(50)) == 50
+    first = journal.seal()
+    assert len(first) > 1
+    assert all(path.stat().st_size <= 1_000 for path in first)
+    journal.close()
+    again = Journal(tmp_path, max_bytes=10**6, segment_bytes=1_000)
+    assert again.size == sum(path.stat().st_size for path in first)
+    again.append(records(1))
+    assert again.seal()[-1].name > first[-1].name
+    assert len(read_all(again)) == 51
+
+
+def test_the_cap_stops_appends_and_reports_how_many_fit(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=1_000, segment_bytes=10_000)
+    written = journal.append(records(30))
+    frame = journal.size // written
+    assert written == 1_000 // frame
+    assert journal.size <= 1_000
+    assert read_all(journal) == records(30)[:written]
+
+
+def test_delete_frees_space(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=3_000, segment_bytes=1_000)
+    journal.append(records(100))
+    full = journal.size
+    oldest = journal.seal()[0]
+    freed = oldest.stat().st_size
+    journal.delete(oldest)
+    assert journal.size == full - freed
+    assert journal.append(records(1)) == 1
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 20])
+def test_a_torn_tail_keeps_everything_before_it(tmp_path: Path, cut: int) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    journal.append(records(10))
+    [path] = journal.seal()
+    whole = path.read_bytes()
+    frame = len(whole) // 10
+    path.write_bytes(whole[: 9 * frame + cut])
+    read = read_segment(path)
+    assert read.records == records(10)[:9]
+    assert read.corrupt_at == 9 * frame
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    journal.append(records(10))
+    [path] = journal.seal()
+    data = bytearray(path.read_bytes())
+    frame = len(data) // 10
+    data[4 * frame + 20] ^= 0x01
+    path.write_bytes(bytes(data))
+    read = read_segment(path)
+    assert read.records == records(10)[:4]
+    assert read.corrupt_at == 4 * frame
+
+
+@pytest.mark.parametrize(("policy", "syncs"), [("always", 3), ("never", 0), ("interval", 0)])
+def test_fsync_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, syncs: int
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fsync", calls.append)
+    journal = Journal(
+        tmp_path,
+        max_bytes=10**6,
+        segment_bytes=10**6,
+        fsync=policy,
+        fsync_interval=3600,  # type: ignore[arg-type]
+    )
+    for _ in range(3):
+        journal.append(records(2))
+    assert len(calls) == syncs
+
+
+def test_an_unusable_directory_is_a_journal_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(JournalError, match="spill directory"):
+        Journal(blocker / "spill", max_bytes=1_000, segment_bytes=100)
