@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from redirect_logger.config import parse_settings
-from redirect_logger.hits import Enricher, Hit, rfc3339_ms
+from redirect_logger.hits import FIELD_LIMITS, Enricher, Hit, rfc3339_ms
 
 
 def enricher(trusted: list[str], key: str = "client_ip") -> Enricher:
@@ -109,3 +109,29 @@ def test_record_fields_and_key() -> None:
     assert logged_at >= record["ts"]
     assert encoded.key == "/docs/caf\u00e9".encode()
     assert encoded.timestamp_ms == 1795541533608
+
+
+def test_over_long_fields_are_cut_to_their_limits_and_named() -> None:
+    hit = Hit(
+        "id-1",
+        1795541533.6081,
+        "GET",
+        "http",
+        "/p" + "a" * 5000,
+        b"q=" + b"b" * 9000,
+        [(b"host", b"h" * 300), (b"user-agent", b"u" * 1024), (b"referer", b"r" * 3000)],
+        ("127.0.0.1", 1),
+        302,
+        "https://t.example/" + "c" * 5000,
+        "r",
+    )
+    record = enricher([]).record(hit)
+    assert {field: len(str(record[field])) for field in FIELD_LIMITS} == FIELD_LIMITS
+    assert record["truncated"] == ["host", "path", "query", "location", "referer"]
+    assert str(record["path"]).startswith("/paaa")
+    assert record["user_agent"] == "u" * 1024  # exactly at its limit: kept whole
+
+
+def test_a_record_within_the_limits_has_no_truncated_field() -> None:
+    hit = Hit("id-2", 0.0, "GET", "http", "/", b"", [], None, 404, None, None)
+    assert "truncated" not in enricher([]).record(hit)

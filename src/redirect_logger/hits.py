@@ -22,6 +22,18 @@ from .config import RecordsSettings, ServerSettings
 
 SCHEMA_VERSION = 1
 
+# Longest text kept per field (characters); longer values are cut and the
+# field is named in the record's "truncated" list. Keeps a record well under
+# librdkafka's message.max.bytes whatever a request carries.
+FIELD_LIMITS = {
+    "host": 255,
+    "path": 2048,
+    "query": 4096,
+    "location": 4096,
+    "user_agent": 1024,
+    "referer": 2048,
+}
+
 Headers = list[tuple[bytes, bytes]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -152,7 +164,7 @@ class Enricher:
             remote = f"[{hit.client[0]}]:{hit.client[1]}"
         else:
             remote = f"{hit.client[0]}:{hit.client[1]}"
-        return {
+        record: dict[str, object] = {
             "v": SCHEMA_VERSION,
             "id": hit.id,
             "ts": rfc3339_ms(hit.ts),
@@ -171,6 +183,15 @@ class Enricher:
             "logged_at": rfc3339_ms(time.time()),
             "instance": self.instance,
         }
+        truncated: list[str] = []
+        for field, limit in FIELD_LIMITS.items():
+            text = record[field]
+            if isinstance(text, str) and len(text) > limit:
+                record[field] = text[:limit]
+                truncated.append(field)
+        if truncated:
+            record["truncated"] = truncated
+        return record
 
     def encode(self, hit: Hit) -> Encoded:
         record = self.record(hit)
