@@ -180,30 +180,19 @@ class ServiceProcess:
         self._reader.start()
 
     @classmethod
-    def cli(cls, config: Path, *args: str) -> ServiceProcess:
-        return cls(
-            [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config), *args]
-        )
+    def cli(cls, config: Path, *args: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        command = [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)]
+        return cls([*command, *args], env=env)
 
     @classmethod
-    def hypercorn(cls, config: Path, workers: int) -> ServiceProcess:
-        return cls(
-            [
-                sys.executable,
-                "-m",
-                "hypercorn",
-                "-k",
-                "trio",
-                "--workers",
-                str(workers),
-                "-b",
-                "127.0.0.1:0",
-                "--graceful-timeout",
-                "5",
-                "redirect_logger.asgi:app",
-            ],
-            env={"REDIRECT_LOGGER_CONFIG": str(config)},
-        )
+    def hypercorn(
+        cls, config: Path, workers: int, binds: tuple[str, ...] = ("127.0.0.1:0",)
+    ) -> ServiceProcess:
+        command = [sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", str(workers)]
+        for bind in binds:
+            command += ["-b", bind]
+        command += ["--graceful-timeout", "5", "redirect_logger.asgi:app"]
+        return cls(command, env={"REDIRECT_LOGGER_CONFIG": str(config)})
 
     def _read(self) -> None:
         assert self.process.stdout is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import httpx
@@ -198,22 +197,10 @@ async def test_hypercorn_admin_bind(broker: Broker, tmp_path: Path) -> None:
     config = service_config(
         broker.bootstrap, unique_topic(), server={"admin_bind": [f"127.0.0.1:{admin}"]}
     )
-    service = ServiceProcess(
-        [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "-k",
-            "trio",
-            "--workers",
-            "1",
-            "-b",
-            f"127.0.0.1:{main}",
-            "-b",
-            f"127.0.0.1:{admin}",
-            "redirect_logger.asgi:app",
-        ],
-        env={"REDIRECT_LOGGER_CONFIG": str(write_config(tmp_path / "c.toml", config))},
+    service = ServiceProcess.hypercorn(
+        write_config(tmp_path / "c.toml", config),
+        1,
+        binds=(f"127.0.0.1:{main}", f"127.0.0.1:{admin}"),
     )
     try:
         await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, 2, 60))

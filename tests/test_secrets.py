@@ -48,10 +48,7 @@ async def test_sasl_plain_delivers_and_the_password_is_never_printed(
     assert check.returncode == 0, check.stderr
     check_output = (check.stdout + check.stderr).decode()
     assert '"sasl.password": "***"' in check_output
-    service = ServiceProcess(
-        [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)],
-        env={"REDIRECT_LOGGER_LOG_LEVEL": "DEBUG"},
-    )
+    service = ServiceProcess.cli(config, env={"REDIRECT_LOGGER_LOG_LEVEL": "DEBUG"})
     try:
         url = await trio.to_thread.run_sync(service.url)
         responses = await _requests(url, 5)
@@ -73,10 +70,7 @@ async def test_a_wrong_password_is_not_ready_and_never_printed(
 ) -> None:
     wrong = "wrong-pw-5f2a9b-never-logged"
     config = write_config(tmp_path / "c.toml", sasl_config(kafka_broker, unique_topic(), wrong))
-    service = ServiceProcess(
-        [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)],
-        env={"REDIRECT_LOGGER_LOG_LEVEL": "DEBUG"},
-    )
+    service = ServiceProcess.cli(config, env={"REDIRECT_LOGGER_LOG_LEVEL": "DEBUG"})
     try:
         url = await trio.to_thread.run_sync(service.url)
         responses = await _requests(url, 3)
