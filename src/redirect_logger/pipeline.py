@@ -1,4 +1,4 @@
-"""Bounded channel, overflow policy, worker pool, batching, drain; and the ledger.
+"""Bounded channel, overflow policy, worker pool, batching and drain.
 
 request ─► Intake.submit ─► bounded channel ─► worker tasks (enrich, JSON, batch)
         ─► Sink.produce_batch (in a thread) ─► delivery reports ─► Ledger (ledger.py)
@@ -45,7 +45,8 @@ class Sink(Protocol):
         """Wait up to ``timeout`` s for outstanding reports."""
 
     def purge(self) -> None:
-        """Fail everything still queued, serving the (error) delivery reports."""
+        """Purge what is still queued (never-sent records first), serving the
+        error delivery reports so that each one is counted as failed."""
 
 
 class Admission(enum.Enum):
@@ -114,7 +115,7 @@ class Pipeline:
         self.intake = Intake(send, records, ledger)
         self.ledger = ledger
         self.workers = records.workers
-        self._send = send
+        self._send = send  # for its statistics: the queue-depth gauge
         self._records = records
         self._sink = sink
         self._encode = encode
