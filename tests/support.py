@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -56,7 +57,8 @@ def toml_text(config: Mapping[str, Any]) -> str:
 
 
 def service_config(bootstrap: str, topic: str, **tables: Mapping[str, Any]) -> dict[str, Any]:
-    """A complete config: two rules, 404 fallback, fast drain; ``tables`` override per table."""
+    """A complete config: two rules, 404 fallback, fast drain, a fresh spill
+    directory; ``tables`` override per table."""
     config: dict[str, Any] = {
         "server": {"bind": ["127.0.0.1:0"], "graceful_timeout": 5.0},
         "rules": [
@@ -73,6 +75,7 @@ def service_config(bootstrap: str, topic: str, **tables: Mapping[str, Any]) -> d
         "records": {"topic": topic, "workers": 2, "batch_size": 200, "batch_linger": 0.01},
         "kafka": {"bootstrap.servers": bootstrap, "linger.ms": 5},
         "shutdown": {"flush_timeout": 10.0},
+        "spill": {"directory": tempfile.mkdtemp(prefix="spill-")},
     }
     for table, body in tables.items():
         if isinstance(body, Mapping) and isinstance(config.get(table), dict):
@@ -80,6 +83,14 @@ def service_config(bootstrap: str, topic: str, **tables: Mapping[str, Any]) -> d
         else:
             config[table] = body
     return config
+
+
+def ledger_counts(**counts: int) -> dict[str, int]:
+    """A ledger snapshot at a clean exit: the given counts, every other outcome 0."""
+    zero = dict.fromkeys(
+        ("received", "delivered", "spilled", "failed", "dropped", "shed", "replayed"), 0
+    )
+    return {**zero, **counts, "in_flight": 0}
 
 
 UNREACHABLE = "127.0.0.1:9"  # discard port: nothing listens, connections are refused

@@ -70,7 +70,7 @@ INVALID = [
     pytest.param(
         config(records={"when_full": "wait"}),
         "records.when_full",
-        "'block', 'drop' or 'shed'",
+        "'block', 'drop', 'shed' or 'spill'",
         id="bad-when-full",
     ),
     pytest.param(

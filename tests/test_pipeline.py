@@ -7,7 +7,10 @@ drain deadlines exactly; delivery to a real broker is tested in test_service.py.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,6 +20,7 @@ from redirect_logger.config import RecordsSettings
 from redirect_logger.hits import Encoded, Hit
 from redirect_logger.ledger import Ledger
 from redirect_logger.pipeline import Admission, Pipeline, open_pipeline
+from redirect_logger.spill import Journal, Spill, read_segment
 
 
 class MemorySink:
@@ -24,6 +28,8 @@ class MemorySink:
 
     def __init__(self, ledger: Ledger, *, open: bool = True) -> None:
         self.ledger = ledger
+        self.fatal_error: str | None = None
+        self.rebuilt = 0
         self.open = threading.Event()
         if open:
             self.open.set()
@@ -48,6 +54,10 @@ class MemorySink:
     def purge(self) -> None:
         pass
 
+    def rebuild(self) -> None:
+        self.fatal_error = None
+        self.rebuilt += 1
+
 
 @pytest.fixture
 def virtual_clock() -> trio.testing.MockClock:
@@ -64,7 +74,7 @@ def hit(n: int) -> Hit:
 
 
 def encode(h: Hit) -> Encoded:
-    return Encoded(None, h.id.encode(), 0)
+    return Encoded("hits", None, h.id.encode(), 0)
 
 
 def records(**overrides: object) -> RecordsSettings:
@@ -78,8 +88,32 @@ def records(**overrides: object) -> RecordsSettings:
 
 
 def assert_identity(ledger: Ledger, pipeline: Pipeline) -> None:
-    accounted = ledger.delivered + ledger.failed + ledger.dropped + ledger.shed
-    assert ledger.received == accounted + pipeline.in_flight()
+    assert ledger.received == ledger.accounted() + pipeline.in_flight()
+
+
+def pipeline_of(
+    settings: RecordsSettings,
+    flush_timeout: float,
+    sink: MemorySink,
+    encoder: Callable[[Hit], Encoded] = encode,
+    *,
+    journal: Journal | None = None,
+    **options: Any,
+) -> AbstractAsyncContextManager[Pipeline]:
+    """open_pipeline with the sink's ledger, spilling to ``journal`` (None: spill off)."""
+    spill = Spill(journal, sink.ledger)
+    return open_pipeline(settings, flush_timeout, sink, spill, encoder, sink.ledger, **options)
+
+
+def journaled(journal: Journal) -> list[bytes]:
+    return [record.value for path in journal.seal() for record in read_segment(path).records]
+
+
+def snapshot(**counts: int) -> dict[str, int]:
+    zero = dict.fromkeys(
+        ("received", "delivered", "spilled", "failed", "dropped", "shed", "replayed"), 0
+    )
+    return {**zero, **counts, "in_flight": 0}
 
 
 async def test_batches_by_size_and_drains_the_rest_on_close(
@@ -89,35 +123,26 @@ async def test_batches_by_size_and_drains_the_rest_on_close(
     sink = MemorySink(ledger)
     shipped: list[tuple[int, float]] = []
     t0 = trio.current_time()
-    async with open_pipeline(
-        records(), 10.0, sink, encode, ledger, lambda n: shipped.append((n, trio.current_time()))
+    async with pipeline_of(
+        records(), 10.0, sink, observe_batch=lambda n: shipped.append((n, trio.current_time()))
     ) as pipeline:
         for n in range(25):
             assert await pipeline.intake.submit(hit(n)) is Admission.ACCEPTED
     # Two full batches at once; the rest leaves when the channel closes, not after the linger.
     assert shipped == [(10, t0), (10, t0), (5, t0)]
     assert sink.values == [f"id-{n:04d}".encode() for n in range(25)]
-    assert ledger.snapshot(pipeline.in_flight()) == {
-        "received": 25,
-        "delivered": 25,
-        "failed": 0,
-        "dropped": 0,
-        "shed": 0,
-        "in_flight": 0,
-    }
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=25, delivered=25)
 
 
 async def test_a_lone_hit_waits_exactly_the_linger(virtual_clock: trio.testing.MockClock) -> None:
     ledger = Ledger()
     shipped: list[float] = []
     t0 = trio.current_time()
-    async with open_pipeline(
+    async with pipeline_of(
         records(batch_linger=0.02),
         10.0,
         MemorySink(ledger),
-        encode,
-        ledger,
-        lambda n: shipped.append(trio.current_time()),
+        observe_batch=lambda n: shipped.append(trio.current_time()),
     ) as pipeline:
         await pipeline.intake.submit(hit(1))
         await trio.sleep(5)
@@ -143,8 +168,8 @@ async def test_full_queue_refuses_per_policy_and_counts_it(
 ) -> None:
     ledger = Ledger()
     sink = MemorySink(ledger, open=False)
-    async with open_pipeline(
-        records(queue_size=2, batch_size=1, when_full=policy), 10.0, sink, encode, ledger
+    async with pipeline_of(
+        records(queue_size=2, batch_size=1, when_full=policy), 10.0, sink
     ) as pipeline:
         outcomes = await _fill(pipeline, 4)
         assert outcomes == [Admission.ACCEPTED] * 3 + [refused] * 2
@@ -160,12 +185,10 @@ async def test_full_queue_refuses_per_policy_and_counts_it(
 async def test_block_waits_max_block_then_drops(virtual_clock: trio.testing.MockClock) -> None:
     ledger = Ledger()
     sink = MemorySink(ledger, open=False)
-    async with open_pipeline(
+    async with pipeline_of(
         records(queue_size=1, batch_size=1, when_full="block", max_block=0.5),
         10.0,
         sink,
-        encode,
-        ledger,
     ) as pipeline:
         assert await _fill(pipeline, 1) == [Admission.ACCEPTED] * 2
         start = trio.current_time()
@@ -182,12 +205,10 @@ async def test_block_waits_max_block_then_drops(virtual_clock: trio.testing.Mock
 async def test_block_accepts_once_room_frees_up(virtual_clock: trio.testing.MockClock) -> None:
     ledger = Ledger()
     sink = MemorySink(ledger, open=False)
-    async with open_pipeline(
+    async with pipeline_of(
         records(queue_size=1, batch_size=1, when_full="block", max_block=5.0),
         10.0,
         sink,
-        encode,
-        ledger,
     ) as pipeline:
         await _fill(pipeline, 1)
         outcomes: list[Admission] = []
@@ -204,24 +225,93 @@ async def test_block_accepts_once_room_frees_up(virtual_clock: trio.testing.Mock
     assert (ledger.received, ledger.delivered, ledger.dropped) == (3, 3, 0)
 
 
-async def test_drain_deadline_counts_unshipped_records_as_failed(
+async def test_drain_deadline_counts_unshipped_records_failed_without_a_journal(
     virtual_clock: trio.testing.MockClock,
 ) -> None:
     ledger = Ledger()
     sink = MemorySink(ledger, open=False)
-    async with open_pipeline(records(batch_size=2), 3.0, sink, encode, ledger) as pipeline:
+    async with pipeline_of(records(batch_size=2), 3.0, sink) as pipeline:
         for n in range(5):
             await pipeline.intake.submit(hit(n))
         closing = trio.current_time()
     assert trio.current_time() - closing == pytest.approx(3.0, abs=0.05)
-    assert ledger.snapshot(pipeline.in_flight()) == {
-        "received": 5,
-        "delivered": 0,
-        "failed": 5,
-        "dropped": 0,
-        "shed": 0,
-        "in_flight": 0,
-    }
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=5, failed=5)
+
+
+async def test_drain_deadline_journals_every_unshipped_record(
+    virtual_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger, open=False)
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**5)
+    async with pipeline_of(records(batch_size=2), 3.0, sink, journal=journal) as pipeline:
+        for n in range(5):
+            await pipeline.intake.submit(hit(n))
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=5, spilled=5)
+    assert sorted(journaled(journal)) == [f"id-{n:04d}".encode() for n in range(5)]
+
+
+async def test_a_queue_full_past_its_timeout_spills_the_batch(
+    virtual_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger, open=False)
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**5)
+    async with pipeline_of(
+        records(batch_size=3), 30.0, sink, journal=journal, spill_after=2.0
+    ) as pipeline:
+        for n in range(3):
+            await pipeline.intake.submit(hit(n))
+        await trio.sleep(1.7)
+        assert (ledger.spilled, pipeline.held) == (0, 3)  # still waiting for room
+        await trio.sleep(1.0)
+        assert (ledger.spilled, pipeline.held) == (3, 0)
+        assert_identity(ledger, pipeline)
+        sink.open.set()
+        await pipeline.intake.submit(hit(3))
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=4, spilled=3, delivered=1)
+    assert journaled(journal) == [b"id-0000", b"id-0001", b"id-0002"]
+    assert sink.values == [b"id-0003"]
+
+
+async def test_when_full_spill_journals_the_overflow_and_drops_past_the_cap(
+    virtual_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger, open=False)
+    # Room for two overflow records on disk (a frame here is 8+14+4+7 = 33 bytes).
+    journal = Journal(tmp_path, max_bytes=70, segment_bytes=70)
+    async with pipeline_of(
+        records(queue_size=2, batch_size=1, batch_linger=0.01, when_full="spill"),
+        5.0,
+        sink,
+        journal=journal,
+    ) as pipeline:
+        outcomes = await _fill(pipeline, 6)
+        # 1 with the worker, 2 in the channel, 1 with the spill writer, 2 in the
+        # overflow channel (its capacity); the writer journals 2 of those 3.
+        assert outcomes == [Admission.ACCEPTED] * 6 + [Admission.DROPPED]
+        await trio.sleep(1)
+        assert (ledger.spilled, ledger.dropped) == (2, 2)
+        assert_identity(ledger, pipeline)
+        sink.open.set()
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(
+        received=7, delivered=3, spilled=2, dropped=2
+    )
+    assert journaled(journal) == [b"id-0003", b"id-0004"]
+
+
+async def test_a_fatal_producer_error_triggers_a_rebuild(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger)
+    async with pipeline_of(records(), 10.0, sink):
+        await trio.sleep(1)
+        assert sink.rebuilt == 0
+        sink.fatal_error = "Fatal error: test"
+        await trio.sleep(1)
+        assert (sink.rebuilt, sink.fatal_error) == (1, None)
 
 
 async def test_drain_is_shielded_from_outer_cancellation(
@@ -230,7 +320,7 @@ async def test_drain_is_shielded_from_outer_cancellation(
     ledger = Ledger()
     sink = MemorySink(ledger)
     with trio.CancelScope() as scope:
-        async with open_pipeline(records(), 10.0, sink, encode, ledger) as pipeline:
+        async with pipeline_of(records(), 10.0, sink) as pipeline:
             for n in range(30):
                 await pipeline.intake.submit(hit(n))
             scope.cancel()
@@ -250,15 +340,8 @@ async def test_a_hit_that_cannot_be_encoded_is_counted_failed(
             raise ValueError("unencodable")
         return encode(h)
 
-    async with open_pipeline(records(), 10.0, sink, encode_or_fail, ledger) as pipeline:
+    async with pipeline_of(records(), 10.0, sink, encode_or_fail) as pipeline:
         for n in range(6):
             await pipeline.intake.submit(hit(n))
     assert sink.values == [f"id-{n:04d}".encode() for n in (0, 1, 2, 4, 5)]
-    assert ledger.snapshot(pipeline.in_flight()) == {
-        "received": 6,
-        "delivered": 5,
-        "failed": 1,
-        "dropped": 0,
-        "shed": 0,
-        "in_flight": 0,
-    }
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=6, delivered=5, failed=1)

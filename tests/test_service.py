@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from typing import Any
 
 import httpx
+import orjson
 import trio
 
 from brokers import Broker
+from redirect_logger.service import Service
+from redirect_logger.spill import read_segment
 from support import (
+    ledger_counts,
     read_topic,
     service_config,
     start_service,
@@ -69,14 +74,7 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
         ("/docs/guide/intro?q=%0D%0A", 301, "https://docs.example.com/guide/intro?q=%0D%0A"),
         ("/missing", 404, None),
     ]
-    assert service.ledger_snapshot() == {
-        "received": 300,
-        "delivered": 300,
-        "failed": 0,
-        "dropped": 0,
-        "shed": 0,
-        "in_flight": 0,
-    }
+    assert service.ledger_snapshot() == ledger_counts(received=300, delivered=300)
 
     records = await trio.to_thread.run_sync(read_topic, broker.bootstrap, topic)
     ids = [record["id"] for record in records]
@@ -131,9 +129,9 @@ async def test_admin_endpoints_and_readiness(broker: Broker) -> None:
     assert codes == [0]
 
 
-async def test_unreachable_kafka_still_redirects_and_exit_code_reports_the_loss() -> None:
+async def _hits_while_unreachable(config: dict[str, Any]) -> tuple[Service, list[int], set[str]]:
     stop = trio.Event()
-    config = unreachable_config(kafka={"message.timeout.ms": 60000})
+    ids: set[str] = set()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             service, codes = await start_service(nursery, config, stop)
@@ -141,19 +139,36 @@ async def test_unreachable_kafka_still_redirects_and_exit_code_reports_the_loss(
                 for _ in range(20):
                     response = await client.get("/?a=1")
                     assert response.status_code == 302
+                    ids.add(response.headers["x-hit-id"])
                 ready = await client.get("/readyz")
-                assert ready.status_code == 503
-                assert ready.text in ("not ready: no Kafka broker reachable\n",)
+                assert (ready.status_code, ready.text) == (
+                    503,
+                    "not ready: no Kafka broker reachable\n",
+                )
             stop.set()
+    return service, codes, ids
+
+
+async def test_unreachable_kafka_still_redirects_and_journals_every_record() -> None:
+    service, codes, ids = await _hits_while_unreachable(unreachable_config())
+    assert codes == [0]
+    assert service.ledger_snapshot() == ledger_counts(received=20, spilled=20)
+    journal = service.spill.journal
+    assert journal is not None
+    journaled = [r for path in journal.seal() for r in read_segment(path).records]
+    assert {orjson.loads(r.value)["id"] for r in journaled} == ids
+    assert len(journaled) == 20
+
+
+async def test_unreachable_kafka_without_a_journal_exits_3_reporting_the_loss() -> None:
+    config = unreachable_config(
+        spill={"enabled": False},
+        records={"outage_tolerance": 60.0},
+        kafka={"message.timeout.ms": 60000},
+    )
+    service, codes, _ = await _hits_while_unreachable(config)
     assert codes == [3]
-    assert service.ledger_snapshot() == {
-        "received": 20,
-        "delivered": 0,
-        "failed": 20,
-        "dropped": 0,
-        "shed": 0,
-        "in_flight": 0,
-    }
+    assert service.ledger_snapshot() == ledger_counts(received=20, failed=20)
 
 
 async def test_readiness_turns_false_shutdown_delay_before_the_listeners_close(
@@ -198,11 +213,4 @@ async def test_admin_bind_serves_the_admin_endpoints_alone(broker: Broker) -> No
                 assert (await client.get("/")).status_code == 302
             stop.set()
     assert codes == [0]
-    assert service.ledger_snapshot() == {
-        "received": 2,
-        "delivered": 2,
-        "failed": 0,
-        "dropped": 0,
-        "shed": 0,
-        "in_flight": 0,
-    }
+    assert service.ledger_snapshot() == ledger_counts(received=2, delivered=2)

@@ -10,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redirect_logger.hits import Encoded
-from redirect_logger.spill import Journal, JournalError, read_segment
+from redirect_logger.ledger import Ledger
+from redirect_logger.spill import Journal, JournalError, Spill, read_segment
 
 encoded = st.builds(
     Encoded,
+    topic=st.text(min_size=1, max_size=40),
     key=st.one_of(st.none(), st.binary(max_size=40)),
     value=st.binary(max_size=300),
     timestamp_ms=st.integers(min_value=0, max_value=2**62),
@@ -22,7 +24,8 @@ encoded = st.builds(
 
 def records(count: int, size: int = 50) -> list[Encoded]:
     return [
-        Encoded(b"k%d" % n, b"v" * size + b"%d" % n, 1_700_000_000_000 + n) for n in range(count)
+        Encoded("hits", b"k%d" % n, b"v" * size + b"%d" % n, 1_700_000_000_000 + n)
+        for n in range(count)
     ]
 
 
@@ -129,3 +132,40 @@ def test_an_unusable_directory_is_a_journal_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(JournalError, match="spill directory"):
         Journal(blocker / "spill", max_bytes=1_000, segment_bytes=100)
+
+
+def test_each_process_claims_its_own_slot_and_a_released_one_is_unclaimed(
+    tmp_path: Path,
+) -> None:
+    options = {"max_bytes": 10**6, "segment_bytes": 10**5}
+    first = Journal.claim_slot(tmp_path, **options)
+    second = Journal.claim_slot(tmp_path, **options)
+    assert (first.directory.name, second.directory.name) == ("slot-0", "slot-1")
+    second.append(records(3))
+    assert list(Journal.unclaimed(tmp_path, **options)) == []  # both held
+    second.close()
+    [orphan] = [(j.directory.name, j.size) for j in Journal.unclaimed(tmp_path, **options)]
+    assert orphan == ("slot-1", second.size)
+    again = Journal.claim_slot(tmp_path, **options)  # the lowest free slot is reused
+    assert again.directory.name == "slot-1"
+    assert read_all(again) == records(3)
+
+
+def test_set_aside_keeps_a_bad_segment_out_of_the_count(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    journal.append(records(4))
+    [path] = journal.seal()
+    kept = journal.set_aside(path)
+    assert (kept.name, journal.size, journal.seal()) == (path.name + ".corrupt", 0, [])
+
+
+def test_spill_counts_spilled_dropped_past_the_cap_and_failed_without_a_journal(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger()
+    frame = 8 + 14 + 4 + 2 + 51  # header, fields, topic, key, value
+    Spill(Journal(tmp_path, max_bytes=3 * frame, segment_bytes=10**4), ledger).keep(
+        records(5), "test"
+    )
+    Spill(None, ledger).keep(records(2), "test")
+    assert (ledger.spilled, ledger.dropped, ledger.failed) == (3, 2, 2)

@@ -35,6 +35,7 @@ KAFKA_ALIASES = {
     "acks": "request.required.acks",
     "linger.ms": "queue.buffering.max.ms",
     "compression.type": "compression.codec",
+    "message.timeout.ms": "delivery.timeout.ms",
 }
 
 # Substrings that mark a librdkafka property as a secret.
@@ -181,12 +182,15 @@ class RecordsSettings(_Section):
     topic: str = "redirect-hits"
     key: Literal["client_ip", "path", "rule", "none"] = "client_ip"
     queue_size: int = Field(10_000, ge=1, le=10_000_000)  # records in the bounded channel
-    when_full: Literal["block", "drop", "shed"] = "block"
+    when_full: Literal["block", "drop", "shed", "spill"] = "block"
     max_block: float = Field(1.0, ge=0, le=60)  # s a request may wait for room
     workers: int = Field(2, ge=1, le=64)
     batch_size: int = Field(500, ge=1, le=100_000)  # records
     batch_linger: float = Field(0.02, gt=0, le=10)  # s
     instance: str | None = Field(None, min_length=1)  # defaults to "<hostname>:<pid>"
+    # s of broker outage to ride through without loss when spilling is off
+    # (librdkafka's message.timeout.ms must be at least this long)
+    outage_tolerance: float = Field(300.0, ge=0, le=86_400)
 
     @field_validator("topic")
     @classmethod
@@ -196,9 +200,49 @@ class RecordsSettings(_Section):
         return topic
 
 
+class SpillSettings(_Section):
+    enabled: bool = True
+    # One slot-<n> directory per process is created under it; relative paths
+    # are relative to the working directory.
+    directory: str = Field("spill", min_length=1)
+    fsync: Literal["always", "interval", "never"] = "interval"
+    fsync_interval: float = Field(1.0, gt=0, le=60)  # s, for fsync = "interval"
+    max_bytes: int = Field(1 << 30, ge=1 << 16)  # per process; past it records are dropped
+    segment_bytes: int = Field(64 << 20, ge=1 << 12)  # a segment file's size
+    # s a batch may wait for room in librdkafka's queue before it is spilled
+    queue_full_timeout: float = Field(5.0, gt=0, le=3600)
+    replay_rate: int = Field(20_000, ge=1, le=10_000_000)  # records/s replayed at most
+
+    @model_validator(mode="after")
+    def _check_segment(self) -> SpillSettings:
+        if self.segment_bytes > self.max_bytes:
+            raise _KeyError(
+                "spill.segment_bytes",
+                f"{self.segment_bytes} is larger than spill.max_bytes ({self.max_bytes})",
+            )
+        return self
+
+
+# s allowed for the purged records' reports after flush_timeout (kafka.py).
+PURGE_ALLOWANCE = 2.0
+
+
 class ShutdownSettings(_Section):
     # s for the whole drain: channel, worker batches and librdkafka's flush.
     flush_timeout: PositiveSeconds = 10.0
+    # s the deployment allows between SIGTERM and SIGKILL (e.g. Kubernetes'
+    # terminationGracePeriodSeconds, systemd's TimeoutStopSec)
+    grace_period: float = Field(30.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _check_flush(self) -> ShutdownSettings:
+        if self.flush_timeout + PURGE_ALLOWANCE > self.grace_period:
+            raise _KeyError(
+                "shutdown.flush_timeout",
+                f"{self.flush_timeout} s (+ {PURGE_ALLOWANCE} s for purged records) does not "
+                f"fit in shutdown.grace_period ({self.grace_period} s)",
+            )
+        return self
 
 
 class Settings(_Section):
@@ -208,6 +252,7 @@ class Settings(_Section):
     records: RecordsSettings = Field(default_factory=RecordsSettings)
     kafka: dict[str, KafkaValue]
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    spill: SpillSettings = Field(default_factory=SpillSettings)
 
     @field_validator("kafka")
     @classmethod
@@ -244,6 +289,11 @@ class Settings(_Section):
                 f"({self.server.graceful_timeout} s): a request blocked on a full queue "
                 "would be cut off at shutdown",
             )
+        if records.when_full == "spill" and not self.spill.enabled:
+            raise _KeyError(
+                "records.when_full", '"spill" needs the spill journal: spill.enabled is false'
+            )
+        _check_shutdown_budget(self)
         return self
 
     def redacted(self) -> dict[str, Any]:
@@ -319,6 +369,31 @@ def _cross_check_kafka(settings: Settings) -> None:
             f'kafka."{linger_key}"',
             f"{linger} ms is not shorter than shutdown.flush_timeout "
             f"({settings.shutdown.flush_timeout} s): the last batch could not leave in time",
+        )
+    timeout_key, timeout = _kafka_value(settings, "message.timeout.ms")
+    tolerance = settings.records.outage_tolerance
+    if not settings.spill.enabled and timeout is not None:
+        timeout_ms = _as_int(settings, "message.timeout.ms")
+        if timeout_ms is not None and 0 < timeout_ms < tolerance * 1000:
+            raise _KeyError(
+                f'kafka."{timeout_key}"',
+                f"{timeout_ms} ms is shorter than records.outage_tolerance ({tolerance} s) "
+                "while spill.enabled is false: records would expire and be lost in such an "
+                "outage; enable the spill journal, raise the timeout or lower the tolerance",
+            )
+
+
+def _check_shutdown_budget(settings: Settings) -> None:
+    server, shutdown = settings.server, settings.shutdown
+    total = server.shutdown_delay + server.graceful_timeout + shutdown.flush_timeout
+    if total + PURGE_ALLOWANCE > shutdown.grace_period:
+        raise _KeyError(
+            "shutdown.grace_period",
+            f"{shutdown.grace_period} s is shorter than a shutdown can take: "
+            f"server.shutdown_delay ({server.shutdown_delay} s) + server.graceful_timeout "
+            f"({server.graceful_timeout} s) + shutdown.flush_timeout ({shutdown.flush_timeout} s)"
+            f" + {PURGE_ALLOWANCE} s for purged records = {total + PURGE_ALLOWANCE} s; "
+            "records would be lost to SIGKILL",
         )
 
 

@@ -58,6 +58,7 @@ class Hit(NamedTuple):
 class Encoded(NamedTuple):
     """A hit ready for Kafka."""
 
+    topic: str
     key: bytes | None
     value: bytes
     timestamp_ms: int
@@ -110,6 +111,7 @@ class Enricher:
 
     def __init__(self, records: RecordsSettings, server: ServerSettings) -> None:
         self._key = records.key
+        self._topic = records.topic
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -197,6 +199,7 @@ class Enricher:
         record = self.record(hit)
         key: object = None if self._key == "none" else record[self._key]
         return Encoded(
+            topic=self._topic,
             key=None if key is None else str(key).encode(),
             value=orjson.dumps(record),
             timestamp_ms=int(hit.ts * 1000),

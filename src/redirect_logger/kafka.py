@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from .config import ConfigError, KafkaValue
 from .hits import Encoded
-from .ledger import Ledger
+from .logs import RateLimitedLog, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -28,38 +28,7 @@ _BUFFER_RETRY = 0.005  # s between produce attempts while librdkafka's queue is 
 _PURGE_REPORTS_WAIT = 1.0  # s for the purged records' (error) reports to be served
 
 
-class _Throttle:
-    """Lets a recurring condition through at most once per ``interval`` s per key,
-    and counts what it held back meanwhile."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self._interval = interval
-        self._last: dict[object, float] = {}
-        self._suppressed: dict[object, int] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: object) -> int | None:
-        """None to hold this one back; else how many were held back since the last."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -self._interval) < self._interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return None
-            self._last[key] = now
-            return self._suppressed.pop(key, 0)
-
-
-class _RateLimitedLog(_Throttle):
-    def __call__(self, level: int, key: str, message: str) -> None:
-        suppressed = self.allow(key)
-        if suppressed is None:
-            return
-        if suppressed:
-            message += f" (and {suppressed} more like it)"
-        log.log(level, "%s", message)
-
-
-class _RepeatFilter(_Throttle, logging.Filter):
+class _RepeatFilter(Throttle, logging.Filter):
     """Passes a librdkafka log line at most once per ``interval`` s per text
     (its first 80 characters: the changing details come last).
 
@@ -75,36 +44,64 @@ _librdkafka_log = logging.getLogger("redirect_logger.librdkafka")
 _librdkafka_log.addFilter(_RepeatFilter())
 
 
+class Reports(Protocol):
+    """What becomes of records once librdkafka reports on them. Called in the
+    reporting thread (the poller, a flush, a purge), never on the Trio thread."""
+
+    def delivered(self, latency: float | None) -> None:
+        """One record acknowledged; ``latency`` s from produce to acknowledgement."""
+
+    def undelivered(self, records: list[Encoded], why: str) -> None:
+        """Records Kafka could not take this time (outage, timeout, purge)."""
+
+    def refused(self, records: list[Encoded], why: str) -> None:
+        """Records no retry can deliver (e.g. larger than the broker accepts)."""
+
+
+# Errors that no retry, now or after a replay, can fix.
+_PERMANENT = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+    }
+)
+
+
 class KafkaSink:
-    """A confluent-kafka producer with one delivery callback and broker readiness."""
+    """A confluent-kafka producer with one delivery callback, broker readiness,
+    and a rebuild after a fatal error."""
 
     def __init__(
-        self,
-        config: Mapping[str, KafkaValue],
-        topic: str,
-        ledger: Ledger,
-        observe_latency: Callable[[float], None] = lambda seconds: None,
+        self, config: Mapping[str, KafkaValue], reports: Reports, *, name: str = "producer"
     ) -> None:
-        self.topic = topic
+        self.name = name
         self.reachable = False  # some broker connection is UP (librdkafka statistics)
         self.fatal_error: str | None = None
-        self._ledger = ledger
-        self._observe_latency = observe_latency
-        self._log = _RateLimitedLog()
+        self.rebuilds = 0
+        self._reports = reports
+        self._log = RateLimitedLog(log)
         # len(producer) also counts librdkafka's events (stats, errors), so the
         # records awaiting a report are counted here: produced minus reported.
+        # An error report counts as reported once its record is handed to
+        # ``reports`` (after the poll that served it), so in_flight stays exact.
         self._count_lock = threading.Lock()
         self._produced = 0
         self._reported = 0
-        conf: dict[str, Any] = {
+        self._pending: list[tuple[Encoded, KafkaError]] = []
+        self._conf: dict[str, Any] = {
             **config,
             "on_delivery": self._on_delivery,
             "stats_cb": self._on_stats,
             "error_cb": self._on_error,
             "logger": _librdkafka_log,
         }
+        self._producer = self._create()
+
+    def _create(self) -> Producer:
         try:
-            self._producer = Producer(conf)
+            return Producer(self._conf)
         except KafkaException as exc:
             raise ConfigError(f"kafka: {exc.args[0].str()}") from exc
         except Exception as exc:  # e.g. a property given a value of the wrong type
@@ -113,16 +110,33 @@ class KafkaSink:
     # -- callbacks: run in the polling thread -------------------------------
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        with self._count_lock:
-            self._reported += 1
         if error is None:
-            self._ledger.add_delivered()
-            latency = message.latency()
-            if latency is not None:
-                self._observe_latency(latency)
+            with self._count_lock:
+                self._reported += 1
+            self._reports.delivered(message.latency())
             return
-        self._ledger.add_failed()
-        self._log(logging.ERROR, error.name(), f"delivery failed: {error.str()}")
+        record = Encoded(
+            message.topic() or "", message.key(), message.value() or b"", message.timestamp()[1]
+        )
+        with self._count_lock:
+            self._pending.append((record, error))
+
+    def _settle(self) -> None:
+        """Hand the error reports served by the last poll to ``reports``."""
+        with self._count_lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        retry = [record for record, error in pending if error.code() not in _PERMANENT]
+        refused = [record for record, error in pending if error.code() in _PERMANENT]
+        if retry:
+            why = next(error for _, error in pending if error.code() not in _PERMANENT).str()
+            self._reports.undelivered(retry, f"delivery failed: {why}")
+        if refused:
+            why = next(error for _, error in pending if error.code() in _PERMANENT).str()
+            self._reports.refused(refused, f"delivery refused: {why}")
+        with self._count_lock:
+            self._reported += len(pending)
 
     def _on_stats(self, stats_json: str) -> None:
         brokers = orjson.loads(stats_json).get("brokers", {})
@@ -133,32 +147,35 @@ class KafkaSink:
             self.reachable = False
         if error.fatal():
             self.fatal_error = error.str()
-            log.critical("fatal producer error: %s", error.str())
+            log.critical("%s: fatal error: %s; rebuilding it", self.name, error.str())
             return
         self._log(logging.WARNING, error.name(), f"kafka: {error.str()}")
 
     # -- the Sink protocol (pipeline.Sink) ------------------------------------
 
     def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
-        produce = self._producer.produce
-        topic = self.topic
+        producer = self._producer
+        produce = producer.produce
         give_up = time.monotonic() + window
         produced = 0
         try:
-            for index, (key, value, timestamp_ms) in enumerate(batch):
+            for index, (topic, key, value, timestamp_ms) in enumerate(batch):
                 while True:
                     try:
                         produce(topic, value, key, timestamp=timestamp_ms)
                         produced += 1
                         break
                     except BufferError:  # queue full: backpressure, not loss
-                        if time.monotonic() >= give_up:
-                            return index
-                        time.sleep(_BUFFER_RETRY)
-                    except KafkaException as exc:  # this record can never be produced
-                        self._ledger.add_failed()
-                        self._log(logging.ERROR, "produce", f"refused: {exc.args[0].str()}")
-                        break
+                        pass
+                    except KafkaException as exc:
+                        error = exc.args[0]
+                        if error.code() != KafkaError._FATAL:  # this record can never go
+                            self._reports.refused([batch[index]], f"refused: {error.str()}")
+                            break
+                        # the producer awaits its rebuild: wait, as for a full queue
+                    if time.monotonic() >= give_up or producer is not self._producer:
+                        return index
+                    time.sleep(_BUFFER_RETRY)
             return len(batch)
         finally:
             with self._count_lock:
@@ -171,21 +188,41 @@ class KafkaSink:
     def poll_until(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self._producer.poll(0.1)
+            self._settle()
 
     def flush(self, timeout: float) -> None:
         self._producer.flush(timeout)
+        self._settle()
 
     def purge(self) -> None:
         # Queued records first: they were never sent. Records already sent may
         # still be acknowledged; only those still unanswered after the wait are
-        # purged too (and may then be in the topic although counted failed).
-        self._producer.purge(in_queue=True, in_flight=False, blocking=True)
-        self._serve_reports(_PURGE_REPORTS_WAIT)
+        # purged too (and may then be in the topic as well as in the journal).
+        producer = self._producer
+        producer.purge(in_queue=True, in_flight=False, blocking=True)
+        self._serve_reports(producer, _PURGE_REPORTS_WAIT)
         if self.queued():
-            self._producer.purge(in_queue=True, in_flight=True, blocking=True)
-            self._serve_reports(_PURGE_REPORTS_WAIT)
+            producer.purge(in_queue=True, in_flight=True, blocking=True)
+            self._serve_reports(producer, _PURGE_REPORTS_WAIT)
 
-    def _serve_reports(self, timeout: float) -> None:
+    def rebuild(self) -> None:
+        """Replace a producer that had a fatal error with a new one.
+
+        The records the old one held are purged and their reports served (so
+        they are spilled or counted) before it is dropped. Raises ConfigError
+        if the new producer cannot be created.
+        """
+        old = self._producer
+        old.purge(in_queue=True, in_flight=True, blocking=True)
+        self._serve_reports(old, 2 * _PURGE_REPORTS_WAIT)
+        self.reachable = False
+        self._producer = self._create()
+        self.fatal_error = None
+        self.rebuilds += 1
+        log.warning("%s rebuilt after a fatal error (%d so far)", self.name, self.rebuilds)
+
+    def _serve_reports(self, producer: Producer, timeout: float) -> None:
         give_up = time.monotonic() + timeout
         while self.queued() and time.monotonic() < give_up:
-            self._producer.poll(0.05)
+            producer.poll(0.05)
+            self._settle()

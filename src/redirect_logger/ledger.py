@@ -1,42 +1,60 @@
 """The ledger: every hit the request path hands over is counted exactly once.
 
-``received = delivered + failed + dropped + shed + in_flight``
+``received = delivered + spilled + failed + dropped + shed + in_flight``
+
+``replayed`` stands apart: records from the spill journal (this process's or
+an earlier one's) that a replay got delivered. A spilled record stays counted
+as spilled when it is later replayed.
 """
 
 from __future__ import annotations
 
 import threading
 
+OUTCOMES = ("received", "delivered", "spilled", "failed", "dropped", "shed", "replayed")
+
 
 class Ledger:
     """Per-process record counters; monotonically increasing.
 
-    ``received``, ``dropped`` and ``shed`` are written by the Trio thread only;
-    ``delivered`` and ``failed`` also from librdkafka's callback thread, under a lock.
+    ``received`` and ``shed`` are written by the Trio thread only; the others
+    also from worker threads and librdkafka's callback thread, under a lock.
     """
 
     def __init__(self) -> None:
         self.received = 0
-        self.dropped = 0
         self.shed = 0
         self.delivered = 0
+        self.spilled = 0
         self.failed = 0
+        self.dropped = 0
+        self.replayed = 0
         self._lock = threading.Lock()
 
     def add_delivered(self, count: int = 1) -> None:
         with self._lock:
             self.delivered += count
 
+    def add_spilled(self, count: int = 1) -> None:
+        with self._lock:
+            self.spilled += count
+
     def add_failed(self, count: int = 1) -> None:
         with self._lock:
             self.failed += count
 
+    def add_dropped(self, count: int = 1) -> None:
+        with self._lock:
+            self.dropped += count
+
+    def add_replayed(self, count: int = 1) -> None:
+        with self._lock:
+            self.replayed += count
+
+    def accounted(self) -> int:
+        """Received records that have reached a final outcome."""
+        return self.delivered + self.spilled + self.failed + self.dropped + self.shed
+
     def snapshot(self, in_flight: int) -> dict[str, int]:
-        return {
-            "received": self.received,
-            "delivered": self.delivered,
-            "failed": self.failed,
-            "dropped": self.dropped,
-            "shed": self.shed,
-            "in_flight": in_flight,
-        }
+        counts = {outcome: getattr(self, outcome) for outcome in OUTCOMES}
+        return {**counts, "in_flight": in_flight}

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .ledger import Ledger
+from .ledger import OUTCOMES, Ledger
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -28,11 +28,12 @@ class _LedgerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         records = CounterMetricFamily(
             "redirect_logger_records",
-            "Hit records by outcome (received = delivered + failed + dropped + shed + in_flight)",
+            "Hit records by outcome (received = delivered + spilled + failed + dropped + shed"
+            " + in_flight; replayed: delivered from the spill journal)",
             labels=["outcome"],
         )
         ledger = self._ledger
-        for outcome in ("received", "delivered", "failed", "dropped", "shed"):
+        for outcome in OUTCOMES:
             records.add_metric([outcome], getattr(ledger, outcome))
         yield records
         for name, value in self._gauges().items():
@@ -46,6 +47,8 @@ _GAUGE_HELP = {
     "producer_queue": "Records in librdkafka's queue awaiting a delivery report",
     "ready": "1 when /readyz answers 200",
     "broker_reachable": "1 when the producer has a connection to some broker",
+    "spill_bytes": "Bytes in this process's spill journal awaiting replay",
+    "producer_rebuilds": "Producers replaced after a fatal librdkafka error",
 }
 
 

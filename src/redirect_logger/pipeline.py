@@ -2,6 +2,11 @@
 
 request ─► Intake.submit ─► bounded channel ─► worker tasks (enrich, JSON, batch)
         ─► Sink.produce_batch (in a thread) ─► delivery reports ─► Ledger (ledger.py)
+
+What Kafka cannot take goes to the spill journal (``Spill.keep``): a batch
+librdkafka's queue has no room for within ``spill.queue_full_timeout``, what
+is left at the drain deadline, and, under ``when_full = "spill"``, the hits
+that find the channel full (through a second bounded channel and one writer).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -18,6 +23,7 @@ import trio
 from .config import RecordsSettings
 from .hits import Encoded, Hit
 from .ledger import Ledger
+from .spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +31,13 @@ log = logging.getLogger(__name__)
 # the worker checkpoints (so a drain deadline can take effect) and retries.
 PRODUCE_WINDOW = 0.25  # s
 _CHECKPOINT_EVERY = 256  # hits encoded from a backlog between checkpoints (~4 ms)
+_FATAL_CHECK = 0.2  # s between looks at the producer's fatal-error flag
 
 
 class Sink(Protocol):
     """The producer side, called only from worker threads (never the Trio thread)."""
+
+    fatal_error: str | None  # set by librdkafka's error callback; cleared by rebuild()
 
     def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
         """Take a prefix of ``batch``; return its length. Waits at most ``window`` s
@@ -46,7 +55,10 @@ class Sink(Protocol):
 
     def purge(self) -> None:
         """Purge what is still queued (never-sent records first), serving the
-        error delivery reports so that each one is counted as failed."""
+        error delivery reports so that each one is spilled or counted."""
+
+    def rebuild(self) -> None:
+        """Replace a producer that had a fatal error; what it held is spilled or counted."""
 
 
 class Admission(enum.Enum):
@@ -59,9 +71,14 @@ class Intake:
     """The request path's end of the channel, with the ``when_full`` policy."""
 
     def __init__(
-        self, send: trio.MemorySendChannel[Hit], records: RecordsSettings, ledger: Ledger
+        self,
+        send: trio.MemorySendChannel[Hit],
+        overflow: trio.MemorySendChannel[Hit],
+        records: RecordsSettings,
+        ledger: Ledger,
     ) -> None:
         self._send = send
+        self._overflow = overflow  # to the spill writer, under when_full = "spill"
         self._policy = records.when_full
         self._max_block = records.max_block
         self._ledger = ledger
@@ -69,9 +86,11 @@ class Intake:
     async def submit(self, hit: Hit) -> Admission:
         """Hand a hit to the workers; O(1) unless the channel is full.
 
-        Under ``block`` this waits at most ``max_block`` s for room. The hit is
-        counted as received, and, when it does not enter the channel, as
-        dropped or shed. Cancellation while waiting counts it as dropped.
+        Under ``block`` this waits at most ``max_block`` s for room; under
+        ``spill`` a hit that finds the channel full goes to the spill writer's
+        channel (accepted) unless that is full too. The hit is counted as
+        received, and, when it is not accepted, as dropped or shed.
+        Cancellation while waiting counts it as dropped.
         """
         ledger = self._ledger
         ledger.received += 1
@@ -81,12 +100,18 @@ class Intake:
         except trio.WouldBlock:
             pass
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            ledger.dropped += 1
+            ledger.add_dropped()
             return Admission.DROPPED
         if self._policy == "shed":
             ledger.shed += 1
             return Admission.SHED
-        if self._policy == "block":
+        if self._policy == "spill":
+            try:
+                self._overflow.send_nowait(hit)
+                return Admission.ACCEPTED
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+        elif self._policy == "block":
             try:
                 with trio.move_on_after(self._max_block):
                     await self._send.send(hit)
@@ -94,9 +119,9 @@ class Intake:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
             except BaseException:  # cancelled while waiting: still counted
-                ledger.dropped += 1
+                ledger.add_dropped()
                 raise
-        ledger.dropped += 1
+        ledger.add_dropped()
         return Admission.DROPPED
 
 
@@ -105,29 +130,40 @@ class Pipeline:
 
     def __init__(
         self,
-        send: trio.MemorySendChannel[Hit],
         records: RecordsSettings,
         sink: Sink,
+        spill: Spill,
         encode: Callable[[Hit], Encoded],
         ledger: Ledger,
         observe_batch: Callable[[int], None],
+        spill_after: float | None,
     ) -> None:
-        self.intake = Intake(send, records, ledger)
+        self.send, self.receive = trio.open_memory_channel[Hit](records.queue_size)
+        self.overflow_send, self.overflow_receive = trio.open_memory_channel[Hit](
+            records.queue_size if records.when_full == "spill" else 0
+        )
+        self.intake = Intake(self.send, self.overflow_send, records, ledger)
         self.ledger = ledger
         self.workers = records.workers
-        self._send = send  # for its statistics: the queue-depth gauge
+        self.spill = spill
         self._records = records
         self._sink = sink
         self._encode = encode
         self._observe_batch = observe_batch
+        self._spill_after = spill_after  # s of a full librdkafka queue; None: wait
         self._limiter = trio.CapacityLimiter(records.workers)
-        self.held = 0  # records taken from the channel, not yet in librdkafka
+        self._disk = trio.CapacityLimiter(1)
+        self.held = 0  # records taken from a channel, not yet in librdkafka or the journal
+        self._in_hand: list[list[Encoded]] = []  # each worker's current batch
 
     def queue_depth(self) -> int:
-        return self._send.statistics().current_buffer_used
+        return (
+            self.send.statistics().current_buffer_used
+            + self.overflow_send.statistics().current_buffer_used
+        )
 
     def in_flight(self) -> int:
-        """Records in the channel, in workers' batches, or in librdkafka's queue."""
+        """Records in the channels, in workers' batches, or in librdkafka's queue."""
         return self.queue_depth() + self.held + self._sink.queued()
 
     def _take(self, hit: Hit, batch: list[Encoded]) -> None:
@@ -141,15 +177,15 @@ class Pipeline:
             self.ledger.add_failed()
             log.exception("record %s could not be encoded; counted as failed", hit.id)
 
-    async def collect(self, receive: trio.MemoryReceiveChannel[Hit]) -> tuple[list[Encoded], bool]:
-        """Wait for a hit, then gather more until ``batch_size`` or ``batch_linger``.
+    async def collect(self, receive: trio.MemoryReceiveChannel[Hit], batch: list[Encoded]) -> bool:
+        """Wait for a hit, then gather more into ``batch`` until ``batch_size``
+        or ``batch_linger``. Returns whether the channel has ended.
 
-        Returns the batch and whether the channel has ended. Encoding runs here,
-        on the Trio thread: it is pure-Python CPU work, which in a thread would
-        hold the GIL just the same and add hand-offs. A checkpoint every
-        ``_CHECKPOINT_EVERY`` hits bounds how long a backlog delays redirects.
+        Encoding runs here, on the Trio thread: it is pure-Python CPU work,
+        which in a thread would hold the GIL just the same and add hand-offs.
+        A checkpoint every ``_CHECKPOINT_EVERY`` hits bounds how long a backlog
+        delays redirects.
         """
-        batch: list[Encoded] = []
         try:
             self._take(await receive.receive(), batch)
             with trio.move_on_after(self._records.batch_linger):
@@ -162,29 +198,72 @@ class Pipeline:
                     if len(batch) % _CHECKPOINT_EVERY == 0:
                         await trio.lowlevel.checkpoint()
         except trio.EndOfChannel:
-            return batch, True
-        return batch, False
+            return True
+        return False
 
     async def ship(self, batch: list[Encoded]) -> None:
-        """Hand a batch to the sink across the thread boundary, retrying while full.
+        """Hand a batch to the sink across the thread boundary, retrying while
+        librdkafka's queue is full; past ``spill.queue_full_timeout`` the rest
+        goes to the spill journal instead. Empties ``batch``.
 
-        On cancellation the unshipped rest stays counted in ``held``.
+        On cancellation the unshipped rest stays in ``batch``, counted in ``held``.
         """
         self._observe_batch(len(batch))
+        started = trio.current_time()
         while batch:
+            if self._spill_after is not None and trio.current_time() - started >= self._spill_after:
+                await self.keep(batch, "librdkafka's queue stayed full")
+                return
             accepted = await trio.to_thread.run_sync(
                 self._sink.produce_batch, batch, PRODUCE_WINDOW, limiter=self._limiter
             )
             self.held -= accepted
             del batch[:accepted]
 
+    async def keep(self, batch: list[Encoded], why: str) -> None:
+        """Spill ``batch`` (in a thread) and empty it."""
+        await trio.to_thread.run_sync(self.spill.keep, list(batch), why, limiter=self._disk)
+        self.held -= len(batch)
+        batch.clear()
+
     async def run_worker(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
+        batch: list[Encoded] = []
+        self._in_hand.append(batch)
         async with receive:
             done = False
             while not done:
-                batch, done = await self.collect(receive)
+                done = await self.collect(receive, batch)
                 if batch:
                     await self.ship(batch)
+
+    async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
+        """Under ``when_full = "spill"``: journal the hits that found the channel full."""
+        batch: list[Encoded] = []
+        self._in_hand.append(batch)
+        async with receive:
+            done = False
+            while not done:
+                done = await self.collect(receive, batch)
+                if batch:
+                    await self.keep(batch, "the channel was full (when_full = spill)")
+
+    async def spill_leftovers(self) -> None:
+        """After the drain deadline: journal every record still in a worker's
+        batch or in a channel. Must run shielded."""
+        leftovers = [record for batch in self._in_hand for record in batch]
+        for batch in self._in_hand:
+            batch.clear()
+        for receive in (self.receive, self.overflow_receive):
+            while True:
+                try:
+                    self._take(receive.receive_nowait(), leftovers)
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+        if leftovers:
+            log.error(
+                "%d records not handed to Kafka within flush_timeout: spilling", len(leftovers)
+            )
+            await self.keep(leftovers, "not handed to Kafka within flush_timeout")
 
 
 async def _serve_reports(sink: Sink, stop: threading.Event) -> None:
@@ -192,28 +271,32 @@ async def _serve_reports(sink: Sink, stop: threading.Event) -> None:
 
 
 async def _run_workers(
-    pipeline: Pipeline,
-    receive: trio.MemoryReceiveChannel[Hit],
-    drain: trio.CancelScope,
-    stop_polling: threading.Event,
+    pipeline: Pipeline, drain: trio.CancelScope, stop_polling: threading.Event
 ) -> None:
-    """Run the worker pool inside ``drain`` until the channel ends or its deadline.
-
-    Then count what was not handed over as failed and stop the report poller.
-    """
+    """Run the worker pool (and the spill writer) inside ``drain`` until the
+    channels end or its deadline; then journal what was not handed over and
+    stop the report poller."""
     try:
         with drain:
             async with trio.open_nursery() as workers:
                 for _ in range(pipeline.workers):
-                    workers.start_soon(pipeline.run_worker, receive.clone())
+                    workers.start_soon(pipeline.run_worker, pipeline.receive.clone())
+                workers.start_soon(pipeline.run_overflow_writer, pipeline.overflow_receive.clone())
     finally:
+        with trio.CancelScope(shield=True):
+            await pipeline.spill_leftovers()
+        pipeline.receive.close()
+        pipeline.overflow_receive.close()
         stop_polling.set()
-        unsent = pipeline.held + receive.statistics().current_buffer_used
-        receive.close()
-        if unsent:
-            pipeline.ledger.add_failed(unsent)
-            pipeline.held = 0
-            log.error("%d records not handed to Kafka within flush_timeout: failed", unsent)
+
+
+async def _rebuild_on_fatal(sink: Sink) -> None:
+    """Rebuild the producer whenever librdkafka reports a fatal error."""
+    limiter = trio.CapacityLimiter(1)
+    while True:
+        await trio.sleep(_FATAL_CHECK)
+        if sink.fatal_error is not None:
+            await trio.to_thread.run_sync(sink.rebuild, limiter=limiter)
 
 
 @asynccontextmanager
@@ -221,36 +304,52 @@ async def open_pipeline(
     records: RecordsSettings,
     flush_timeout: float,
     sink: Sink,
+    spill: Spill,
     encode: Callable[[Hit], Encoded],
     ledger: Ledger,
+    *,
     observe_batch: Callable[[int], None] = lambda size: None,
+    spill_after: float | None = None,
+    background: Sequence[Callable[[], Awaitable[None]]] = (),
+    stopping: threading.Event | None = None,
 ) -> AsyncIterator[Pipeline]:
-    """Run the worker pool and the one delivery-report poller around the body.
+    """Run the worker pool, the one delivery-report poller, the fatal-error
+    watcher and the ``background`` tasks (the replayer) around the body;
+    ``stopping`` is set first on exit, for background work in threads.
 
     The workers are shielded from the caller's cancellation: on exit, whatever
-    the reason, the channel is closed, the workers drain it and ship their
-    last batches, and the producer is flushed, all within ``flush_timeout`` s.
-    Records that could not be handed over or flushed in that time are purged
-    and counted as failed; ``in_flight`` is 0 at exit unless librdkafka does
-    not report the purged records within 2 s (the ledger then shows them).
+    the reason, the background tasks are cancelled, the channels are closed,
+    the workers drain them and ship their last batches, and the producer is
+    flushed, all within ``flush_timeout`` s. Records not handed over in that
+    time are journaled (``spill``); records still unacknowledged are purged,
+    and their reports journal them too. ``in_flight`` is 0 at exit unless
+    librdkafka does not report the purged records within 2 s (the ledger then
+    shows them).
     """
-    send, receive = trio.open_memory_channel[Hit](records.queue_size)
-    pipeline = Pipeline(send, records, sink, encode, ledger, observe_batch)
+    pipeline = Pipeline(records, sink, spill, encode, ledger, observe_batch, spill_after)
     stop_polling = threading.Event()
     drain = trio.CancelScope(shield=True)  # only the drain deadline stops the workers
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_serve_reports, sink, stop_polling)
-        nursery.start_soon(_run_workers, pipeline, receive, drain, stop_polling)
-        try:
-            yield pipeline
-        finally:
-            send.close()
-            drain.deadline = trio.current_time() + flush_timeout
+        nursery.start_soon(_run_workers, pipeline, drain, stop_polling)
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(_rebuild_on_fatal, sink)
+            for task in background:
+                tasks.start_soon(task)
+            try:
+                yield pipeline
+            finally:
+                pipeline.send.close()
+                pipeline.overflow_send.close()
+                drain.deadline = trio.current_time() + flush_timeout
+                if stopping is not None:
+                    stopping.set()
+                tasks.cancel_scope.cancel()
     with trio.CancelScope(shield=True):
         budget = max(0.0, drain.deadline - trio.current_time())
         flusher = trio.CapacityLimiter(1)
         await trio.to_thread.run_sync(sink.flush, budget, limiter=flusher)
         left = sink.queued()
         if left:
-            log.error("%d records not delivered within flush_timeout: purged, failed", left)
+            log.error("%d records not acknowledged within flush_timeout: purging", left)
             await trio.to_thread.run_sync(sink.purge, limiter=flusher)

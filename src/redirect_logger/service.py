@@ -7,24 +7,50 @@ Both launch modes run the same lifecycle, ``Service.running()``: the CLI wraps
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .config import ADMIN_PATHS, Settings, port_of
-from .hits import Enricher
+from .config import ADMIN_PATHS, ConfigError, Settings, port_of
+from .hits import Encoded, Enricher
 from .kafka import KafkaSink
 from .ledger import Ledger
 from .metrics import Metrics
 from .pipeline import Pipeline, open_pipeline
+from .replay import Replayer, journal_options
 from .rules import RuleTable
+from .spill import Journal, JournalError, Spill
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_RECORDS_LOST = 3
+
+
+class _LiveReports:
+    """The live producer's reports: delivered into the ledger, undelivered to the
+    journal, refused counted failed. Runs in the reporting thread."""
+
+    def __init__(self, ledger: Ledger, spill: Spill, metrics: Metrics) -> None:
+        self._ledger = ledger
+        self._spill = spill
+        self._observe_latency = metrics.delivery_latency.observe
+
+    def delivered(self, latency: float | None) -> None:
+        self._ledger.add_delivered()
+        if latency is not None:
+            self._observe_latency(latency)
+
+    def undelivered(self, records: list[Encoded], why: str) -> None:
+        self._spill.keep(records, why)
+
+    def refused(self, records: list[Encoded], why: str) -> None:
+        self._ledger.add_failed(len(records))
+        log.error("%d records failed: %s", len(records), why)
 
 
 class Service:
@@ -38,6 +64,8 @@ class Service:
         self.metrics = Metrics(self.ledger, self._gauges)
         self.pipeline: Pipeline | None = None
         self.sink: KafkaSink | None = None
+        self.spill = Spill(None, self.ledger)  # gets its journal in create_sink()
+        self.replayer: Replayer | None = None
         self.draining = False
         self.binds: list[str] = []  # addresses served, once listening
         self.admin_binds: list[str] = []
@@ -87,18 +115,43 @@ class Service:
             "producer_queue": sink.queued() if sink else 0,
             "ready": 1 if self.readiness() is None else 0,
             "broker_reachable": 1 if sink is not None and sink.reachable else 0,
+            "spill_bytes": self.spill.journal.size if self.spill.journal is not None else 0,
+            "producer_rebuilds": sink.rebuilds if sink else 0,
         }
 
     def create_sink(self) -> KafkaSink:
-        """The producer (created once). Raises ConfigError if librdkafka refuses ``[kafka]``."""
-        if self.sink is None:
-            self.sink = KafkaSink(
-                self.settings.kafka,
-                self.settings.records.topic,
+        """The producer, the spill journal and the replayer (created once).
+
+        Raises ConfigError if librdkafka refuses ``[kafka]`` or the spill
+        directory cannot be used.
+        """
+        if self.sink is not None:
+            return self.sink
+        settings = self.settings
+        if settings.spill.enabled and self.spill.journal is None:
+            try:
+                journal = Journal.claim_slot(
+                    Path(settings.spill.directory), **journal_options(settings.spill)
+                )
+            except JournalError as exc:
+                raise ConfigError(f"spill.directory: {exc}") from exc
+            self.spill.journal = journal
+            log.info("spill journal %s (%d bytes waiting)", journal.directory, journal.size)
+        reports = _LiveReports(self.ledger, self.spill, self.metrics)
+        self.sink = KafkaSink(settings.kafka, reports)
+        if settings.spill.enabled:
+            self.replayer = Replayer(
+                settings.kafka,
+                settings.spill,
                 self.ledger,
-                self.metrics.delivery_latency.observe,
+                self.spill.journal,
+                rate=settings.spill.replay_rate,
             )
         return self.sink
+
+    def close_journal(self) -> None:
+        if self.spill.journal is not None:
+            self.spill.journal.close()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -109,14 +162,22 @@ class Service:
         """
         settings = self.settings
         sink = self.create_sink()
+        replayer = self.replayer
+        background: list[Callable[[], Awaitable[None]]] = []
+        if replayer is not None:
+            background.append(partial(replayer.run, lambda: sink.reachable))
         try:
             async with open_pipeline(
                 settings.records,
                 settings.shutdown.flush_timeout,
                 sink,
+                self.spill,
                 self.enricher.encode,
                 self.ledger,
-                self.metrics.batch_size.observe,
+                observe_batch=self.metrics.batch_size.observe,
+                spill_after=settings.spill.queue_full_timeout if settings.spill.enabled else None,
+                background=background,
+                stopping=replayer.stop if replayer is not None else None,
             ) as pipeline:
                 self.pipeline = pipeline
                 log.info(
@@ -133,12 +194,22 @@ class Service:
                     log.info("draining: closing the channel, flushing the producer")
         finally:  # also when the pipeline itself failed
             self.draining = True
+            self.close_journal()
             snapshot = self.ledger_snapshot()
             level = logging.INFO if self.exit_code() == EXIT_OK else logging.ERROR
             log.log(level, "ledger %s", orjson.dumps(snapshot).decode())
+            journal = self.spill.journal
+            if journal is not None and journal.size:
+                log.warning(
+                    "%d bytes of records wait in %s for replay (at the next start, or "
+                    "redirect-logger replay)",
+                    journal.size,
+                    journal.directory,
+                )
 
     def exit_code(self) -> int:
-        """0 when every received record was delivered or dropped/shed by policy."""
+        """0 when every received record was delivered, journaled, or dropped/shed
+        by policy (``when_full``, ``spill.max_bytes``); 3 when any failed."""
         if self.ledger.failed or self.in_flight():
             return EXIT_RECORDS_LOST
         return EXIT_OK

@@ -1,9 +1,12 @@
 """The spill journal: an append-only, checksummed, size-capped store on local disk
 for records Kafka could not take, kept until a replay has them delivered.
 
-On disk: a directory of segment files ``segment-<20-digit sequence>.log``.
-Each record is ``length (u32) | crc32 (u32) | timestamp_ms (i64) | key length
-(i32, -1 for none) | key | value``, big-endian, where ``length`` counts every
+On disk, under ``spill.directory``: one ``slot-<n>`` directory per running
+process (a process holds an exclusive ``flock`` on its slot's ``lock`` file, so
+``hypercorn --workers N`` processes never share one), each holding segment
+files ``segment-<20-digit sequence>.log``. Each record is ``length (u32) |
+crc32 (u32) | timestamp_ms (i64) | topic length (u16) | key length (i32, -1
+for none) | topic | key | value``, big-endian, where ``length`` counts every
 byte after the CRC and the CRC covers them all. A torn or corrupt tail is
 detected by length and checksum; everything before it is kept.
 
@@ -13,23 +16,31 @@ librdkafka's delivery-report thread. Nothing here touches Trio.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from .hits import Encoded
+from .ledger import Ledger
+from .logs import RateLimitedLog
+
+log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["always", "interval", "never"]
 
 _HEADER = struct.Struct(">II")  # length, crc32
-_FIELDS = struct.Struct(">qi")  # timestamp_ms, key length (-1: no key)
+_FIELDS = struct.Struct(">qHi")  # timestamp_ms, topic length, key length (-1: no key)
 _PREFIX, _SUFFIX = "segment-", ".log"
+_SLOT = "slot-"
+CORRUPT_SUFFIX = ".corrupt"
 
 
 class JournalError(Exception):
@@ -45,18 +56,23 @@ class SegmentRead:
 
 
 def _frame(record: Encoded) -> bytes:
-    key = record.key
-    body = _FIELDS.pack(record.timestamp_ms, -1 if key is None else len(key))
-    body += (key or b"") + record.value
+    key, topic = record.key, record.topic.encode()
+    body = _FIELDS.pack(record.timestamp_ms, len(topic), -1 if key is None else len(key))
+    body += topic + (key or b"") + record.value
     return _HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
-def _unframe(body: bytes) -> Encoded:
-    timestamp_ms, key_length = _FIELDS.unpack_from(body)
-    start = _FIELDS.size
+def _unframe(body: bytes) -> Encoded | None:
+    """The record in an intact body, or None if its lengths do not add up."""
+    timestamp_ms, topic_length, key_length = _FIELDS.unpack_from(body)
+    start = _FIELDS.size + topic_length
+    if start + max(key_length, 0) > len(body):
+        return None
+    topic = body[_FIELDS.size : start].decode("utf-8", "replace")
     if key_length < 0:
-        return Encoded(None, body[start:], timestamp_ms)
-    return Encoded(body[start : start + key_length], body[start + key_length :], timestamp_ms)
+        return Encoded(topic, None, body[start:], timestamp_ms)
+    end = start + key_length
+    return Encoded(topic, body[start:end], body[end:], timestamp_ms)
 
 
 def read_segment(path: Path) -> SegmentRead:
@@ -71,16 +87,19 @@ def read_segment(path: Path) -> SegmentRead:
         body = data[offset + _HEADER.size : offset + _HEADER.size + length]
         if len(body) != length or length < _FIELDS.size or zlib.crc32(body) != crc:
             return SegmentRead(records, offset)
-        key_length = _FIELDS.unpack_from(body)[1]
-        if key_length > length - _FIELDS.size:
+        record = _unframe(body)
+        if record is None:
             return SegmentRead(records, offset)
-        records.append(_unframe(body))
+        records.append(record)
         offset += _HEADER.size + length
     return SegmentRead(records, None)
 
 
 class Journal:
-    """Appends records to the active segment; sealed segments await replay."""
+    """Appends records to the active segment; sealed segments await replay.
+
+    ``max_bytes`` caps the segments of this directory together.
+    """
 
     def __init__(
         self,
@@ -100,6 +119,7 @@ class Journal:
         self._active: BinaryIO | None = None
         self._active_path: Path | None = None
         self._last_sync = time.monotonic()
+        self._slot_lock: int | None = None  # fd holding the slot's flock
         try:
             directory.mkdir(parents=True, exist_ok=True)
             existing = self._segment_paths()
@@ -180,6 +200,112 @@ class Journal:
             path.unlink()
             self._bytes -= size
 
+    def set_aside(self, path: Path) -> Path:
+        """Rename a sealed segment with a bad tail to ``*.corrupt``: kept for
+        inspection, no longer replayed or counted against ``max_bytes``."""
+        with self._lock:
+            if path == self._active_path:
+                raise ValueError(f"{path} is the active segment")
+            size = path.stat().st_size
+            target = path.with_name(path.name + CORRUPT_SUFFIX)
+            path.rename(target)
+            self._bytes -= size
+            return target
+
     def close(self) -> None:
+        """Close the active segment and release the slot, if this journal holds one."""
         with self._lock:
             self._close_active()
+            if self._slot_lock is not None:
+                os.close(self._slot_lock)  # releases the flock
+                self._slot_lock = None
+
+    # -- slots: one journal directory per running process ----------------------
+
+    @classmethod
+    def _try_slot(cls, slot: Path, **options: object) -> Journal | None:
+        """The journal of ``slot`` with its lock held, or None if another process holds it."""
+        try:
+            slot.mkdir(parents=True, exist_ok=True)
+            fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JournalError(f"spill directory {slot}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            journal = cls(slot, **options)  # type: ignore[arg-type]
+        except BaseException:
+            os.close(fd)
+            raise
+        journal._slot_lock = fd
+        return journal
+
+    @classmethod
+    def claim_slot(cls, root: Path, **options: object) -> Journal:
+        """The journal of the lowest-numbered slot under ``root`` no running
+        process holds; its lock is held until ``close()``. Raises JournalError."""
+        number = 0
+        while True:
+            journal = cls._try_slot(root / f"{_SLOT}{number}", **options)
+            if journal is not None:
+                return journal
+            number += 1
+
+    @classmethod
+    def unclaimed(cls, root: Path, **options: object) -> Iterator[Journal]:
+        """Each slot under ``root`` that no running process holds, locked while
+        the caller uses it (e.g. to replay what a stopped process left) and
+        closed when the iteration moves on."""
+        if not root.is_dir():
+            return
+        for slot in sorted(root.glob(f"{_SLOT}*")):
+            journal = cls._try_slot(slot, **options) if slot.is_dir() else None
+            if journal is None:
+                continue
+            try:
+                yield journal
+            finally:
+                journal.close()
+
+
+class Spill:
+    """Where a record goes when Kafka cannot take it: the journal, counted
+    ``spilled``; past the journal's cap, ``dropped``; with no journal, or when
+    the disk refuses the write, ``failed``. Thread-safe; every path is logged
+    (rate-limited)."""
+
+    def __init__(self, journal: Journal | None, ledger: Ledger) -> None:
+        self.journal = journal
+        self._ledger = ledger
+        self._log = RateLimitedLog(log)
+
+    def keep(self, records: Sequence[Encoded], why: str) -> None:
+        count = len(records)
+        if not count:
+            return
+        if self.journal is None:
+            self._ledger.add_failed(count)
+            self._log(logging.ERROR, "failed", f"{count} records lost ({why}; spill disabled)")
+            return
+        try:
+            written = self.journal.append(records)
+        except OSError as exc:
+            self._ledger.add_failed(count)
+            self._log(
+                logging.ERROR,
+                "disk",
+                f"{count} records lost ({why}): cannot write the spill journal: {exc}",
+            )
+            return
+        self._ledger.add_spilled(written)
+        self._log(logging.WARNING, "spilled", f"{written} records spilled to the journal ({why})")
+        if written < count:
+            self._ledger.add_dropped(count - written)
+            self._log(
+                logging.ERROR,
+                "full",
+                f"{count - written} records dropped: the spill journal is full (spill.max_bytes)",
+            )

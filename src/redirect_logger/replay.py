@@ -1,0 +1,206 @@
+"""Replay: produce journaled records to Kafka again, then delete their segment.
+
+A segment is deleted only once every record in it has a successful delivery
+report; otherwise it is kept whole and tried again later (records already
+delivered from it are then produced again: consumers deduplicate by ``id``).
+A segment with a torn or corrupt tail has its intact records replayed and is
+then set aside as ``*.corrupt``.
+
+The replay has its own producer (its reports must not mix with the live
+traffic's) and runs in one thread; the Trio side only decides when.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import KafkaValue, SpillSettings
+from .hits import Encoded
+from .kafka import KafkaSink
+from .ledger import Ledger
+from .spill import Journal, read_segment
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1_000  # records per produce call
+_WINDOW = 0.25  # s one produce call may wait for queue room
+_STOP_FLUSH = 1.0  # s to wait for outstanding reports when told to stop
+_IDLE = 1.0  # s between looks for something to replay
+_BACKOFF = (5.0, 60.0)  # s after a failed round: first, longest
+
+
+def journal_options(spill: SpillSettings) -> dict[str, Any]:
+    return {
+        "max_bytes": spill.max_bytes,
+        "segment_bytes": spill.segment_bytes,
+        "fsync": spill.fsync,
+        "fsync_interval": spill.fsync_interval,
+    }
+
+
+class _SegmentReports:
+    """The replay producer's reports: counted per segment, and in the ledger."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._lock = threading.Lock()
+        self.delivered = 0
+        self.undelivered = 0
+        self.why = ""
+
+    def reset(self) -> None:
+        with self._lock:
+            self.delivered = self.undelivered = 0
+            self.why = ""
+
+    def delivered_one(self, latency: float | None) -> None:
+        with self._lock:
+            self.delivered += 1
+        self._ledger.add_replayed()
+
+    def lost(self, records: list[Encoded], why: str) -> None:
+        with self._lock:
+            self.undelivered += len(records)
+            self.why = why
+
+
+class _Reports:
+    def __init__(self, segment: _SegmentReports) -> None:
+        self._segment = segment
+
+    def delivered(self, latency: float | None) -> None:
+        self._segment.delivered_one(latency)
+
+    def undelivered(self, records: list[Encoded], why: str) -> None:
+        self._segment.lost(records, why)
+
+    def refused(self, records: list[Encoded], why: str) -> None:
+        self._segment.lost(records, why)
+
+
+class Replayer:
+    """Replays journaled records: this process's own slot, and the slots of
+    processes that have stopped. Thread-side methods are marked."""
+
+    def __init__(
+        self,
+        kafka: Mapping[str, KafkaValue],
+        spill: SpillSettings,
+        ledger: Ledger,
+        own: Journal | None,
+        *,
+        rate: float | None = None,  # records/s; None: as fast as the broker takes them
+    ) -> None:
+        self._root = Path(spill.directory)
+        self._options = journal_options(spill)
+        self._own = own
+        self._rate = rate
+        self._segment = _SegmentReports(ledger)
+        self.sink = KafkaSink(kafka, _Reports(self._segment), name="replay producer")
+        self.stop = threading.Event()
+
+    # -- thread side ----------------------------------------------------------
+
+    def journals(self) -> Iterator[Journal]:
+        """This process's journal, then each slot no running process holds."""
+        if self._own is not None:
+            yield self._own
+        yield from Journal.unclaimed(self._root, **self._options)
+
+    def pending(self) -> bool:
+        """Whether anything waits for replay (in a thread: it reads directories)."""
+        if self._own is not None and self._own.size:
+            return True
+        return any(journal.size for journal in Journal.unclaimed(self._root, **self._options))
+
+    def replay_all(self, progress: Callable[[int], None] = lambda records: None) -> bool:
+        """Replay every segment, oldest first (thread side). Returns False at the
+        first segment that could not be delivered whole, or when stopped."""
+        for journal in self.journals():
+            for path in journal.seal():
+                if self.stop.is_set() or not self.replay_segment(journal, path, progress):
+                    return False
+        return True
+
+    def replay_segment(
+        self, journal: Journal, path: Path, progress: Callable[[int], None] = lambda n: None
+    ) -> bool:
+        """Produce one sealed segment's records; delete it (or set it aside if its
+        tail is bad) once every one is acknowledged. Returns whether it was."""
+        read = read_segment(path)
+        records = read.records
+        segment, sink = self._segment, self.sink
+        segment.reset()
+        started, sent = time.monotonic(), 0
+        while sent < len(records) and not self.stop.is_set():
+            if self._rate is not None:
+                ahead = started + sent / self._rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(min(ahead, 0.1))
+                    continue
+            accepted = sink.produce_batch(records[sent : sent + _CHUNK], _WINDOW)
+            sent += accepted
+            before = segment.delivered
+            sink.flush(0)  # serve the reports that are in
+            progress(segment.delivered - before)
+        while sink.queued() and not self.stop.is_set():
+            before = segment.delivered
+            sink.flush(0.2)
+            progress(segment.delivered - before)
+        if sink.queued():  # told to stop: what is not acknowledged soon stays on disk
+            sink.flush(_STOP_FLUSH)
+            if sink.queued():
+                sink.purge()
+        if segment.undelivered or segment.delivered < len(records):
+            if segment.undelivered:
+                log.warning(
+                    "replay of %s: %d of %d records not delivered (%s); segment kept",
+                    path,
+                    segment.undelivered,
+                    len(records),
+                    segment.why,
+                )
+            return False
+        if read.corrupt_at is None:
+            journal.delete(path)
+            log.info("replayed %d records from %s", len(records), path)
+        else:
+            kept = journal.set_aside(path)
+            log.error(
+                "replayed the %d intact records of %s; a torn or corrupt tail at byte %d "
+                "is kept as %s",
+                len(records),
+                path,
+                read.corrupt_at,
+                kept,
+            )
+        return True
+
+    # -- Trio side --------------------------------------------------------------
+
+    async def run(self, reachable: Callable[[], bool]) -> None:
+        """Replay in the background whenever the broker is reachable and the
+        journals hold records: at start-up and after an outage. Never returns;
+        cancel it after setting ``stop`` (the pipeline does)."""
+        limiter = trio.CapacityLimiter(1)
+        backoff = _BACKOFF[0]
+        while True:
+            await trio.sleep(_IDLE)
+            if not reachable():
+                continue
+            if not await trio.to_thread.run_sync(self.pending, limiter=limiter):
+                continue
+            if await trio.to_thread.run_sync(self.replay_all, limiter=limiter):
+                backoff = _BACKOFF[0]
+                continue
+            if self.stop.is_set():
+                return
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF[1])
