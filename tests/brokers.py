@@ -140,9 +140,12 @@ def _cluster_id() -> str:
 
 
 class KafkaBroker(Broker):
+    """Apache Kafka, one KRaft node, on fixed ports and a data directory that
+    survive ``stop``/``kill`` and ``start`` (for the fault tests)."""
+
     kind = "kafka"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, start: bool = True) -> None:
         libs = kafka_jars()
         port, controller, sasl = free_port(), free_port(), free_port()
         super().__init__(f"127.0.0.1:{port}")
@@ -197,7 +200,14 @@ class KafkaBroker(Broker):
             timeout=120,
         )
         self._java = java
-        self.start()
+        if start:
+            self.start()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no controlled shutdown, the data directory stays."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
 
     def start(self) -> None:
         log = (self.workdir / "kafka.log").open("ab")

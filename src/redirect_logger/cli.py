@@ -1,7 +1,8 @@
-"""``redirect-logger``: serve, check, tail.
+"""``redirect-logger``: serve, check, replay, tail.
 
 Exit codes: 0 ok; 1 runtime failure (cannot bind, broker error); 2 invalid
-config or usage; 3 records were lost (failed) at shutdown.
+config or usage; 3 records were lost (failed) at shutdown. ``replay`` exits 1
+when records remain journaled.
 """
 
 from __future__ import annotations
@@ -186,6 +187,45 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Replay every journal no running process holds, with a progress bar."""
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    if not settings.spill.enabled:
+        print(f"error: {args.config}: spill.enabled is false: no journal", file=sys.stderr)
+        return EXIT_CONFIG
+    from tqdm import tqdm
+
+    from .ledger import Ledger
+    from .replay import Replayer
+
+    ledger = Ledger()
+    try:
+        replayer = Replayer(settings.kafka, settings.spill, ledger, None, rate=args.rate)
+    except ConfigError as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for slot in replayer.held_slots():
+        print(f"{slot}: in use by a running service, which replays it itself", file=sys.stderr)
+    total = replayer.count()
+    if not total:
+        print(f"nothing to replay in {settings.spill.directory}", file=sys.stderr)
+        return 0
+    if not replayer.wait_reachable(args.timeout):
+        print(
+            f"error: no Kafka broker reachable within {args.timeout} s; {total} records stay "
+            "journaled",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    with tqdm(total=total, unit="rec", desc="replay", file=sys.stderr) as bar:
+        done = replayer.replay_all(bar.update)
+    left = replayer.count()
+    print(f"replayed {ledger.replayed} records; {left} still journaled", file=sys.stderr)
+    return 0 if done and not left else EXIT_FAILURE
+
+
 def _tail_config(settings: Settings) -> dict[str, Any]:
     config: dict[str, Any] = {
         key: value for key, value in settings.kafka.items() if key not in _PRODUCER_ONLY
@@ -295,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd = commands.add_parser("check", help="validate and print the effective config")
     check_cmd.add_argument("--config", required=True)
     check_cmd.set_defaults(run=_cmd_check)
+
+    replay_cmd = commands.add_parser(
+        "replay", help="deliver the spill journal's records to Kafka now, with progress"
+    )
+    replay_cmd.add_argument("--config", required=True)
+    replay_cmd.add_argument(
+        "--rate", type=float, help="records/s at most (default: as fast as Kafka takes them)"
+    )
+    replay_cmd.add_argument(
+        "--timeout", type=float, default=30.0, help="s to wait for a broker (default 30)"
+    )
+    replay_cmd.set_defaults(run=_cmd_replay)
 
     tail_cmd = commands.add_parser("tail", help="print records from the topic as JSON lines")
     tail_cmd.add_argument("--config", required=True)

@@ -114,6 +114,31 @@ class Replayer:
             yield self._own
         yield from Journal.unclaimed(self._root, **self._options)
 
+    def held_slots(self) -> list[Path]:
+        """Slot directories a running process holds (it replays them itself)."""
+        if not self._root.is_dir():
+            return []
+        free = {journal.directory for journal in Journal.unclaimed(self._root, **self._options)}
+        own = {self._own.directory} if self._own is not None else set()
+        return sorted(
+            slot for slot in self._root.glob("slot-*") if slot.is_dir() and slot not in free | own
+        )
+
+    def count(self) -> int:
+        """Records waiting in the journals this replayer can reach (thread side)."""
+        total = 0
+        for journal in self.journals():
+            for path in journal.seal():
+                total += len(read_segment(path).records)
+        return total
+
+    def wait_reachable(self, timeout: float) -> bool:
+        """Connect the replay producer; whether a broker answered within ``timeout`` s."""
+        give_up = time.monotonic() + timeout
+        while not self.sink.reachable and time.monotonic() < give_up:
+            self.sink.flush(0.1)  # serves the statistics callback
+        return self.sink.reachable
+
     def pending(self) -> bool:
         """Whether anything waits for replay (in a thread: it reads directories)."""
         if self._own is not None and self._own.size:

@@ -1,0 +1,278 @@
+"""Fault tests: Kafka down, killed, silent; the service stopped mid-outage.
+
+Each test runs its own Apache Kafka (KRaft) on a data directory that survives
+restarts, drives the service from outside (the real CLI or ``hypercorn``), and
+checks by record id that every answered request reached the topic, and
+exactly once where the fault allows it.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+
+from brokers import KafkaBroker
+from redirect_logger.spill import read_segment
+from support import (
+    BIND_RE,
+    ServiceProcess,
+    read_topic,
+    service_config,
+    unique_topic,
+    write_config,
+)
+
+pytestmark = pytest.mark.faults
+
+CLIENTS = 6
+SLOW = 2.0  # s; a redirect slower than this under a fault counts as affected
+
+
+async def _load(urls: list[str], seconds: float, answered: dict[str, float]) -> None:
+    """CLIENTS keep-alive clients request in a loop for ``seconds``; every answer
+    is a 301 whose X-Hit-Id is recorded with its latency."""
+
+    async def client(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            n = 0
+            while trio.current_time() < end:
+                n += 1
+                started = time.perf_counter()
+                response = await http.get(f"/docs/p{n}?n={n}")
+                assert response.status_code == 301, response.text
+                answered[response.headers["x-hit-id"]] = time.perf_counter() - started
+
+    end = trio.current_time() + seconds
+    async with trio.open_nursery() as nursery:
+        for index in range(CLIENTS):
+            nursery.start_soon(client, urls[index % len(urls)])
+
+
+def _latency(answered: dict[str, float]) -> str:
+    latencies = sorted(answered.values())
+    p99 = latencies[int(len(latencies) * 0.99)]
+    return (
+        f"{len(latencies)} redirects, p50 {statistics.median(latencies) * 1000:.1f} ms, "
+        f"p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
+    )
+
+
+def _exactly_once(broker: KafkaBroker, topic: str, answered: dict[str, float]) -> list[str]:
+    """The topic holds each answered id once and nothing else; returns its ids."""
+    records = read_topic(broker.bootstrap, topic, timeout=120, expected=len(answered))
+    ids = [record["id"] for record in records]
+    counts = f"answered {len(answered)}, in topic {len(ids)}, distinct {len(set(ids))}"
+    assert set(ids) == set(answered), counts
+    assert len(ids) == len(set(ids)), f"duplicates: {counts}"
+    return ids
+
+
+def _config(broker_address: str, topic: str, tmp_path: Path, **tables: Any) -> Path:
+    base: dict[str, Any] = {
+        # librdkafka holds at most 1,000 records; a batch that finds no room for
+        # 1 s goes to the journal, so an outage exercises the spill path.
+        "kafka": {"queue.buffering.max.messages": 1000},
+        "spill": {"directory": str(tmp_path / "spill"), "queue_full_timeout": 1.0},
+        "shutdown": {"flush_timeout": 3.0, "grace_period": 12.0},
+    }
+    for table, body in tables.items():
+        base[table] = {**base.get(table, {}), **body}
+    return write_config(tmp_path / "c.toml", service_config(broker_address, topic, **base))
+
+
+def _check_ledgers(service: ServiceProcess, processes: int) -> list[dict[str, int]]:
+    ledgers = service.ledgers()
+    assert len(ledgers) == processes, service.output
+    for ledger in ledgers:
+        assert ledger["failed"] == ledger["dropped"] == ledger["shed"] == 0, ledger
+        assert ledger["in_flight"] == 0, ledger
+        assert ledger["received"] == ledger["delivered"] + ledger["spilled"], ledger
+    return ledgers
+
+
+@pytest.fixture
+def kafka(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """A broker of the test's own, formatted but not started."""
+    (tmp_path / "kafka").mkdir()
+    broker = KafkaBroker(tmp_path / "kafka", start=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def test_broker_down_at_start_then_up_delivers_every_record_once(
+    kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = unique_topic()
+    service = ServiceProcess.cli(_config(kafka.bootstrap, topic, tmp_path))
+    answered: dict[str, float] = {}
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _load([url], 4.0, answered)
+        assert max(answered.values()) < SLOW, _latency(answered)
+        await trio.to_thread.run_sync(kafka.start)
+        await trio.to_thread.run_sync(_exactly_once, kafka, topic, answered)
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    [ledger] = _check_ledgers(service, 1)
+    print(_latency(answered), ledger)
+    assert ledger["spilled"] > 0, ledger  # the outage outgrew librdkafka's queue
+    assert ledger["replayed"] == ledger["spilled"], ledger
+    assert not list((tmp_path / "spill" / "slot-0").glob("segment-*")), "journal not emptied"
+
+
+async def test_broker_killed_mid_load_and_restarted_loses_nothing(
+    kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    topic = unique_topic()
+    await trio.to_thread.run_sync(kafka.start)
+    service = ServiceProcess.cli(_config(kafka.bootstrap, topic, tmp_path))
+    answered: dict[str, float] = {}
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _load([url], 2.0, answered)
+        kafka.kill()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_load, [url], 6.0, answered)
+            await trio.sleep(2.0)
+            await trio.to_thread.run_sync(kafka.start)  # same ports, same data directory
+        assert max(answered.values()) < SLOW, _latency(answered)
+        await trio.to_thread.run_sync(_exactly_once, kafka, topic, answered)
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    [ledger] = _check_ledgers(service, 1)
+    print(_latency(answered), ledger)
+    assert ledger["replayed"] == ledger["spilled"], ledger
+
+
+@pytest.mark.parametrize("mode", ["cli", "hypercorn-2"])
+async def test_sigterm_while_the_broker_is_down_journals_and_the_next_start_replays(
+    kafka: KafkaBroker, tmp_path: Path, mode: str
+) -> None:
+    topic = unique_topic()
+    config = _config(kafka.bootstrap, topic, tmp_path)
+    processes = 2 if mode == "hypercorn-2" else 1
+
+    def launch() -> ServiceProcess:
+        if mode == "cli":
+            return ServiceProcess.cli(config)
+        return ServiceProcess.hypercorn(config, 2)
+
+    await trio.to_thread.run_sync(kafka.start)
+    first = launch()
+    answered: dict[str, float] = {}
+    try:
+        urls = await trio.to_thread.run_sync(lambda: first.wait_for(BIND_RE, processes, 60))
+        await _load(urls, 1.5, answered)
+        before_outage = len(answered)
+        await trio.to_thread.run_sync(kafka.stop)
+        await _load(urls, 2.5, answered)
+        assert len(answered) > before_outage
+        signalled = time.monotonic()
+        code = await trio.to_thread.run_sync(first.terminate)
+        took = time.monotonic() - signalled
+    finally:
+        first.kill()
+    assert code == 0, first.output
+    assert took < 12.0, f"shutdown took {took:.1f} s, beyond shutdown.grace_period"
+    print(f"shutdown {took:.2f} s;", _latency(answered), first.ledgers())
+    spilled = sum(ledger["spilled"] for ledger in _check_ledgers(first, processes))
+    assert spilled > 0
+    assert sum(ledger["received"] for ledger in first.ledgers()) == len(answered)
+
+    await trio.to_thread.run_sync(kafka.start)
+    second = launch()
+    try:
+        await trio.to_thread.run_sync(lambda: second.wait_for(BIND_RE, processes, 60))
+        await trio.to_thread.run_sync(_exactly_once, kafka, topic, answered)
+        code = await trio.to_thread.run_sync(second.terminate)
+    finally:
+        second.kill()
+    assert code == 0, second.output
+    replayed = sum(ledger["replayed"] for ledger in _check_ledgers(second, processes))
+    assert replayed == spilled
+    assert not list((tmp_path / "spill").glob("slot-*/segment-*")), "journal not emptied"
+
+
+class Blackhole:
+    """A TCP port that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self._held.append(connection)
+
+    def close(self) -> None:
+        self._listener.close()
+        for connection in self._held:
+            connection.close()
+
+
+async def test_a_broker_that_never_answers_leaves_redirects_unaffected_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    blackhole = Blackhole()
+    topic = unique_topic()
+    config = _config(
+        blackhole.address,
+        topic,
+        tmp_path,
+        records={"queue_size": 500, "when_full": "spill"},
+        shutdown={"flush_timeout": 1.0},
+    )
+    service = ServiceProcess.cli(config)
+    answered: dict[str, float] = {}
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _load([url], 4.0, answered)
+        async with httpx.AsyncClient(base_url=url) as http:
+            metrics = (await http.get("/metrics")).text
+            ready = await http.get("/readyz")
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+        blackhole.close()
+    assert code == 0, service.output
+    assert max(answered.values()) < SLOW, _latency(answered)
+    assert ready.status_code == 503
+    gauges = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("redirect_logger_") and "{" not in line
+    }
+    assert gauges["redirect_logger_queue_depth"] <= 2 * 500  # channel + overflow channel
+    assert gauges["redirect_logger_producer_queue"] <= 1000
+    [ledger] = _check_ledgers(service, 1)
+    print(_latency(answered), ledger, gauges)
+    assert ledger["received"] == ledger["spilled"] == len(answered), ledger
+    journaled = [
+        orjson.loads(record.value)["id"]
+        for path in sorted((tmp_path / "spill" / "slot-0").glob("segment-*"))
+        for record in read_segment(path).records
+    ]
+    assert sorted(journaled) == sorted(answered)
