@@ -356,6 +356,51 @@ INVALID = [
         "'10.0.0.1/8' is not an IP network (CIDR): 10.0.0.1/8 has host bits set",
         id="proxy-with-host-bits",
     ),
+    pytest.param(
+        config(spill={"max_bytes": 1 << 20, "segment_bytes": 2 << 20}),
+        "spill.segment_bytes",
+        "2097152 is larger than spill.max_bytes (1048576)",
+        id="segment-larger-than-the-cap",
+    ),
+    pytest.param(
+        config(spill={"fsync": "sometimes"}),
+        "spill.fsync",
+        "Input should be 'always', 'interval' or 'never'",
+        id="bad-fsync-policy",
+    ),
+    pytest.param(
+        config(records={"when_full": "spill"}, spill={"enabled": False}),
+        "records.when_full",
+        '"spill" needs the spill journal: spill.enabled is false',
+        id="spill-policy-without-a-journal",
+    ),
+    pytest.param(
+        config(shutdown={"flush_timeout": 29.0}),
+        "shutdown.flush_timeout",
+        "29.0 s (+ 2.0 s for purged records) does not fit in shutdown.grace_period (30.0 s)",
+        id="flush-longer-than-the-grace-period",
+    ),
+    pytest.param(
+        config(server={"graceful_timeout": 15.0, "shutdown_delay": 10.0}),
+        "shutdown.grace_period",
+        "30.0 s is shorter than a shutdown can take: server.shutdown_delay (10.0 s) + "
+        "server.graceful_timeout (15.0 s) + shutdown.flush_timeout (10.0 s) + 2.0 s for "
+        "purged records = 37.0 s; records would be lost to SIGKILL",
+        id="shutdown-longer-than-the-grace-period",
+    ),
+    pytest.param(
+        config(spill={"enabled": False}, kafka={"message.timeout.ms": 60000}),
+        'kafka."message.timeout.ms"',
+        "60000 ms is shorter than records.outage_tolerance (300.0 s) while spill.enabled is "
+        "false",
+        id="message-timeout-shorter-than-the-outage-tolerance",
+    ),
+    pytest.param(
+        config(spill={"enabled": False}, kafka={"delivery.timeout.ms": "1000"}),
+        'kafka."delivery.timeout.ms"',
+        "1000 ms is shorter than records.outage_tolerance",
+        id="alias-delivery-timeout-shorter-than-the-outage-tolerance",
+    ),
 ]
 
 
