@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import httpx
 import orjson
 import trio
+from confluent_kafka import KafkaError
 
 from brokers import Broker
 from redirect_logger.service import Service
@@ -214,3 +216,54 @@ async def test_admin_bind_serves_the_admin_endpoints_alone(broker: Broker) -> No
             stop.set()
     assert codes == [0]
     assert service.ledger_snapshot() == ledger_counts(received=2, delivered=2)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll the in-process service's own state (the caller bounds the time)."""
+    while not condition():  # noqa: ASYNC110
+        await trio.sleep(0.1)
+
+
+async def test_a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing(
+    kafka_broker: Broker,
+) -> None:
+    """librdkafka's fatal errors (e.g. an idempotence sequence gap) cannot be
+    provoked from a client, so the error callback is handed one, as librdkafka
+    would: readiness turns false, the producer is rebuilt, and what the old one
+    held is journaled and replayed."""
+    topic = unique_topic()
+    stop = trio.Event()
+    ids: list[str] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(
+                nursery, service_config(kafka_broker.bootstrap, topic), stop
+            )
+            sink = service.sink
+            assert sink is not None
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                await _until(lambda: service.readiness() is None)
+                for n in range(200):
+                    ids.append((await client.get(f"/?n={n}")).headers["x-hit-id"])
+                sink._on_error(KafkaError(KafkaError._FATAL, "injected", fatal=True))
+                ready = await client.get("/readyz")
+                assert (ready.status_code, ready.text) == (
+                    503,
+                    "not ready: producer failed: injected\n",
+                )
+                for n in range(200, 400):
+                    ids.append((await client.get(f"/?n={n}")).headers["x-hit-id"])
+                await _until(lambda: service.readiness() is None)
+            ledger = service.ledger
+            await _until(lambda: ledger.replayed == ledger.spilled and not service.in_flight())
+            stop.set()
+    records = await trio.to_thread.run_sync(
+        lambda: read_topic(kafka_broker.bootstrap, topic, expected=400)
+    )
+    assert codes == [0]
+    assert sink.rebuilds == 1
+    assert set(ids) <= {record["id"] for record in records}  # at least once
+    ledger = service.ledger_snapshot()
+    assert (ledger["received"], ledger["failed"], ledger["in_flight"]) == (400, 0, 0)
+    assert ledger["delivered"] + ledger["spilled"] == 400
+    assert ledger["replayed"] == ledger["spilled"]
