@@ -391,8 +391,7 @@ INVALID = [
     pytest.param(
         config(spill={"enabled": False}, kafka={"message.timeout.ms": 60000}),
         'kafka."message.timeout.ms"',
-        "60000 ms is shorter than records.outage_tolerance (300.0 s) while spill.enabled is "
-        "false",
+        "60000 ms is shorter than records.outage_tolerance (300.0 s) while spill.enabled is false",
         id="message-timeout-shorter-than-the-outage-tolerance",
     ),
     pytest.param(
