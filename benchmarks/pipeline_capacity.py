@@ -10,6 +10,7 @@ Bounded: exits after --records records or --timeout seconds.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import uuid
 
@@ -28,7 +29,8 @@ async def run(bootstrap: str, records: int, budget: float) -> None:
         {
             "records": {"topic": f"bench-{uuid.uuid4().hex[:8]}", "queue_size": 20_000},
             "kafka": {"bootstrap.servers": bootstrap},
-            "shutdown": {"flush_timeout": budget},
+            "shutdown": {"flush_timeout": budget, "grace_period": budget + 10},
+            "spill": {"directory": tempfile.mkdtemp(prefix="bench-spill-")},
         }
     )
     service = Service(settings)

@@ -36,7 +36,8 @@ class MemorySink:
         self.values: list[bytes] = []
 
     def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
-        if not self.open.wait(0.5):  # real time: the virtual clock jumps meanwhile
+        # Real time: the virtual clock jumps meanwhile. No wait for a 0 s window.
+        if not (self.open.wait(0.5) if window else self.open.is_set()):
             return 0
         self.values.extend(encoded.value for encoded in batch)
         self.ledger.add_delivered(len(batch))
@@ -266,12 +267,17 @@ async def test_a_queue_full_past_its_timeout_spills_the_batch(
         assert (ledger.spilled, pipeline.held) == (0, 3)  # still waiting for room
         await trio.sleep(1.0)
         assert (ledger.spilled, pipeline.held) == (3, 0)
+        # The queue is known to be full: the next batch is spilled without waiting.
+        for n in range(3, 6):
+            await pipeline.intake.submit(hit(n))
+        await trio.sleep(0.5)
+        assert (ledger.spilled, pipeline.held) == (6, 0)
         assert_identity(ledger, pipeline)
-        sink.open.set()
-        await pipeline.intake.submit(hit(3))
-    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=4, spilled=3, delivered=1)
-    assert journaled(journal) == [b"id-0000", b"id-0001", b"id-0002"]
-    assert sink.values == [b"id-0003"]
+        sink.open.set()  # room again: batches go to Kafka
+        await pipeline.intake.submit(hit(6))
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=7, spilled=6, delivered=1)
+    assert journaled(journal) == [b"id-%04d" % n for n in range(6)]
+    assert sink.values == [b"id-0006"]
 
 
 async def test_when_full_spill_journals_the_overflow_and_drops_past_the_cap(

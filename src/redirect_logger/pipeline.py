@@ -151,6 +151,7 @@ class Pipeline:
         self._encode = encode
         self._observe_batch = observe_batch
         self._spill_after = spill_after  # s of a full librdkafka queue; None: wait
+        self._backed_up = False  # the last batch found no room for spill_after s
         self._limiter = trio.CapacityLimiter(records.workers)
         self._disk = trio.CapacityLimiter(1)
         self.held = 0  # records taken from a channel, not yet in librdkafka or the journal
@@ -206,19 +207,29 @@ class Pipeline:
         librdkafka's queue is full; past ``spill.queue_full_timeout`` the rest
         goes to the spill journal instead. Empties ``batch``.
 
+        Once a batch has been spilled that way, the next ones wait for no room:
+        they take what fits at once and spill the rest, until one fits whole.
         On cancellation the unshipped rest stays in ``batch``, counted in ``held``.
         """
         self._observe_batch(len(batch))
         started = trio.current_time()
         while batch:
-            if self._spill_after is not None and trio.current_time() - started >= self._spill_after:
-                await self.keep(batch, "librdkafka's queue stayed full")
+            if self._spill_after is not None and (
+                self._backed_up or trio.current_time() - started >= self._spill_after
+            ):
+                await self._produce(batch, 0.0)
+                self._backed_up = bool(batch)
+                if batch:
+                    await self.keep(batch, "librdkafka's queue stayed full")
                 return
-            accepted = await trio.to_thread.run_sync(
-                self._sink.produce_batch, batch, PRODUCE_WINDOW, limiter=self._limiter
-            )
-            self.held -= accepted
-            del batch[:accepted]
+            await self._produce(batch, PRODUCE_WINDOW)
+
+    async def _produce(self, batch: list[Encoded], window: float) -> None:
+        accepted = await trio.to_thread.run_sync(
+            self._sink.produce_batch, batch, window, limiter=self._limiter
+        )
+        self.held -= accepted
+        del batch[:accepted]
 
     async def keep(self, batch: list[Encoded], why: str) -> None:
         """Spill ``batch`` (in a thread) and empty it."""

@@ -1,0 +1,117 @@
+"""Memory while Kafka is unreachable: RSS under saturating load, sampled.
+
+    python benchmarks/outage_memory.py [--seconds 60] [--connections 64]
+
+Starts ``redirect-logger serve`` (the real CLI) with Kafka pointed at a port
+where nothing listens, a fresh spill directory and the given records
+settings, drives it with ``wrk`` (keep-alive, loopback) and prints the
+service's RSS every 5 s, the redirects answered and the final ledger. With
+the broker down the bounded queues fill (the channel, librdkafka's queue)
+and the rest goes to the journal on disk, so RSS must level off.
+Bounded: wrk stops after --seconds, the service after its drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
+LEDGER_RE = re.compile(r"ledger (\{.*\})")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--queue-size", type=int, default=10_000)
+    parser.add_argument("--librdkafka-queue", type=int, default=100_000)
+    parser.add_argument("--when-full", default="block")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="outage-memory-"))
+    config = work / "c.toml"
+    config.write_text(
+        f"""
+[server]
+bind = ["127.0.0.1:0"]
+[[rules]]
+name = "docs"
+path = "/docs/*"
+target = "https://docs.example.com/"
+status = 301
+forward_path = true
+[records]
+topic = "outage"
+queue_size = {args.queue_size}
+when_full = "{args.when_full}"
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9"
+"queue.buffering.max.messages" = {args.librdkafka_queue}
+[spill]
+directory = "{work / "spill"}"
+[shutdown]
+flush_timeout = 2.0
+"""
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert service.stderr is not None
+    output: list[str] = []
+    url = None
+    while url is None:
+        line = service.stderr.readline()
+        if not line:
+            print("".join(output), file=sys.stderr)
+            return 1
+        output.append(line)
+        found = BIND_RE.search(line)
+        url = found.group(1) if found else None
+    wrk = subprocess.Popen(
+        ["wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds}s", f"{url}/docs/a?x=1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    print(f"{'t (s)':>6} {'RSS (MiB)':>10}")
+    start = time.monotonic()
+    while wrk.poll() is None:
+        print(f"{time.monotonic() - start:6.0f} {rss_mib(service.pid):10.1f}", flush=True)
+        time.sleep(5)
+    print(f"{time.monotonic() - start:6.0f} {rss_mib(service.pid):10.1f}")
+    report = wrk.communicate()[0]
+    requests = re.search(r"(\d+) requests in", report)
+    service.send_signal(signal.SIGTERM)
+    rest = service.communicate(timeout=120)[1]
+    ledger = LEDGER_RE.findall("".join(output) + rest)
+    spilled = sum(p.stat().st_size for p in (work / "spill").rglob("segment-*"))
+    print(f"redirects answered: {requests.group(1) if requests else '?'}")
+    print(f"ledger: {json.loads(ledger[-1]) if ledger else '?'}")
+    print(f"journal on disk: {spilled / 2**20:.1f} MiB")
+    shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
