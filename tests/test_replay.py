@@ -1,0 +1,111 @@
+"""``redirect-logger replay``: journals left by stopped processes, delivered with progress."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import orjson
+import trio
+
+from brokers import Broker
+from redirect_logger.hits import Encoded
+from redirect_logger.spill import Journal
+from support import ROOT, UNREACHABLE, read_topic, service_config, unique_topic, write_config
+
+OPTIONS = {"max_bytes": 10**7, "segment_bytes": 4_000}
+
+
+def journal_records(topic: str, count: int) -> list[Encoded]:
+    return [
+        Encoded(
+            topic,
+            b"k",
+            orjson.dumps({"id": str(uuid.uuid4()), "n": n}),
+            1_700_000_000_000 + n,
+        )
+        for n in range(count)
+    ]
+
+
+def ids(records: list[Encoded]) -> set[str]:
+    return {orjson.loads(record.value)["id"] for record in records}
+
+
+def replay(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "redirect_logger.cli", "replay", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+async def test_replay_delivers_unheld_slots_sets_a_torn_tail_aside_and_skips_held_ones(
+    broker: Broker, tmp_path: Path
+) -> None:
+    topic = unique_topic()
+    spill = tmp_path / "spill"
+    # slot-0: held by a running process (this one), left alone.
+    held = Journal.claim_slot(spill, **OPTIONS)
+    held.append(journal_records(topic, 5))
+    # slot-1: a stopped process's journal, several segments.
+    first = journal_records(topic, 120)
+    stopped = Journal(spill / "slot-1", **OPTIONS)
+    stopped.append(first)
+    stopped.close()
+    # slot-2: another, whose last segment has a torn tail (its last record cut short).
+    second = journal_records(topic, 30)
+    torn = Journal(spill / "slot-2", **OPTIONS)
+    torn.append(second)
+    [*_, last] = torn.seal()
+    torn.close()
+    last.write_bytes(last.read_bytes()[:-5])
+    config = write_config(
+        tmp_path / "c.toml",
+        service_config(broker.bootstrap, topic, spill={"directory": str(spill)}),
+    )
+    try:
+        result = await trio.to_thread.run_sync(replay, config)
+    finally:
+        held.close()
+    assert result.returncode == 0, result.stderr  # nothing left that it could replay
+    assert f"{spill / 'slot-0'}: in use by a running service" in result.stderr
+    assert "replay: 100%" in result.stderr  # the progress bar reached its end
+    assert "replayed 149 records; 0 still journaled" in result.stderr
+    assert "torn or corrupt tail" in result.stderr
+    records = await trio.to_thread.run_sync(
+        lambda: read_topic(broker.bootstrap, topic, expected=149)
+    )
+    assert sorted(r["id"] for r in records) == sorted(ids(first) | ids(second[:-1]))
+    assert len(list((spill / "slot-0").glob("segment-*.log"))) == 1
+    assert not list((spill / "slot-1").glob("segment-*"))
+    assert [p.name for p in (spill / "slot-2").glob("segment-*")] == [last.name + ".corrupt"]
+
+
+async def test_replay_without_a_broker_keeps_every_record(tmp_path: Path) -> None:
+    topic = unique_topic()
+    spill = tmp_path / "spill"
+    journal = Journal.claim_slot(spill, **OPTIONS)
+    journal.append(journal_records(topic, 10))
+    journal.close()
+    before = sorted(p.read_bytes() for p in spill.rglob("segment-*"))
+    config = write_config(
+        tmp_path / "c.toml", service_config(UNREACHABLE, topic, spill={"directory": str(spill)})
+    )
+    result = await trio.to_thread.run_sync(replay, config, "--timeout", "2")
+    assert result.returncode == 1
+    assert "no Kafka broker reachable within 2.0 s; 10 records stay journaled" in result.stderr
+    assert sorted(p.read_bytes() for p in spill.rglob("segment-*")) == before
+
+
+async def test_replay_with_nothing_journaled_says_so(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.toml",
+        service_config(UNREACHABLE, unique_topic(), spill={"directory": str(tmp_path / "s")}),
+    )
+    result = await trio.to_thread.run_sync(replay, config)
+    assert (result.returncode, result.stderr) == (0, f"nothing to replay in {tmp_path / 's'}\n")
