@@ -210,7 +210,7 @@ class SpillSettings(_Section):
     max_bytes: int = Field(1 << 30, ge=1 << 16)  # per process; past it records are dropped
     segment_bytes: int = Field(64 << 20, ge=1 << 12)  # a segment file's size
     # s a batch may wait for room in librdkafka's queue before it is spilled
-    queue_full_timeout: float = Field(5.0, gt=0, le=3600)
+    queue_full_timeout: float = Field(1.0, gt=0, le=3600)
     replay_rate: int = Field(20_000, ge=1, le=10_000_000)  # records/s replayed at most
 
     @model_validator(mode="after")
