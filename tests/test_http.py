@@ -144,6 +144,7 @@ async def test_full_queue_while_kafka_is_down_matches_what_clients_saw(policy: s
             "max_block": 0.05,
         },
         kafka={"queue.buffering.max.messages": 1},
+        spill={"queue_full_timeout": 60.0},  # the workers keep waiting: the channel stays full
     )
     stop = trio.Event()
     statuses: list[int] = []
