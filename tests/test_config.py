@@ -400,6 +400,12 @@ INVALID = [
         "1000 ms is shorter than records.outage_tolerance",
         id="alias-delivery-timeout-shorter-than-the-outage-tolerance",
     ),
+    pytest.param(
+        config(spill={"enabled": False}, records={"outage_tolerance": 600.0}),
+        'kafka."message.timeout.ms"',
+        "300000 ms is shorter than records.outage_tolerance (600.0 s)",
+        id="librdkafka-default-timeout-shorter-than-the-outage-tolerance",
+    ),
 ]
 
 

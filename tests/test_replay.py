@@ -12,7 +12,7 @@ import trio
 
 from brokers import Broker
 from redirect_logger.hits import Encoded
-from redirect_logger.spill import Journal
+from redirect_logger.spill import Journal, read_segment
 from support import ROOT, UNREACHABLE, read_topic, service_config, unique_topic, write_config
 
 OPTIONS = {"max_bytes": 10**7, "segment_bytes": 4_000}
@@ -109,3 +109,26 @@ async def test_replay_with_nothing_journaled_says_so(tmp_path: Path) -> None:
     )
     result = await trio.to_thread.run_sync(replay, config)
     assert (result.returncode, result.stderr) == (0, f"nothing to replay in {tmp_path / 's'}\n")
+
+
+async def test_a_record_kafka_refuses_for_good_is_set_aside_not_retried(
+    broker: Broker, tmp_path: Path
+) -> None:
+    topic = unique_topic()
+    spill = tmp_path / "spill"
+    good = journal_records(topic, 3)
+    huge = Encoded(topic, None, b'{"id": "huge", "pad": "' + b"x" * 1_100_000 + b'"}', 0)
+    journal = Journal(spill / "slot-0", max_bytes=10**7, segment_bytes=4 * 10**6)
+    journal.append([good[0], huge, *good[1:]])
+    journal.close()
+    config = write_config(
+        tmp_path / "c.toml",
+        service_config(broker.bootstrap, topic, spill={"directory": str(spill)}),
+    )
+    result = await trio.to_thread.run_sync(replay, config)
+    assert result.returncode == 0, result.stderr
+    assert "Kafka refused 1 records for good" in result.stderr
+    records = await trio.to_thread.run_sync(lambda: read_topic(broker.bootstrap, topic, expected=3))
+    assert sorted(r["id"] for r in records) == sorted(ids(good))
+    assert not list(spill.rglob("segment-*"))
+    assert read_segment(spill / "slot-0" / "rejected.log").records == [huge]

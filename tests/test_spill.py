@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pytest
 from hypothesis import given, settings
@@ -169,3 +171,32 @@ def test_spill_counts_spilled_dropped_past_the_cap_and_failed_without_a_journal(
     )
     Spill(None, ledger).keep(records(2), "test")
     assert (ledger.spilled, ledger.dropped, ledger.failed) == (3, 2, 2)
+
+
+class _FullDisk:
+    """An open segment whose next write gets 5 bytes out, then ENOSPC."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+
+    def write(self, data: bytes) -> int:
+        self._inner.write(data[:5])
+        self._inner.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_a_refused_write_counts_what_was_written_and_cuts_the_torn_frame(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    journal.append(records(2))
+    assert journal._active is not None
+    journal._active = _FullDisk(journal._active)  # type: ignore[assignment]
+    ledger = Ledger()
+    Spill(journal, ledger).keep(records(3), "test")
+    assert (ledger.spilled, ledger.failed) == (0, 3)
+    [path] = journal.seal()
+    assert read_segment(path) == read_segment(path).__class__(records(2), None)
+    assert journal.append(records(1)) == 1  # the next write starts a fresh segment
+    assert [len(read_segment(p).records) for p in journal.seal()] == [2, 1]

@@ -310,6 +310,16 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="redirect-logger",
@@ -341,10 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay_cmd.add_argument("--config", required=True)
     replay_cmd.add_argument(
-        "--rate", type=float, help="records/s at most (default: as fast as Kafka takes them)"
+        "--rate", type=_positive, help="records/s at most (default: as fast as Kafka takes them)"
     )
     replay_cmd.add_argument(
-        "--timeout", type=float, default=30.0, help="s to wait for a broker (default 30)"
+        "--timeout", type=_positive, default=30.0, help="s to wait for a broker (default 30)"
     )
     replay_cmd.set_defaults(run=_cmd_replay)
 

@@ -38,6 +38,9 @@ KAFKA_ALIASES = {
     "message.timeout.ms": "delivery.timeout.ms",
 }
 
+# librdkafka's default message.timeout.ms (0 means no limit).
+LIBRDKAFKA_MESSAGE_TIMEOUT_MS = 300_000
+
 # Substrings that mark a librdkafka property as a secret.
 _SECRET_MARKERS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key")
 
@@ -370,11 +373,13 @@ def _cross_check_kafka(settings: Settings) -> None:
             f"{linger} ms is not shorter than shutdown.flush_timeout "
             f"({settings.shutdown.flush_timeout} s): the last batch could not leave in time",
         )
-    timeout_key, timeout = _kafka_value(settings, "message.timeout.ms")
+    timeout_key, _ = _kafka_value(settings, "message.timeout.ms")
     tolerance = settings.records.outage_tolerance
-    if not settings.spill.enabled and timeout is not None:
+    if not settings.spill.enabled:
         timeout_ms = _as_int(settings, "message.timeout.ms")
-        if timeout_ms is not None and 0 < timeout_ms < tolerance * 1000:
+        if timeout_ms is None:
+            timeout_ms = LIBRDKAFKA_MESSAGE_TIMEOUT_MS
+        if 0 < timeout_ms < tolerance * 1000:
             raise _KeyError(
                 f'kafka."{timeout_key}"',
                 f"{timeout_ms} ms is shorter than records.outage_tolerance ({tolerance} s) "

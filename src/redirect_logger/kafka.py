@@ -147,7 +147,7 @@ class KafkaSink:
             self.reachable = False
         if error.fatal():
             self.fatal_error = error.str()
-            log.critical("%s: fatal error: %s; rebuilding it", self.name, error.str())
+            log.critical("%s: fatal error: %s; it will be rebuilt", self.name, error.str())
             return
         self._log(logging.WARNING, error.name(), f"kafka: {error.str()}")
 
@@ -194,16 +194,18 @@ class KafkaSink:
         self._producer.flush(timeout)
         self._settle()
 
-    def purge(self) -> None:
+    def purge(self, wait: float = _PURGE_REPORTS_WAIT) -> None:
+        """Purge what is still queued, serving the error reports (each step waits
+        up to ``wait`` s for them)."""
         # Queued records first: they were never sent. Records already sent may
         # still be acknowledged; only those still unanswered after the wait are
         # purged too (and may then be in the topic as well as in the journal).
         producer = self._producer
         producer.purge(in_queue=True, in_flight=False, blocking=True)
-        self._serve_reports(producer, _PURGE_REPORTS_WAIT)
+        self._serve_reports(producer, wait)
         if self.queued():
             producer.purge(in_queue=True, in_flight=True, blocking=True)
-            self._serve_reports(producer, _PURGE_REPORTS_WAIT)
+            self._serve_reports(producer, wait)
 
     def rebuild(self) -> None:
         """Replace a producer that had a fatal error with a new one.

@@ -36,19 +36,24 @@ class _LedgerCollector(Collector):
         for outcome in OUTCOMES:
             records.add_metric([outcome], getattr(ledger, outcome))
         yield records
-        for name, value in self._gauges().items():
+        gauges = self._gauges()
+        yield CounterMetricFamily(
+            "redirect_logger_producer_rebuilds",
+            "Producers replaced after a fatal librdkafka error",
+            value=gauges.pop("producer_rebuilds"),
+        )
+        for name, value in gauges.items():
             yield GaugeMetricFamily(f"redirect_logger_{name}", _GAUGE_HELP[name], value=value)
 
 
 _GAUGE_HELP = {
-    "in_flight": "Records received but not yet delivered, failed, dropped or shed",
-    "queue_depth": "Records waiting in the bounded channel",
+    "in_flight": "Records received but not yet delivered, spilled, failed, dropped or shed",
+    "queue_depth": "Records waiting in the bounded channel (and the overflow channel)",
     "queue_capacity": "Capacity of the bounded channel (records.queue_size)",
     "producer_queue": "Records in librdkafka's queue awaiting a delivery report",
     "ready": "1 when /readyz answers 200",
     "broker_reachable": "1 when the producer has a connection to some broker",
     "spill_bytes": "Bytes in this process's spill journal awaiting replay",
-    "producer_rebuilds": "Producers replaced after a fatal librdkafka error",
 }
 
 

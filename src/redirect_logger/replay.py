@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1_000  # records per produce call
 _WINDOW = 0.25  # s one produce call may wait for queue room
-_STOP_FLUSH = 1.0  # s to wait for outstanding reports when told to stop
+_STOP_FLUSH = 0.2  # s to wait for outstanding reports when told to stop
 _IDLE = 1.0  # s between looks for something to replay
 _BACKOFF = (5.0, 60.0)  # s after a failed round: first, longest
 
@@ -46,43 +46,35 @@ def journal_options(spill: SpillSettings) -> dict[str, Any]:
 
 
 class _SegmentReports:
-    """The replay producer's reports: counted per segment, and in the ledger."""
+    """The replay producer's reports (kafka.Reports), counted per segment:
+    delivered (and in the ledger as ``replayed``), undelivered (the segment is
+    kept), or refused for good (set aside, never replayed again)."""
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
         self._lock = threading.Lock()
-        self.delivered = 0
-        self.undelivered = 0
-        self.why = ""
+        self.reset()
 
     def reset(self) -> None:
         with self._lock:
-            self.delivered = self.undelivered = 0
+            self.acknowledged = self.failed = 0
+            self.rejected: list[Encoded] = []
             self.why = ""
 
-    def delivered_one(self, latency: float | None) -> None:
+    def delivered(self, latency: float | None) -> None:
         with self._lock:
-            self.delivered += 1
+            self.acknowledged += 1
         self._ledger.add_replayed()
 
-    def lost(self, records: list[Encoded], why: str) -> None:
+    def undelivered(self, records: list[Encoded], why: str) -> None:
         with self._lock:
-            self.undelivered += len(records)
+            self.failed += len(records)
             self.why = why
 
-
-class _Reports:
-    def __init__(self, segment: _SegmentReports) -> None:
-        self._segment = segment
-
-    def delivered(self, latency: float | None) -> None:
-        self._segment.delivered_one(latency)
-
-    def undelivered(self, records: list[Encoded], why: str) -> None:
-        self._segment.lost(records, why)
-
     def refused(self, records: list[Encoded], why: str) -> None:
-        self._segment.lost(records, why)
+        with self._lock:
+            self.rejected.extend(records)
+            self.why = why
 
 
 class Replayer:
@@ -103,7 +95,7 @@ class Replayer:
         self._own = own
         self._rate = rate
         self._segment = _SegmentReports(ledger)
-        self.sink = KafkaSink(kafka, _Reports(self._segment), name="replay producer")
+        self.sink = KafkaSink(kafka, self._segment, name="replay producer")
         self.stop = threading.Event()
 
     # -- thread side ----------------------------------------------------------
@@ -164,7 +156,7 @@ class Replayer:
         segment, sink = self._segment, self.sink
         segment.reset()
         started, sent = time.monotonic(), 0
-        while sent < len(records) and not self.stop.is_set():
+        while sent < len(records) and not self._interrupted():
             if self._rate is not None:
                 ahead = started + sent / self._rate - time.monotonic()
                 if ahead > 0:
@@ -172,30 +164,42 @@ class Replayer:
                     continue
             accepted = sink.produce_batch(records[sent : sent + _CHUNK], _WINDOW)
             sent += accepted
-            before = segment.delivered
+            before = segment.acknowledged
             sink.flush(0)  # serve the reports that are in
-            progress(segment.delivered - before)
-        while sink.queued() and not self.stop.is_set():
-            before = segment.delivered
+            progress(segment.acknowledged - before)
+        while sink.queued() and not self._interrupted():
+            before = segment.acknowledged
             sink.flush(0.2)
-            progress(segment.delivered - before)
-        if sink.queued():  # told to stop: what is not acknowledged soon stays on disk
+            progress(segment.acknowledged - before)
+        if sink.queued():  # stopping: what is not acknowledged at once stays on disk
             sink.flush(_STOP_FLUSH)
             if sink.queued():
-                sink.purge()
-        if segment.undelivered or segment.delivered < len(records):
-            if segment.undelivered:
+                sink.purge(wait=_STOP_FLUSH)
+        if sink.fatal_error is not None:
+            sink.rebuild()  # the segment is kept and tried again
+            return False
+        if segment.failed or segment.acknowledged + len(segment.rejected) < len(records):
+            if segment.failed:
                 log.warning(
                     "replay of %s: %d of %d records not delivered (%s); segment kept",
                     path,
-                    segment.undelivered,
+                    segment.failed,
                     len(records),
                     segment.why,
                 )
             return False
+        if segment.rejected:
+            aside = journal.reject(segment.rejected)
+            log.error(
+                "replay of %s: Kafka refused %d records for good (%s); kept in %s",
+                path,
+                len(segment.rejected),
+                segment.why,
+                aside,
+            )
         if read.corrupt_at is None:
             journal.delete(path)
-            log.info("replayed %d records from %s", len(records), path)
+            log.info("replayed %d records from %s", segment.acknowledged, path)
         else:
             kept = journal.set_aside(path)
             log.error(
@@ -208,6 +212,9 @@ class Replayer:
             )
         return True
 
+    def _interrupted(self) -> bool:
+        return self.stop.is_set() or self.sink.fatal_error is not None
+
     # -- Trio side --------------------------------------------------------------
 
     async def run(self, reachable: Callable[[], bool]) -> None:
@@ -218,6 +225,8 @@ class Replayer:
         backoff = _BACKOFF[0]
         while True:
             await trio.sleep(_IDLE)
+            if self._own is not None:
+                await trio.to_thread.run_sync(self._own.sync_if_due, limiter=limiter)
             if not reachable():
                 continue
             if not await trio.to_thread.run_sync(self.pending, limiter=limiter):

@@ -16,6 +16,7 @@ librdkafka's delivery-report thread. Nothing here touches Trio.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -45,6 +46,14 @@ CORRUPT_SUFFIX = ".corrupt"
 
 class JournalError(Exception):
     """The journal directory cannot be used."""
+
+
+class PartialWrite(OSError):
+    """The disk refused a write; the first ``written`` records are in the journal."""
+
+    def __init__(self, written: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.written = written
 
 
 @dataclass(frozen=True)
@@ -140,21 +149,47 @@ class Journal:
         """Append records in order; return how many fit under ``max_bytes``.
 
         The rest were not written: the caller counts them as dropped. Raises
-        OSError if the disk refuses a write.
+        PartialWrite (saying how many records were written) if the disk
+        refuses a write; a frame cut short by it is cut off the segment.
         """
         written = 0
         with self._lock:
-            for record in records:
-                frame = _frame(record)
-                if self._bytes + len(frame) > self._max_bytes:
-                    break
-                active = self._writable(len(frame))
-                active.write(frame)
-                self._bytes += len(frame)
-                written += 1
-            if written and self._active is not None:
-                self._sync(self._active)
+            try:
+                for record in records:
+                    frame = _frame(record)
+                    if self._bytes + len(frame) > self._max_bytes:
+                        break
+                    active = self._writable(len(frame))
+                    try:
+                        active.write(frame)
+                        active.flush()
+                    except OSError:
+                        self._cut_back(active)
+                        raise
+                    self._bytes += len(frame)
+                    written += 1
+                if written and self._active is not None:
+                    self._sync(self._active)
+            except OSError as exc:
+                raise PartialWrite(written, exc) from exc
         return written
+
+    def _cut_back(self, active: BinaryIO) -> None:
+        """After a failed write: drop the segment's unwritten tail, or at least
+        close it so the next record starts a fresh segment."""
+        path = self._active_path
+        self._active = None
+        self._active_path = None
+        with contextlib.suppress(OSError):
+            active.close()
+        if path is None:
+            return
+        try:
+            corrupt_at = read_segment(path).corrupt_at
+            if corrupt_at is not None:
+                os.truncate(path, corrupt_at)
+        except OSError:
+            pass
 
     def _writable(self, frame_size: int) -> BinaryIO:
         active = self._active
@@ -175,6 +210,13 @@ class Journal:
         ):
             os.fsync(active.fileno())
             self._last_sync = now
+
+    def sync_if_due(self) -> None:
+        """Under ``fsync = "interval"``: fsync writes older than the interval even
+        when no new record comes to trigger it (called once a second)."""
+        with self._lock:
+            if self._active is not None and self._fsync == "interval":
+                self._sync(self._active)
 
     def _close_active(self) -> None:
         if self._active is not None:
@@ -211,6 +253,14 @@ class Journal:
             path.rename(target)
             self._bytes -= size
             return target
+
+    def reject(self, records: Sequence[Encoded]) -> Path:
+        """Keep records that Kafka refused for good (they are not replayed again)
+        in ``rejected.log``, in the segment format, for inspection."""
+        path = self.directory / "rejected.log"
+        with self._lock, path.open("ab") as file:
+            file.write(b"".join(_frame(record) for record in records))
+        return path
 
     def close(self) -> None:
         """Close the active segment and release the slot, if this journal holds one."""
@@ -292,12 +342,14 @@ class Spill:
             return
         try:
             written = self.journal.append(records)
-        except OSError as exc:
-            self._ledger.add_failed(count)
+        except PartialWrite as exc:
+            self._ledger.add_spilled(exc.written)
+            self._ledger.add_failed(count - exc.written)
             self._log(
                 logging.ERROR,
                 "disk",
-                f"{count} records lost ({why}): cannot write the spill journal: {exc}",
+                f"{count - exc.written} records lost ({why}): cannot write the spill journal: "
+                f"{exc}",
             )
             return
         self._ledger.add_spilled(written)
