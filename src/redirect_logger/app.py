@@ -35,6 +35,22 @@ _NOT_FOUND = b"not found\n"
 _OVERLOADED = b"overloaded, retry later\n"
 
 
+def _uncancellable(send: Any) -> Any:
+    """``send`` for Quart: each message is handed to Hypercorn whole, even if Quart cancels.
+
+    quart-trio cancels its response task as soon as it receives
+    ``http.disconnect``, which Hypercorn delivers from inside the last
+    ``send``. Cancelled there, Hypercorn neither closes nor recycles the
+    connection, and no timeout would ever close it.
+    """
+
+    async def send_shielded(message: dict[str, Any]) -> None:
+        with trio.CancelScope(shield=True):
+            await send(message)
+
+    return send_shielded
+
+
 def _head(status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     return {"type": "http.response.start", "status": status, "headers": headers}
 
@@ -58,6 +74,8 @@ class Frontend:
             await self._hit(scope, send)
         elif kind == "lifespan" and self._own_lifecycle:
             await self._lifespan(receive, send)
+        elif kind == "http":
+            await self._inner(scope, receive, _uncancellable(send))
         else:
             await self._inner(scope, receive, send)
 

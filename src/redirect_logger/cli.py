@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve
 
 from .app import create_app
@@ -81,10 +83,38 @@ async def _until_stopped(service: Service, stop: trio.Event) -> None:
     await trio.sleep(service.settings.server.shutdown_delay)
 
 
+class _BoundedSendConfig(HypercornConfig):
+    """Hypercorn's Config; its listening sockets also bound how long a send may stall.
+
+    Hypercorn shields its socket writes from cancellation and has no write
+    timeout, so a client that stops reading would hold its connection, and
+    the graceful shutdown, forever. ``TCP_USER_TIMEOUT`` (Linux), inherited
+    by every accepted connection, makes the kernel abort a connection whose
+    sent data stays unacknowledged (a zero window included) for
+    ``send_timeout`` seconds; the blocked write then fails and Hypercorn
+    closes the connection.
+    """
+
+    send_timeout: float | None = None
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if option is not None and self.send_timeout is not None:
+            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, option, round(self.send_timeout * 1000))
+        return sockets
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = HypercornConfig()
+    """Hypercorn's Config for ``serve``; docs/operations.md lists the limits it sets."""
+    config = _BoundedSendConfig()
     config.bind = [*settings.server.bind, *settings.server.admin_bind]
     config.graceful_timeout = settings.server.graceful_timeout
+    # A response that cannot progress that long cannot finish within the
+    # graceful shutdown either.
+    config.send_timeout = settings.server.graceful_timeout
     config.accesslog = None
     return config
 

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,11 @@ from .config import KafkaValue, SpillSettings
 from .hits import Encoded
 from .kafka import KafkaSink
 from .ledger import Ledger
-from .spill import Journal, read_segment
+from .spill import Journal, SegmentReader
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1_000  # records per produce call
+_CHUNK = 100  # records read and produced at a time; the GIL is offered between chunks
 _WINDOW = 0.25  # s one produce call may wait for queue room
 _STOP_FLUSH = 0.2  # s to wait for outstanding reports when told to stop
 _IDLE = 1.0  # s between looks for something to replay
@@ -121,7 +122,7 @@ class Replayer:
         total = 0
         for journal in self.journals():
             for path in journal.seal():
-                total += len(read_segment(path).records)
+                total += sum(1 for _ in SegmentReader(path))
         return total
 
     def wait_reachable(self, timeout: float) -> bool:
@@ -151,22 +152,26 @@ class Replayer:
     ) -> bool:
         """Produce one sealed segment's records; delete it (or set it aside if its
         tail is bad) once every one is acknowledged. Returns whether it was."""
-        read = read_segment(path)
-        records = read.records
+        reader = SegmentReader(path)
+        records = iter(reader)
         segment, sink = self._segment, self.sink
         segment.reset()
-        started, sent = time.monotonic(), 0
-        while sent < len(records) and not self._interrupted():
+        started, sent, chunk = time.monotonic(), 0, list(islice(records, _CHUNK))
+        while chunk and not self._interrupted():
             if self._rate is not None:
                 ahead = started + sent / self._rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(min(ahead, 0.1))
                     continue
-            accepted = sink.produce_batch(records[sent : sent + _CHUNK], _WINDOW)
+            accepted = sink.produce_batch(chunk, _WINDOW)
             sent += accepted
+            del chunk[:accepted]
+            if not chunk:
+                chunk = list(islice(records, _CHUNK))
             before = segment.acknowledged
             sink.flush(0)  # serve the reports that are in
             progress(segment.acknowledged - before)
+            time.sleep(0)  # let the Trio thread take the GIL between chunks
         while sink.queued() and not self._interrupted():
             before = segment.acknowledged
             sink.flush(0.2)
@@ -178,13 +183,13 @@ class Replayer:
         if sink.fatal_error is not None:
             sink.rebuild()  # the segment is kept and tried again
             return False
-        if segment.failed or segment.acknowledged + len(segment.rejected) < len(records):
+        if chunk or segment.failed or segment.acknowledged + len(segment.rejected) < sent:
             if segment.failed:
                 log.warning(
                     "replay of %s: %d of %d records not delivered (%s); segment kept",
                     path,
                     segment.failed,
-                    len(records),
+                    sent,
                     segment.why,
                 )
             return False
@@ -197,7 +202,7 @@ class Replayer:
                 segment.why,
                 aside,
             )
-        if read.corrupt_at is None:
+        if reader.corrupt_at is None:
             journal.delete(path)
             log.info("replayed %d records from %s", segment.acknowledged, path)
         else:
@@ -205,9 +210,9 @@ class Replayer:
             log.error(
                 "replayed the %d intact records of %s; a torn or corrupt tail at byte %d "
                 "is kept as %s",
-                len(records),
+                sent,
                 path,
-                read.corrupt_at,
+                reader.corrupt_at,
                 kept,
             )
         return True

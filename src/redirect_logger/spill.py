@@ -84,24 +84,41 @@ def _unframe(body: bytes) -> Encoded | None:
     return Encoded(topic, body[start:end], body[end:], timestamp_ms)
 
 
+class SegmentReader:
+    """Reads a segment's records lazily, in order, up to the first bad one.
+
+    ``corrupt_at`` is set once the iteration has reached a torn or corrupt
+    tail (its byte offset); it stays None for an intact segment.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._data = path.read_bytes()
+        self.corrupt_at: int | None = None
+
+    def __iter__(self) -> Iterator[Encoded]:
+        data, offset = self._data, 0
+        while offset < len(data):
+            if offset + _HEADER.size > len(data):
+                break
+            length, crc = _HEADER.unpack_from(data, offset)
+            body = data[offset + _HEADER.size : offset + _HEADER.size + length]
+            if len(body) != length or length < _FIELDS.size or zlib.crc32(body) != crc:
+                break
+            record = _unframe(body)
+            if record is None:
+                break
+            yield record
+            offset += _HEADER.size + length
+        else:
+            return
+        self.corrupt_at = offset
+
+
 def read_segment(path: Path) -> SegmentRead:
     """Every intact record of a segment, in order, up to the first bad one."""
-    data = path.read_bytes()
-    records: list[Encoded] = []
-    offset = 0
-    while offset < len(data):
-        if offset + _HEADER.size > len(data):
-            return SegmentRead(records, offset)
-        length, crc = _HEADER.unpack_from(data, offset)
-        body = data[offset + _HEADER.size : offset + _HEADER.size + length]
-        if len(body) != length or length < _FIELDS.size or zlib.crc32(body) != crc:
-            return SegmentRead(records, offset)
-        record = _unframe(body)
-        if record is None:
-            return SegmentRead(records, offset)
-        records.append(record)
-        offset += _HEADER.size + length
-    return SegmentRead(records, None)
+    reader = SegmentReader(path)
+    records = list(reader)
+    return SegmentRead(records, reader.corrupt_at)
 
 
 class Journal:

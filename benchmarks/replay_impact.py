@@ -1,0 +1,129 @@
+"""Redirect latency with and without a replay running, side by side in one run.
+
+    python benchmarks/replay_impact.py --bootstrap 127.0.0.1:9092 [--records 200000]
+
+Runs ``redirect-logger serve`` (the real CLI) twice against the same broker,
+driven by ``wrk`` (keep-alive, loopback) for --seconds each: first with an
+empty spill journal, then with --records records journaled beforehand, which
+the service replays in the background from its start. Prints requests/s and
+latency for both runs, their ratios, and how many records the replay
+delivered meanwhile. Bounded: wrk stops after --seconds; each service after
+its drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import orjson
+
+from redirect_logger.hits import Encoded
+from redirect_logger.spill import Journal
+
+ROOT = Path(__file__).resolve().parent.parent
+BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
+LEDGER_RE = re.compile(r"ledger (\{.*\})")
+WRK_RE = {
+    "rps": re.compile(r"Requests/sec:\s+([\d.]+)"),
+    "p50": re.compile(r"50%\s+([\d.]+)(us|ms|s)"),
+    "p99": re.compile(r"99%\s+([\d.]+)(us|ms|s)"),
+}
+UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def run(config: Path, seconds: int, connections: int) -> tuple[dict[str, float], dict[str, int]]:
+    service = subprocess.Popen(
+        [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert service.stderr is not None
+    lines: list[str] = []
+    url = None
+    while url is None:
+        line = service.stderr.readline()
+        if not line:
+            raise RuntimeError("".join(lines))
+        lines.append(line)
+        found = BIND_RE.search(line)
+        url = found.group(1) if found else None
+    report = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            f"{url}/docs/a?x=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    service.send_signal(signal.SIGTERM)
+    rest = service.communicate(timeout=120)[1]
+    figures: dict[str, float] = {}
+    for name, pattern in WRK_RE.items():
+        found = pattern.search(report)
+        if found is None:
+            raise RuntimeError(report)
+        figures[name] = float(found.group(1)) * (UNIT[found.group(2)] if name != "rps" else 1)
+    ledger = orjson.loads(LEDGER_RE.findall("".join(lines) + rest)[-1])
+    return figures, ledger
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="replay-impact-"))
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    results = []
+    for label, journaled in (("no replay", 0), ("replaying", args.records)):
+        spill = work / label.replace(" ", "-")
+        if journaled:
+            journal = Journal(spill / "slot-0", max_bytes=1 << 31, segment_bytes=64 << 20)
+            value = orjson.dumps({"id": "x" * 36, "path": "/docs/a", "pad": "p" * 300})
+            batch = [Encoded(topic, b"k", value, 1_700_000_000_000)] * 10_000
+            for _ in range(journaled // len(batch)):
+                journal.append(batch)
+            journal.close()
+        config = work / f"{label}.toml"
+        config.write_text(
+            '[server]\nbind = ["127.0.0.1:0"]\n'
+            '[[rules]]\nname = "docs"\npath = "/docs/*"\n'
+            'target = "https://docs.example.com/"\nstatus = 301\nforward_path = true\n'
+            f'[records]\ntopic = "{topic}"\n'
+            f'[kafka]\n"bootstrap.servers" = "{args.bootstrap}"\n'
+            f'[spill]\ndirectory = "{spill}"\n'
+        )
+        results.append((label, *run(config, args.seconds, args.connections)))
+    print(f"{'run':<10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'replayed':>9}")
+    for label, figures, ledger in results:
+        print(
+            f"{label:<10} {figures['rps']:8.0f} {figures['p50']:8.2f} {figures['p99']:8.2f} "
+            f"{ledger['replayed']:9d}"
+        )
+    base, busy = results[0][1], results[1][1]
+    print(
+        f"replaying / no replay: req/s {busy['rps'] / base['rps']:.2f}, "
+        f"p50 {busy['p50'] / base['p50']:.2f}, p99 {busy['p99'] / base['p99']:.2f}"
+    )
+    shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
