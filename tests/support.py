@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from redirect_logger.cli import serve_service
 from redirect_logger.config import parse_settings
@@ -134,7 +134,7 @@ def read_topic(
         positions = dict.fromkeys(partitions, 0)
         ends: dict[int, int] = {}
         while True:
-            previous, ends = ends, _ends(consumer, topic, partitions)
+            previous, ends = ends, _ends(consumer, topic, partitions, deadline)
             if previous == ends and len(records) >= expected:
                 return records
             while any(positions[p] < ends[p] for p in partitions):
@@ -162,11 +162,19 @@ def _partitions(consumer: Consumer, topic: str, deadline: float) -> list[int]:
         time.sleep(0.2)
 
 
-def _ends(consumer: Consumer, topic: str, partitions: list[int]) -> dict[int, int]:
-    return {
-        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-        for p in partitions
-    }
+def _ends(consumer: Consumer, topic: str, partitions: list[int], deadline: float) -> dict[int, int]:
+    """Each partition's end offset; retried while a just-(re)started broker
+    has no leader for a partition yet."""
+    while True:
+        try:
+            return {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in partitions
+            }
+        except KafkaException:  # e.g. NOT_LEADER_FOR_PARTITION right after a start
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 LEDGER_RE = re.compile(r"ledger (\{.*\})")
