@@ -20,10 +20,12 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 from uuid_utils import uuid7
+from werkzeug.exceptions import HTTPException
 
 from .hits import Hit
 from .metrics import CONTENT_TYPE
 from .pipeline import Admission
+from .server import guard_connections
 from .service import EXIT_OK, Service
 
 log = logging.getLogger(__name__)
@@ -33,22 +35,6 @@ ASGIApp = Any
 
 _NOT_FOUND = b"not found\n"
 _OVERLOADED = b"overloaded, retry later\n"
-
-
-def _uncancellable(send: Any) -> Any:
-    """``send`` for Quart: each message is handed to Hypercorn whole, even if Quart cancels.
-
-    quart-trio cancels its response task as soon as it receives
-    ``http.disconnect``, which Hypercorn delivers from inside the last
-    ``send``. Cancelled there, Hypercorn neither closes nor recycles the
-    connection, and no timeout would ever close it.
-    """
-
-    async def send_shielded(message: dict[str, Any]) -> None:
-        with trio.CancelScope(shield=True):
-            await send(message)
-
-    return send_shielded
 
 
 def _head(status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
@@ -75,9 +61,41 @@ class Frontend:
         elif kind == "lifespan" and self._own_lifecycle:
             await self._lifespan(receive, send)
         elif kind == "http":
-            await self._inner(scope, receive, _uncancellable(send))
+            await self._admin(scope, receive, send)
         else:
             await self._inner(scope, receive, send)
+
+    async def _admin(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Quart answers; this makes sure of two things Quart does not.
+
+        - Each message reaches Hypercorn whole. quart-trio cancels its response
+          task as soon as it receives ``http.disconnect``, which Hypercorn
+          delivers from inside the last ``send``. Cancelled there, Hypercorn
+          would neither close nor recycle the connection, and no timeout would
+          ever close it.
+        - A request that Quart fails before its error handling (werkzeug's
+          router raises ``BadHost`` for a ``Host`` it cannot encode as IDNA)
+          gets that error's status, not a 500 and a logged traceback.
+        """
+        started = False
+
+        async def send_whole(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        try:
+            await self._inner(scope, receive, send_whole)
+        except* HTTPException as group:
+            if started:
+                raise
+            error: BaseException = group
+            while isinstance(error, BaseExceptionGroup):
+                error = error.exceptions[0]
+            status = error.code if isinstance(error, HTTPException) and error.code else 400
+            await send(_head(status, [(b"content-length", b"0")]))
+            await send({"type": "http.response.body", "body": b""})
 
     async def _hit(self, scope: Scope, send: Any) -> None:
         """Answer at once: match, build the response, hand the hit to the channel."""
@@ -207,7 +225,11 @@ def _interrupt_main_task() -> None:
 
 
 def create_app(service: Service, *, own_lifecycle: bool) -> QuartTrio:
-    """The ASGI app. ``own_lifecycle``: run the service from the ASGI lifespan."""
+    """The ASGI app. ``own_lifecycle``: run the service from the ASGI lifespan.
+
+    Also guards Hypercorn's connections (``server.guard_connections``).
+    """
+    guard_connections()
     app = QuartTrio(__name__)
 
     @app.get("/healthz")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -19,14 +18,13 @@ from typing import Any
 
 import orjson
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
 from hypercorn.trio import serve
 
 from .app import create_app
 from .config import ConfigError, Settings, load_settings, parse_settings
 from .devbroker import DevBrokerError, run_dev_broker
 from .logs import configure_logging
+from .server import hypercorn_config, leaf_errors
 from .service import Service
 
 log = logging.getLogger("redirect_logger.cli")
@@ -81,42 +79,6 @@ async def _until_stopped(service: Service, stop: trio.Event) -> None:
     await stop.wait()
     service.draining = True
     await trio.sleep(service.settings.server.shutdown_delay)
-
-
-class _BoundedSendConfig(HypercornConfig):
-    """Hypercorn's Config; its listening sockets also bound how long a send may stall.
-
-    Hypercorn shields its socket writes from cancellation and has no write
-    timeout, so a client that stops reading would hold its connection, and
-    the graceful shutdown, forever. ``TCP_USER_TIMEOUT`` (Linux), inherited
-    by every accepted connection, makes the kernel abort a connection whose
-    sent data stays unacknowledged (a zero window included) for
-    ``send_timeout`` seconds; the blocked write then fails and Hypercorn
-    closes the connection.
-    """
-
-    send_timeout: float | None = None
-
-    def create_sockets(self) -> Sockets:
-        sockets = super().create_sockets()
-        option = getattr(socket, "TCP_USER_TIMEOUT", None)
-        if option is not None and self.send_timeout is not None:
-            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, option, round(self.send_timeout * 1000))
-        return sockets
-
-
-def hypercorn_config(settings: Settings) -> HypercornConfig:
-    """Hypercorn's Config for ``serve``; docs/operations.md lists the limits it sets."""
-    config = _BoundedSendConfig()
-    config.bind = [*settings.server.bind, *settings.server.admin_bind]
-    config.graceful_timeout = settings.server.graceful_timeout
-    # A response that cannot progress that long cannot finish within the
-    # graceful shutdown either.
-    config.send_timeout = settings.server.graceful_timeout
-    config.accesslog = None
-    return config
 
 
 async def serve_service(
@@ -184,18 +146,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         startup_errors, other = other.split((OSError, DevBrokerError)) if other else (None, None)
         if other is not None:
             raise
-        for error in _leaves(config_errors) + _leaves(startup_errors):
-            print(f"error: {error}", file=sys.stderr)
+        for failed in (config_errors, startup_errors):
+            for error in leaf_errors(failed) if failed is not None else []:
+                print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG if config_errors else EXIT_FAILURE
-
-
-def _leaves(group: BaseExceptionGroup[BaseException] | None) -> list[BaseException]:
-    if group is None:
-        return []
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
