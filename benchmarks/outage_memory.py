@@ -14,19 +14,15 @@ Bounded: wrk stops after --seconds, the service after its drain.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
-LEDGER_RE = re.compile(r"ledger (\{.*\})")
+from served import Served
 
 
 def rss_mib(pid: int) -> float:
@@ -72,25 +68,9 @@ directory = "{work / "spill"}"
 flush_timeout = 2.0
 """
     )
-    service = subprocess.Popen(
-        [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert service.stderr is not None
-    output: list[str] = []
-    url = None
-    while url is None:
-        line = service.stderr.readline()
-        if not line:
-            print("".join(output), file=sys.stderr)
-            return 1
-        output.append(line)
-        found = BIND_RE.search(line)
-        url = found.group(1) if found else None
+    service = Served(config)
     wrk = subprocess.Popen(
-        ["wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds}s", f"{url}/docs/a?x=1"],
+        ["wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds}s", f"{service.url}/docs/a?x=1"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -102,12 +82,10 @@ flush_timeout = 2.0
     print(f"{time.monotonic() - start:6.0f} {rss_mib(service.pid):10.1f}")
     report = wrk.communicate()[0]
     requests = re.search(r"(\d+) requests in", report)
-    service.send_signal(signal.SIGTERM)
-    rest = service.communicate(timeout=120)[1]
-    ledger = LEDGER_RE.findall("".join(output) + rest)
+    ledger = service.stop()
     spilled = sum(p.stat().st_size for p in (work / "spill").rglob("segment-*"))
     print(f"redirects answered: {requests.group(1) if requests else '?'}")
-    print(f"ledger: {json.loads(ledger[-1]) if ledger else '?'}")
+    print(f"ledger: {ledger}")
     print(f"journal on disk: {spilled / 2**20:.1f} MiB")
     shutil.rmtree(work)
     return 0

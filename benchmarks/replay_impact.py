@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,8 @@ import orjson
 
 from redirect_logger.hits import Encoded
 from redirect_logger.spill import Journal
+from served import Served
 
-ROOT = Path(__file__).resolve().parent.parent
-BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
-LEDGER_RE = re.compile(r"ledger (\{.*\})")
 WRK_RE = {
     "rps": re.compile(r"Requests/sec:\s+([\d.]+)"),
     "p50": re.compile(r"50%\s+([\d.]+)(us|ms|s)"),
@@ -40,22 +37,7 @@ UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
 def run(config: Path, seconds: int, connections: int) -> tuple[dict[str, float], dict[str, int]]:
-    service = subprocess.Popen(
-        [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert service.stderr is not None
-    lines: list[str] = []
-    url = None
-    while url is None:
-        line = service.stderr.readline()
-        if not line:
-            raise RuntimeError("".join(lines))
-        lines.append(line)
-        found = BIND_RE.search(line)
-        url = found.group(1) if found else None
+    service = Served(config)
     report = subprocess.run(
         [
             "wrk",
@@ -63,21 +45,19 @@ def run(config: Path, seconds: int, connections: int) -> tuple[dict[str, float],
             f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
-            f"{url}/docs/a?x=1",
+            f"{service.url}/docs/a?x=1",
         ],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
     ).stdout
-    service.send_signal(signal.SIGTERM)
-    rest = service.communicate(timeout=120)[1]
+    ledger = service.stop()
     figures: dict[str, float] = {}
     for name, pattern in WRK_RE.items():
         found = pattern.search(report)
         if found is None:
             raise RuntimeError(report)
         figures[name] = float(found.group(1)) * (UNIT[found.group(2)] if name != "rps" else 1)
-    ledger = orjson.loads(LEDGER_RE.findall("".join(lines) + rest)[-1])
     return figures, ledger
 
 
@@ -116,6 +96,9 @@ def main() -> int:
             f"{label:<10} {figures['rps']:8.0f} {figures['p50']:8.2f} {figures['p99']:8.2f} "
             f"{ledger['replayed']:9d}"
         )
+    if not all(ledger["delivered"] for _, _, ledger in results):
+        print(f"error: nothing was delivered to {args.bootstrap}: is the broker up?")
+        return 1
     base, busy = results[0][1], results[1][1]
     print(
         f"replaying / no replay: req/s {busy['rps'] / base['rps']:.2f}, "

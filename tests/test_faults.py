@@ -106,6 +106,20 @@ def _check_ledgers(service: ServiceProcess, processes: int) -> list[dict[str, in
     return ledgers
 
 
+async def _stop_after_delivery(
+    service: ServiceProcess, broker: KafkaBroker, topic: str, answered: dict[str, float]
+) -> dict[str, int]:
+    """Once the topic holds every answered id exactly once, SIGTERM the service
+    (one process); it exits 0 with an exact ledger, all it journaled replayed."""
+    await trio.to_thread.run_sync(_exactly_once, broker, topic, answered)
+    code = await trio.to_thread.run_sync(service.terminate)
+    assert code == 0, service.output
+    [ledger] = _check_ledgers(service, 1)
+    print(_latency(answered), ledger)
+    assert ledger["replayed"] == ledger["spilled"], ledger
+    return ledger
+
+
 @pytest.fixture
 def kafka(tmp_path: Path) -> Iterator[KafkaBroker]:
     """A broker of the test's own, formatted but not started."""
@@ -128,15 +142,10 @@ async def test_broker_down_at_start_then_up_delivers_every_record_once(
         await _load([url], 4.0, answered)
         assert max(answered.values()) < SLOW, _latency(answered)
         await trio.to_thread.run_sync(kafka.start)
-        await trio.to_thread.run_sync(_exactly_once, kafka, topic, answered)
-        code = await trio.to_thread.run_sync(service.terminate)
+        ledger = await _stop_after_delivery(service, kafka, topic, answered)
     finally:
         service.kill()
-    assert code == 0, service.output
-    [ledger] = _check_ledgers(service, 1)
-    print(_latency(answered), ledger)
     assert ledger["spilled"] > 0, ledger  # the outage outgrew librdkafka's queue
-    assert ledger["replayed"] == ledger["spilled"], ledger
     assert not list((tmp_path / "spill" / "slot-0").glob("segment-*")), "journal not emptied"
 
 
@@ -156,14 +165,9 @@ async def test_broker_killed_mid_load_and_restarted_loses_nothing(
             await trio.sleep(2.0)
             await trio.to_thread.run_sync(kafka.start)  # same ports, same data directory
         assert max(answered.values()) < SLOW, _latency(answered)
-        await trio.to_thread.run_sync(_exactly_once, kafka, topic, answered)
-        code = await trio.to_thread.run_sync(service.terminate)
+        await _stop_after_delivery(service, kafka, topic, answered)
     finally:
         service.kill()
-    assert code == 0, service.output
-    [ledger] = _check_ledgers(service, 1)
-    print(_latency(answered), ledger)
-    assert ledger["replayed"] == ledger["spilled"], ledger
 
 
 @pytest.mark.parametrize("mode", ["cli", "hypercorn-2"])

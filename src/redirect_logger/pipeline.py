@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -238,17 +239,18 @@ class Pipeline:
         batch.clear()
 
     async def run_worker(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
-        batch: list[Encoded] = []
-        self._in_hand.append(batch)
-        async with receive:
-            done = False
-            while not done:
-                done = await self.collect(receive, batch)
-                if batch:
-                    await self.ship(batch)
+        await self._run(receive, self.ship)
 
     async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
         """Under ``when_full = "spill"``: journal the hits that found the channel full."""
+        await self._run(receive, partial(self.keep, why="the channel was full (when_full = spill)"))
+
+    async def _run(
+        self,
+        receive: trio.MemoryReceiveChannel[Hit],
+        handle: Callable[[list[Encoded]], Awaitable[None]],
+    ) -> None:
+        """Collect batches until the channel ends; ``handle`` empties each one."""
         batch: list[Encoded] = []
         self._in_hand.append(batch)
         async with receive:
@@ -256,7 +258,7 @@ class Pipeline:
             while not done:
                 done = await self.collect(receive, batch)
                 if batch:
-                    await self.keep(batch, "the channel was full (when_full = spill)")
+                    await handle(batch)
 
     async def spill_leftovers(self) -> None:
         """After the drain deadline: journal every record still in a worker's

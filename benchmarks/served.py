@@ -1,0 +1,47 @@
+"""``redirect-logger serve`` as a subprocess, for the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
+LEDGER_RE = re.compile(r"ledger (\{.*\})")
+
+
+class Served:
+    """The real CLI serving ``config``; ``url`` once it listens."""
+
+    def __init__(self, config: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self.process.stderr is not None
+        self.lines: list[str] = []
+        found = None
+        while found is None:
+            line = self.process.stderr.readline()
+            if not line:
+                raise RuntimeError("the service did not start:\n" + "".join(self.lines))
+            self.lines.append(line)
+            found = BIND_RE.search(line)
+        self.url = found.group(1)
+        self.pid = self.process.pid
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM; the ledger the service logged at exit."""
+        self.process.send_signal(signal.SIGTERM)
+        rest = self.process.communicate(timeout=120)[1]
+        ledgers = LEDGER_RE.findall("".join(self.lines) + rest)
+        if not ledgers:
+            raise RuntimeError("no ledger logged:\n" + "".join(self.lines) + rest)
+        ledger: dict[str, int] = json.loads(ledgers[-1])
+        return ledger
