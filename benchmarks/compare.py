@@ -1,0 +1,470 @@
+"""Side-by-side HTTP benchmark: the service against four baselines, in one run.
+
+    python benchmarks/compare.py [--bootstrap HOST:PORT] [--seconds 10]
+        [--rounds 3] [--connections 16 64 256] [--plot docs/benchmarks.png]
+
+Systems (benchmarks/apps.py has B, C and E):
+  A  redirect-logger serve, records delivered to Kafka (acks=all)
+  B  a stock Quart-Trio route returning the same redirect, nothing logged
+  C  a raw ASGI app returning the same redirect (Hypercorn trio's ceiling)
+  D  nginx `return 301` (the machine's ceiling; Debian's nginx-light)
+  E  the naive design: B plus a produce and poll per request, no flush at exit
+
+Every run starts the system afresh, loads it with ``wrk -t1 --latency``
+(keep-alive, loopback) for --seconds at one connection count, and reads the
+server's CPU time and peak RSS from /proc. The systems are interleaved, in a
+rotating order, round after round; the table shows medians over the rounds
+and the ratios A/B, A/C, A/D, A/E. For A and E it also counts the records in
+Kafka against the redirects answered. Without --bootstrap it starts Apache
+Kafka itself (tests/brokers.py). Bounded: every run stops after --seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from served import ROOT, Served
+
+HERE = Path(__file__).resolve().parent
+PATH = "/docs/a?x=1"
+LOCATION = "https://docs.example.com/a?x=1"
+SYSTEMS = "ABCDE"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    system: str
+    connections: int
+    rps: float
+    p50: float  # ms
+    p99: float
+    max: float
+    cpu_per_1k: float  # CPU seconds per 1,000 requests
+    peak_rss: float  # MiB
+    answered: int
+    records: int | None  # in Kafka, for A and E
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def _peak_rss(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def _wrk(url: str, connections: int, seconds: int) -> tuple[float, float, float, float, int]:
+    report = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url + PATH],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", report)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", report)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", report)
+    peak = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", report)
+    count = re.search(r"(\d+) requests in", report)
+    if not (rps and p50 and p99 and peak and count):
+        raise RuntimeError(f"cannot read wrk's report:\n{report}")
+    return (
+        float(rps.group(1)),
+        _ms(*p50.groups()),
+        _ms(*p99.groups()),
+        _ms(*peak.groups()),
+        int(count.group(1)),
+    )
+
+
+def _records(bootstrap: str, topic: str) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench", "log_level": 0})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return 0
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in metadata.partitions
+        )
+    finally:
+        consumer.close()
+
+
+class _Process:
+    """A baseline server process started by a command line."""
+
+    def __init__(self, command: list[str], url: str, cwd: Path, env: dict[str, str]) -> None:
+        self.url = url
+        self.process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        deadline = time.monotonic() + 30
+        import socket
+
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((host, int(port)), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{command} did not listen on {url}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+def _hypercorn(app: str, env: dict[str, str]) -> _Process:
+    port = _free_port()
+    command = [sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", "0"]
+    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", f"apps:{app}"]
+    return _Process(command, f"http://127.0.0.1:{port}", HERE, env)
+
+
+def _nginx(work: Path) -> _Process:
+    port = _free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+worker_processes auto;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location ~ ^/docs/(.*)$ {{ return 301 https://docs.example.com/$1$is_args$args; }}
+    }}
+}}
+"""
+    )
+    return _Process(
+        ["nginx", "-c", str(conf), "-p", str(work)], f"http://127.0.0.1:{port}", work, {}
+    )
+
+
+def _service_config(work: Path, bootstrap: str, topic: str) -> Path:
+    config = work / f"service-{topic}.toml"
+    config.write_text(
+        f"""[server]
+bind = ["127.0.0.1:0"]
+graceful_timeout = 5.0
+[[rules]]
+name = "docs"
+path = "/docs/*"
+target = "https://docs.example.com/"
+status = 301
+forward_path = true
+[records]
+topic = "{topic}"
+[kafka]
+"bootstrap.servers" = "{bootstrap}"
+[spill]
+directory = "{work / "spill" / topic}"
+"""
+    )
+    return config
+
+
+def measure(system: str, connections: int, seconds: int, bootstrap: str, work: Path) -> Run:
+    topic = f"bench-{system}-{uuid.uuid4().hex[:8]}"
+    server: Served | _Process
+    if system == "A":
+        server = Served(_service_config(work, bootstrap, topic))
+    elif system == "D":
+        server = _nginx(work)
+    else:
+        app = {"B": "stock", "C": "raw", "E": "naive"}[system]
+        server = _hypercorn(app, {"BENCH_BOOTSTRAP": bootstrap, "BENCH_TOPIC": topic})
+    check = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", server.url + PATH],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+    if check != f"301 {LOCATION}":
+        raise RuntimeError(f"{system} answered {check!r}, not 301 {LOCATION}")
+    pids = _tree(server.pid)
+    cpu_before = _cpu(pids)
+    rps, p50, p99, peak, answered = _wrk(server.url, connections, seconds)
+    answered += 1  # the check above
+    cpu = _cpu(_tree(server.pid)) - cpu_before
+    rss = _peak_rss(_tree(server.pid))
+    records = None
+    if isinstance(server, Served):
+        ledger = server.stop()
+        if ledger["received"] != ledger["delivered"]:
+            raise RuntimeError(f"A did not deliver every record: {ledger}")
+        records = _records(bootstrap, topic)
+        answered = ledger["received"]  # wrk leaves out answers still in flight at its end
+    else:
+        server.stop()
+        if system == "E":
+            records = _records(bootstrap, topic)
+    return Run(
+        system,
+        connections,
+        rps,
+        p50,
+        p99,
+        peak,
+        cpu / max(answered, 1) * 1000,
+        rss,
+        answered,
+        records,
+    )
+
+
+def shutdown_under_load(system: str, seconds: int, bootstrap: str, work: Path, down: bool) -> str:
+    """SIGTERM in the middle of a wrk run (64 connections), with the broker up
+    or unreachable (``down``): what became of the redirects wrk saw answered."""
+    topic = f"bench-{system}-stop-{uuid.uuid4().hex[:8]}"
+    target = "127.0.0.1:9" if down else bootstrap  # nothing listens on port 9
+    server: Served | _Process
+    if system == "A":
+        server = Served(_service_config(work, target, topic))
+    else:
+        server = _hypercorn("naive", {"BENCH_BOOTSTRAP": target, "BENCH_TOPIC": topic})
+    wrk = subprocess.Popen(
+        ["wrk", "-t1", "-c64", f"-d{seconds}s", server.url + PATH],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(seconds / 2)
+    ledger = server.stop()  # the ledger for A; None for E
+    report = wrk.communicate(timeout=seconds + 60)[0]
+    count = re.search(r"(\d+) requests in", report)
+    answered = int(count.group(1)) if count else 0
+    records = 0 if down else _records(bootstrap, topic)
+    kept = f"{records:,} records in Kafka"
+    if ledger is not None:
+        kept += f", {ledger['spilled']:,} in the spill journal (ledger {ledger})"
+    state = "broker unreachable" if down else "broker up"
+    return f"{system}, SIGTERM under load, {state}: {answered:,} redirects answered; {kept}"
+
+
+def _median(runs: list[Run], field: str) -> float:
+    return statistics.median(getattr(run, field) for run in runs)
+
+
+def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
+    lines = [
+        "| conns | system | req/s | p50 ms | p99 ms | max ms | CPU s/1k req | peak RSS MiB "
+        "| records / answered |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for connections in connection_counts:
+        for system in systems:
+            mine = [r for r in runs if r.system == system and r.connections == connections]
+            if not mine:
+                continue
+            kept = "" if mine[0].records is None else f"{sum(r.records or 0 for r in mine):,} / "
+            kept += f"{sum(r.answered for r in mine):,}" if kept else ""
+            lines.append(
+                f"| {connections} | {system} | {_median(mine, 'rps'):,.0f} "
+                f"| {_median(mine, 'p50'):.2f} | {_median(mine, 'p99'):.2f} "
+                f"| {_median(mine, 'max'):.1f} | {_median(mine, 'cpu_per_1k'):.3f} "
+                f"| {_median(mine, 'peak_rss'):.1f} | {kept} |"
+            )
+    lines += [
+        "",
+        "| conns | A/B req/s | A/C | A/D | A/E | A/B p99 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for connections in connection_counts:
+        of = {
+            system: [r for r in runs if r.system == system and r.connections == connections]
+            for system in systems
+        }
+        if not of.get("A"):
+            continue
+        a = _median(of["A"], "rps")
+        cells = [f"{a / _median(of[s], 'rps'):.2f}" if of.get(s) else "-" for s in "BCDE"]
+        p99 = f"{_median(of['A'], 'p99') / _median(of['B'], 'p99'):.2f}" if of.get("B") else "-"
+        lines.append(f"| {connections} | " + " | ".join(cells) + f" | {p99} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], connection_counts: list[int], systems: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {
+        "A": "A service",
+        "B": "B stock Quart",
+        "C": "C raw ASGI",
+        "D": "D nginx",
+        "E": "E naive",
+    }
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system in systems:
+        mine = [
+            [r for r in runs if r.system == system and r.connections == c]
+            for c in connection_counts
+        ]
+        if not all(mine):
+            continue
+        left.plot(
+            connection_counts, [_median(m, "rps") for m in mine], marker="o", label=names[system]
+        )
+        right.plot(
+            connection_counts, [_median(m, "p99") for m in mine], marker="o", label=names[system]
+        )
+    for axis, title in ((left, "requests/s (median)"), (right, "p99 latency, ms (median)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(connection_counts, [str(c) for c in connection_counts])
+        axis.set_xlabel("connections (wrk, keep-alive)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+@contextmanager
+def _broker(bootstrap: str | None, work: Path) -> Iterator[str]:
+    if bootstrap:
+        yield bootstrap
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    from brokers import KafkaBroker
+
+    (work / "kafka").mkdir()
+    broker = KafkaBroker(work / "kafka")
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap", help="an existing broker (default: start Apache Kafka)")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--systems", default=SYSTEMS)
+    parser.add_argument("--plot", type=Path, help="write the plot (PNG) here")
+    args = parser.parse_args()
+    for tool in ("wrk", "curl", *(["nginx"] if "D" in args.systems else [])):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (apt-get install {tool})", file=sys.stderr)
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="compare-"))
+    runs: list[Run] = []
+    try:
+        with _broker(args.bootstrap, work) as bootstrap:
+            order = list(args.systems)
+            for round_number in range(args.rounds):
+                for connections in args.connections:
+                    for system in order:
+                        run = measure(system, connections, args.seconds, bootstrap, work)
+                        runs.append(run)
+                        print(
+                            f"round {round_number + 1} c={connections} {system}: "
+                            f"{run.rps:,.0f} req/s, p99 {run.p99:.1f} ms",
+                            file=sys.stderr,
+                        )
+                    order = order[1:] + order[:1]  # rotate who goes first
+            stops = [
+                shutdown_under_load(system, args.seconds, bootstrap, work, down)
+                for down in (False, True)
+                for system in "AE"
+                if system in args.systems
+            ]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(report(runs, args.connections, args.systems))
+    print()
+    print("\n".join(stops))
+    if args.plot:
+        plot(runs, args.connections, args.systems, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
