@@ -398,6 +398,7 @@ def plot(runs: list[Run], connection_counts: list[int], systems: str, path: Path
         axis.set_xlabel("connections (wrk, keep-alive)")
         axis.set_title(title)
         axis.grid(alpha=0.3)
+    left.set_yscale("log")
     right.set_yscale("log")
     left.legend()
     figure.tight_layout()
