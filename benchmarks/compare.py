@@ -9,6 +9,8 @@ Systems (benchmarks/apps.py has B, C and E):
   C  a raw ASGI app returning the same redirect (Hypercorn trio's ceiling)
   D  nginx `return 301` (the machine's ceiling; Debian's nginx-light)
   E  the naive design: B plus a produce and poll per request, no flush at exit
+  F  the service under `hypercorn -k trio --workers 1`   (only with --systems)
+  G  the service under `hypercorn -k trio --workers 2`   (only with --systems)
 
 Every run starts the system afresh, loads it with ``wrk -t1 --latency``
 (keep-alive, loopback) for --seconds at one connection count, and reads the
@@ -22,6 +24,7 @@ Kafka itself (tests/brokers.py). Bounded: every run stops after --seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -154,14 +157,18 @@ def _records(bootstrap: str, topic: str) -> int:
 class _Process:
     """A baseline server process started by a command line."""
 
-    def __init__(self, command: list[str], url: str, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, command: list[str], url: str, cwd: Path, env: dict[str, str], log: Path | None = None
+    ) -> None:
         self.url = url
+        self.log = log
+        output = log.open("w") if log is not None else subprocess.DEVNULL
         self.process = subprocess.Popen(
             command,
             cwd=cwd,
             env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
             start_new_session=True,
         )
         self.pid = self.process.pid
@@ -188,11 +195,22 @@ class _Process:
                 self.process.wait(10)
 
 
-def _hypercorn(app: str, env: dict[str, str]) -> _Process:
+def _hypercorn(
+    app: str, env: dict[str, str], workers: int = 0, log: Path | None = None
+) -> _Process:
     port = _free_port()
-    command = [sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", "0"]
-    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", f"apps:{app}"]
-    return _Process(command, f"http://127.0.0.1:{port}", HERE, env)
+    command = [sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", str(workers)]
+    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", app]
+    return _Process(command, f"http://127.0.0.1:{port}", HERE, env, log)
+
+
+def _hypercorn_ledgers(log: Path) -> dict[str, int]:
+    """The service's ledger lines in a Hypercorn log, summed over its workers."""
+    total: dict[str, int] = {}
+    for found in re.findall(r"ledger (\{.*\})", log.read_text()):
+        for key, value in json.loads(found).items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _nginx(work: Path) -> _Process:
@@ -253,9 +271,14 @@ def measure(system: str, connections: int, seconds: int, bootstrap: str, work: P
         server = Served(_service_config(work, bootstrap, topic))
     elif system == "D":
         server = _nginx(work)
+    elif system in "FG":  # the service under hypercorn, 1 or 2 worker processes
+        env = {"REDIRECT_LOGGER_CONFIG": str(_service_config(work, bootstrap, topic))}
+        workers = 1 if system == "F" else 2
+        log = work / f"{topic}.log"
+        server = _hypercorn("redirect_logger.asgi:app", env, workers, log)
     else:
         app = {"B": "stock", "C": "raw", "E": "naive"}[system]
-        server = _hypercorn(app, {"BENCH_BOOTSTRAP": bootstrap, "BENCH_TOPIC": topic})
+        server = _hypercorn(f"apps:{app}", {"BENCH_BOOTSTRAP": bootstrap, "BENCH_TOPIC": topic})
     check = subprocess.run(
         ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", server.url + PATH],
         capture_output=True,
@@ -281,6 +304,12 @@ def measure(system: str, connections: int, seconds: int, bootstrap: str, work: P
         server.stop()
         if system == "E":
             records = _records(bootstrap, topic)
+        if server.log is not None:
+            ledger = _hypercorn_ledgers(server.log)
+            if not ledger or ledger["received"] != ledger["delivered"]:
+                raise RuntimeError(f"{system} did not deliver every record: {ledger}")
+            records = _records(bootstrap, topic)
+            answered = ledger["received"]
     return Run(
         system,
         connections,
@@ -304,7 +333,7 @@ def shutdown_under_load(system: str, seconds: int, bootstrap: str, work: Path, d
     if system == "A":
         server = Served(_service_config(work, target, topic))
     else:
-        server = _hypercorn("naive", {"BENCH_BOOTSTRAP": target, "BENCH_TOPIC": topic})
+        server = _hypercorn("apps:naive", {"BENCH_BOOTSTRAP": target, "BENCH_TOPIC": topic})
     wrk = subprocess.Popen(
         ["wrk", "-t1", "-c64", f"-d{seconds}s", server.url + PATH],
         stdout=subprocess.PIPE,
@@ -346,22 +375,30 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
                 f"| {_median(mine, 'max'):.1f} | {_median(mine, 'cpu_per_1k'):.3f} "
                 f"| {_median(mine, 'peak_rss'):.1f} | {kept} |"
             )
-    lines += [
-        "",
-        "| conns | A/B req/s | A/C | A/D | A/E | A/B p99 |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    if "A" in systems:
+        lines += [
+            "",
+            "| conns | A/B req/s | A/C | A/D | A/E | A/B p99 |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
     for connections in connection_counts:
         of = {
             system: [r for r in runs if r.system == system and r.connections == connections]
             for system in systems
         }
-        if not of.get("A"):
+        if not of.get("A") or not any(of.get(s) for s in "BCDE"):
             continue
         a = _median(of["A"], "rps")
         cells = [f"{a / _median(of[s], 'rps'):.2f}" if of.get(s) else "-" for s in "BCDE"]
         p99 = f"{_median(of['A'], 'p99') / _median(of['B'], 'p99'):.2f}" if of.get("B") else "-"
         lines.append(f"| {connections} | " + " | ".join(cells) + f" | {p99} |")
+    if "F" in systems and "G" in systems:
+        lines += ["", "| conns | G/F req/s (2 workers / 1) |", "| --- | --- |"]
+        for connections in connection_counts:
+            f = [r for r in runs if r.system == "F" and r.connections == connections]
+            g = [r for r in runs if r.system == "G" and r.connections == connections]
+            if f and g:
+                lines.append(f"| {connections} | {_median(g, 'rps') / _median(f, 'rps'):.2f} |")
     return "\n".join(lines)
 
 

@@ -377,15 +377,16 @@ INVALID = [
     pytest.param(
         config(shutdown={"flush_timeout": 29.0}),
         "shutdown.flush_timeout",
-        "29.0 s (+ 2.0 s for purged records) does not fit in shutdown.grace_period (30.0 s)",
+        "29.0 s (+ 3.0 s for the drain's last steps) does not fit in "
+        "shutdown.grace_period (30.0 s)",
         id="flush-longer-than-the-grace-period",
     ),
     pytest.param(
         config(server={"graceful_timeout": 15.0, "shutdown_delay": 10.0}),
         "shutdown.grace_period",
         "30.0 s is shorter than a shutdown can take: server.shutdown_delay (10.0 s) + "
-        "server.graceful_timeout (15.0 s) + shutdown.flush_timeout (10.0 s) + 2.0 s for "
-        "purged records = 37.0 s; records would be lost to SIGKILL",
+        "server.graceful_timeout (15.0 s) + shutdown.flush_timeout (10.0 s) + 3.0 s for "
+        "the drain's last steps = 38.0 s; records would be lost to SIGKILL",
         id="shutdown-longer-than-the-grace-period",
     ),
     pytest.param(

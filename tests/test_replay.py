@@ -7,13 +7,22 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import orjson
 import trio
 
 from brokers import Broker
 from redirect_logger.hits import Encoded
 from redirect_logger.spill import Journal, read_segment
-from support import ROOT, UNREACHABLE, read_topic, service_config, unique_topic, write_config
+from support import (
+    ROOT,
+    UNREACHABLE,
+    read_topic,
+    service_config,
+    start_service,
+    unique_topic,
+    write_config,
+)
 
 OPTIONS = {"max_bytes": 10**7, "segment_bytes": 4_000}
 
@@ -132,3 +141,23 @@ async def test_a_record_kafka_refuses_for_good_is_set_aside_not_retried(
     assert sorted(r["id"] for r in records) == sorted(ids(good))
     assert not list(spill.rglob("segment-*"))
     assert read_segment(spill / "slot-0" / "rejected.log").records == [huge]
+
+
+async def test_an_unusable_slot_is_skipped_and_never_stops_the_service(
+    broker: Broker, tmp_path: Path
+) -> None:
+    spill = tmp_path / "spill"
+    (spill / "slot-7" / "lock").mkdir(parents=True)  # its lock cannot be opened
+    topic = unique_topic()
+    config = service_config(broker.bootstrap, topic, spill={"directory": str(spill)})
+    stop = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                for _ in range(3):  # the replayer looks every second once Kafka is reachable
+                    assert (await client.get("/")).status_code == 302
+                    await trio.sleep(1.0)
+            stop.set()
+    assert codes == [0]
+    assert service.ledger_snapshot()["delivered"] == 3

@@ -200,3 +200,17 @@ def test_a_refused_write_counts_what_was_written_and_cuts_the_torn_frame(tmp_pat
     assert read_segment(path) == read_segment(path).__class__(records(2), None)
     assert journal.append(records(1)) == 1  # the next write starts a fresh segment
     assert [len(read_segment(p).records) for p in journal.seal()] == [2, 1]
+
+
+def test_a_set_aside_segment_is_never_overwritten_after_a_restart(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    journal.append(records(2))
+    [first] = journal.seal()
+    kept = journal.set_aside(first)
+    journal.close()
+    again = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)  # no live segment left
+    again.append(records(3))
+    [second] = again.seal()
+    assert second.name != first.name
+    again.set_aside(second)
+    assert read_segment(kept).records == records(2)

@@ -226,8 +226,9 @@ class SpillSettings(_Section):
         return self
 
 
-# s allowed for the purged records' reports after flush_timeout (kafka.py).
-PURGE_ALLOWANCE = 2.0
+# s a drain may take past flush_timeout: the last produce window (0.25 s), the
+# purged records' reports (2 x 1 s, kafka.py) and journaling the leftovers.
+PURGE_ALLOWANCE = 3.0
 
 
 class ShutdownSettings(_Section):
@@ -242,8 +243,8 @@ class ShutdownSettings(_Section):
         if self.flush_timeout + PURGE_ALLOWANCE > self.grace_period:
             raise _KeyError(
                 "shutdown.flush_timeout",
-                f"{self.flush_timeout} s (+ {PURGE_ALLOWANCE} s for purged records) does not "
-                f"fit in shutdown.grace_period ({self.grace_period} s)",
+                f"{self.flush_timeout} s (+ {PURGE_ALLOWANCE} s for the drain's last steps) "
+                f"does not fit in shutdown.grace_period ({self.grace_period} s)",
             )
         return self
 
@@ -397,7 +398,7 @@ def _check_shutdown_budget(settings: Settings) -> None:
             f"{shutdown.grace_period} s is shorter than a shutdown can take: "
             f"server.shutdown_delay ({server.shutdown_delay} s) + server.graceful_timeout "
             f"({server.graceful_timeout} s) + shutdown.flush_timeout ({shutdown.flush_timeout} s)"
-            f" + {PURGE_ALLOWANCE} s for purged records = {total + PURGE_ALLOWANCE} s; "
+            f" + {PURGE_ALLOWANCE} s for the drain's last steps = {total + PURGE_ALLOWANCE} s; "
             "records would be lost to SIGKILL",
         )
 

@@ -65,7 +65,13 @@ _PERMANENT = frozenset(
         KafkaError.INVALID_MSG_SIZE,
         KafkaError.INVALID_RECORD,
         KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.POLICY_VIOLATION,
     }
+)
+# Errors produce() raises at once that no retry can fix; any other is retried later.
+_REFUSED_AT_ONCE = frozenset(
+    {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError._INVALID_ARG}
 )
 
 
@@ -90,6 +96,7 @@ class KafkaSink:
         self._produced = 0
         self._reported = 0
         self._pending: list[tuple[Encoded, KafkaError]] = []
+        self._carry: list[Encoded] | None = None  # during a rebuild: records to produce again
         self._conf: dict[str, Any] = {
             **config,
             "on_delivery": self._on_delivery,
@@ -129,6 +136,9 @@ class KafkaSink:
             return
         retry = [record for record, error in pending if error.code() not in _PERMANENT]
         refused = [record for record, error in pending if error.code() in _PERMANENT]
+        if retry and self._carry is not None:  # rebuilding: they go to the new producer
+            self._carry.extend(retry)
+            retry = []
         if retry:
             why = next(error for _, error in pending if error.code() not in _PERMANENT).str()
             self._reports.undelivered(retry, f"delivery failed: {why}")
@@ -169,8 +179,11 @@ class KafkaSink:
                         pass
                     except KafkaException as exc:
                         error = exc.args[0]
-                        if error.code() != KafkaError._FATAL:  # this record can never go
+                        if error.code() in _REFUSED_AT_ONCE:  # this record can never go
                             self._reports.refused([batch[index]], f"refused: {error.str()}")
+                            break
+                        if error.code() != KafkaError._FATAL:  # e.g. an unknown topic: later
+                            self._reports.undelivered([batch[index]], f"refused: {error.str()}")
                             break
                         # the producer awaits its rebuild: wait, as for a full queue
                     if time.monotonic() >= give_up or producer is not self._producer:
@@ -210,18 +223,31 @@ class KafkaSink:
     def rebuild(self) -> None:
         """Replace a producer that had a fatal error with a new one.
 
-        The records the old one held are purged and their reports served (so
-        they are spilled or counted) before it is dropped. Raises ConfigError
-        if the new producer cannot be created.
+        The records the old one held are purged and produced again into the
+        new one; those that do not fit within a second go to ``undelivered``.
+        Raises ConfigError if the new producer cannot be created.
         """
         old = self._producer
-        old.purge(in_queue=True, in_flight=True, blocking=True)
-        self._serve_reports(old, 2 * _PURGE_REPORTS_WAIT)
+        carry: list[Encoded] = []
+        self._carry = carry
+        try:
+            old.purge(in_queue=True, in_flight=True, blocking=True)
+            self._serve_reports(old, 2 * _PURGE_REPORTS_WAIT)
+        finally:
+            self._carry = None
         self.reachable = False
         self._producer = self._create()
         self.fatal_error = None
         self.rebuilds += 1
-        log.warning("%s rebuilt after a fatal error (%d so far)", self.name, self.rebuilds)
+        taken = self.produce_batch(carry, _PURGE_REPORTS_WAIT) if carry else 0
+        if taken < len(carry):
+            self._reports.undelivered(carry[taken:], "not taken by the rebuilt producer")
+        log.warning(
+            "%s rebuilt after a fatal error (%d so far); %d records it held produced again",
+            self.name,
+            self.rebuilds,
+            taken,
+        )
 
     def _serve_reports(self, producer: Producer, timeout: float) -> None:
         give_up = time.monotonic() + timeout

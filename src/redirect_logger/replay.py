@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .config import KafkaValue, SpillSettings
 from .hits import Encoded
 from .kafka import KafkaSink
 from .ledger import Ledger
+from .logs import RateLimitedLog
 from .spill import Journal, SegmentReader
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,11 @@ class _SegmentReports:
     def delivered(self, latency: float | None) -> None:
         with self._lock:
             self.acknowledged += 1
-        self._ledger.add_replayed()
+
+    def settled(self) -> None:
+        """The segment is done: its acknowledged records count as ``replayed``
+        (a kept segment's do not: they will be produced again)."""
+        self._ledger.add_replayed(self.acknowledged)
 
     def undelivered(self, records: list[Encoded], why: str) -> None:
         with self._lock:
@@ -98,6 +104,7 @@ class Replayer:
         self._segment = _SegmentReports(ledger)
         self.sink = KafkaSink(kafka, self._segment, name="replay producer")
         self.stop = threading.Event()
+        self._log = RateLimitedLog(log)
 
     # -- thread side ----------------------------------------------------------
 
@@ -138,14 +145,24 @@ class Replayer:
             return True
         return any(journal.size for journal in Journal.unclaimed(self._root, **self._options))
 
-    def replay_all(self, progress: Callable[[int], None] = lambda records: None) -> bool:
-        """Replay every segment, oldest first (thread side). Returns False at the
-        first segment that could not be delivered whole, or when stopped."""
+    def replay_all(
+        self,
+        progress: Callable[[int], None] = lambda records: None,
+        healthy: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """Replay every segment, oldest first (thread side). A segment that could
+        not be delivered whole is kept, and the others are still tried while
+        ``healthy()`` (the broker is reachable). Returns whether all were."""
+        whole = True
         for journal in self.journals():
             for path in journal.seal():
-                if self.stop.is_set() or not self.replay_segment(journal, path, progress):
+                if self.stop.is_set():
                     return False
-        return True
+                if not self.replay_segment(journal, path, progress):
+                    whole = False
+                    if not healthy():
+                        return False
+        return whole
 
     def replay_segment(
         self, journal: Journal, path: Path, progress: Callable[[int], None] = lambda n: None
@@ -193,6 +210,7 @@ class Replayer:
                     segment.why,
                 )
             return False
+        segment.settled()
         if segment.rejected:
             aside = journal.reject(segment.rejected)
             log.error(
@@ -224,19 +242,42 @@ class Replayer:
 
     async def run(self, reachable: Callable[[], bool]) -> None:
         """Replay in the background whenever the broker is reachable and the
-        journals hold records: at start-up and after an outage. Never returns;
-        cancel it after setting ``stop`` (the pipeline does)."""
+        journals hold records: at start-up and after an outage. Also fsyncs
+        this process's journal after a quiet spell. Never returns; cancel it
+        after setting ``stop`` (the pipeline does). An error is logged and
+        retried later: it never stops the service."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sync_quiet_journal)
+            await self._replay_when_reachable(reachable)
+
+    async def _sync_quiet_journal(self) -> None:
+        if self._own is None:
+            return
+        limiter = trio.CapacityLimiter(1)
+        while True:
+            await trio.sleep(_IDLE)
+            try:
+                await trio.to_thread.run_sync(self._own.sync_if_due, limiter=limiter)
+            except OSError as exc:
+                self._log(logging.ERROR, "sync", f"cannot fsync the spill journal: {exc}")
+
+    async def _replay_when_reachable(self, reachable: Callable[[], bool]) -> None:
         limiter = trio.CapacityLimiter(1)
         backoff = _BACKOFF[0]
         while True:
             await trio.sleep(_IDLE)
-            if self._own is not None:
-                await trio.to_thread.run_sync(self._own.sync_if_due, limiter=limiter)
             if not reachable():
                 continue
-            if not await trio.to_thread.run_sync(self.pending, limiter=limiter):
-                continue
-            if await trio.to_thread.run_sync(self.replay_all, limiter=limiter):
+            try:
+                if not await trio.to_thread.run_sync(self.pending, limiter=limiter):
+                    continue
+                whole = await trio.to_thread.run_sync(
+                    partial(self.replay_all, healthy=reachable), limiter=limiter
+                )
+            except Exception as exc:  # a disk or journal error: try again later
+                self._log(logging.ERROR, type(exc).__name__, f"replay failed: {exc!r}")
+                whole = False
+            if whole:
                 backoff = _BACKOFF[0]
                 continue
             if self.stop.is_set():

@@ -84,6 +84,11 @@ def _unframe(body: bytes) -> Encoded | None:
     return Encoded(topic, body[start:end], body[end:], timestamp_ms)
 
 
+def _number(path: Path) -> int:
+    digits = path.name[len(_PREFIX) : len(_PREFIX) + 20]
+    return int(digits) if digits.isdigit() else -1
+
+
 class SegmentReader:
     """Reads a segment's records lazily, in order, up to the first bad one.
 
@@ -151,7 +156,9 @@ class Journal:
             existing = self._segment_paths()
         except OSError as exc:
             raise JournalError(f"spill directory {directory}: {exc.strerror or exc}") from exc
-        self._next = int(existing[-1].name[len(_PREFIX) : -len(_SUFFIX)]) + 1 if existing else 0
+        # Numbered after every segment, set-aside ones included, so a name is never reused.
+        numbers = [_number(path) for path in directory.glob(f"{_PREFIX}*")]
+        self._next = max(numbers, default=-1) + 1
         self._bytes = sum(path.stat().st_size for path in existing)
 
     @property
@@ -277,6 +284,9 @@ class Journal:
         path = self.directory / "rejected.log"
         with self._lock, path.open("ab") as file:
             file.write(b"".join(_frame(record) for record in records))
+            file.flush()
+            if self._fsync != "never":  # before their segment is deleted
+                os.fsync(file.fileno())
         return path
 
     def close(self) -> None:
@@ -329,13 +339,20 @@ class Journal:
         if not root.is_dir():
             return
         for slot in sorted(root.glob(f"{_SLOT}*")):
-            journal = cls._try_slot(slot, **options) if slot.is_dir() else None
+            try:
+                journal = cls._try_slot(slot, **options) if slot.is_dir() else None
+            except JournalError as exc:  # e.g. a slot left unreadable: not ours to stop on
+                _unusable_slot(logging.ERROR, str(slot), f"{exc}; skipped")
+                continue
             if journal is None:
                 continue
             try:
                 yield journal
             finally:
                 journal.close()
+
+
+_unusable_slot = RateLimitedLog(log, interval=300.0)
 
 
 class Spill:
