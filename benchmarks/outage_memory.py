@@ -1,14 +1,15 @@
 """Memory while Kafka is unreachable: RSS under saturating load, sampled.
 
-    python benchmarks/outage_memory.py [--seconds 60] [--connections 64]
+    python benchmarks/outage_memory.py [--seconds 60] [--connections 64] [--bootstrap HOST:PORT]
 
 Starts ``redirect-logger serve`` (the real CLI) with Kafka pointed at a port
-where nothing listens, a fresh spill directory and the given records
-settings, drives it with ``wrk`` (keep-alive, loopback) and prints the
-service's RSS every 5 s, the redirects answered and the final ledger. With
-the broker down the bounded queues fill (the channel, librdkafka's queue)
-and the rest goes to the journal on disk, so RSS must level off.
-Bounded: wrk stops after --seconds, the service after its drain.
+where nothing listens (or, with --bootstrap, at a real broker: a soak), a
+fresh spill directory and the given records settings, drives it with ``wrk``
+(keep-alive, loopback) and prints the service's RSS every 5 s, the
+redirects answered and the final ledger. With the broker down the bounded
+queues fill (the channel, librdkafka's queue) and the rest goes to the
+journal on disk, so RSS must level off. Bounded: wrk stops after --seconds,
+the service after its drain.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def main() -> int:
     parser.add_argument("--queue-size", type=int, default=10_000)
     parser.add_argument("--librdkafka-queue", type=int, default=100_000)
     parser.add_argument("--when-full", default="block")
+    parser.add_argument(
+        "--bootstrap",
+        default="127.0.0.1:9",
+        help="a real broker, for a soak with Kafka up (default: port 9, where nothing listens)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -60,7 +66,7 @@ topic = "outage"
 queue_size = {args.queue_size}
 when_full = "{args.when_full}"
 [kafka]
-"bootstrap.servers" = "127.0.0.1:9"
+"bootstrap.servers" = "{args.bootstrap}"
 "queue.buffering.max.messages" = {args.librdkafka_queue}
 [spill]
 directory = "{work / "spill"}"
