@@ -42,7 +42,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from served import ROOT, Served
+from served import ROOT, Served, write_config
 
 HERE = Path(__file__).resolve().parent
 PATH = "/docs/a?x=1"
@@ -242,26 +242,7 @@ http {{
 
 
 def _service_config(work: Path, bootstrap: str, topic: str) -> Path:
-    config = work / f"service-{topic}.toml"
-    config.write_text(
-        f"""[server]
-bind = ["127.0.0.1:0"]
-graceful_timeout = 5.0
-[[rules]]
-name = "docs"
-path = "/docs/*"
-target = "https://docs.example.com/"
-status = 301
-forward_path = true
-[records]
-topic = "{topic}"
-[kafka]
-"bootstrap.servers" = "{bootstrap}"
-[spill]
-directory = "{work / "spill" / topic}"
-"""
-    )
-    return config
+    return write_config(work / f"service-{topic}.toml", bootstrap, topic, work / "spill" / topic)
 
 
 def measure(system: str, connections: int, seconds: int, bootstrap: str, work: Path) -> Run:

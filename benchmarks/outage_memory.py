@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from served import Served
+from served import Served, write_config
 
 
 def rss_mib(pid: int) -> float:
@@ -50,29 +50,14 @@ def main() -> int:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="outage-memory-"))
-    config = work / "c.toml"
-    config.write_text(
-        f"""
-[server]
-bind = ["127.0.0.1:0"]
-[[rules]]
-name = "docs"
-path = "/docs/*"
-target = "https://docs.example.com/"
-status = 301
-forward_path = true
-[records]
-topic = "outage"
-queue_size = {args.queue_size}
-when_full = "{args.when_full}"
-[kafka]
-"bootstrap.servers" = "{args.bootstrap}"
-"queue.buffering.max.messages" = {args.librdkafka_queue}
-[spill]
-directory = "{work / "spill"}"
-[shutdown]
-flush_timeout = 2.0
-"""
+    config = write_config(
+        work / "c.toml",
+        args.bootstrap,
+        "outage",
+        work / "spill",
+        records=f'queue_size = {args.queue_size}\nwhen_full = "{args.when_full}"',
+        kafka=f'"queue.buffering.max.messages" = {args.librdkafka_queue}',
+        shutdown="flush_timeout = 2.0",
     )
     service = Served(config)
     wrk = subprocess.Popen(

@@ -26,7 +26,7 @@ import orjson
 
 from redirect_logger.hits import Encoded
 from redirect_logger.spill import Journal
-from served import Served
+from served import Served, write_config
 
 WRK_RE = {
     "rps": re.compile(r"Requests/sec:\s+([\d.]+)"),
@@ -80,15 +80,7 @@ def main() -> int:
             for _ in range(journaled // len(batch)):
                 journal.append(batch)
             journal.close()
-        config = work / f"{label}.toml"
-        config.write_text(
-            '[server]\nbind = ["127.0.0.1:0"]\n'
-            '[[rules]]\nname = "docs"\npath = "/docs/*"\n'
-            'target = "https://docs.example.com/"\nstatus = 301\nforward_path = true\n'
-            f'[records]\ntopic = "{topic}"\n'
-            f'[kafka]\n"bootstrap.servers" = "{args.bootstrap}"\n'
-            f'[spill]\ndirectory = "{spill}"\n'
-        )
+        config = write_config(work / f"{label}.toml", args.bootstrap, topic, spill)
         results.append((label, *run(config, args.seconds, args.connections)))
     print(f"{'run':<10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'replayed':>9}")
     for label, figures, ledger in results:

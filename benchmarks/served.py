@@ -14,6 +14,44 @@ BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
 LEDGER_RE = re.compile(r"ledger (\{.*\})")
 
 
+def write_config(
+    path: Path,
+    bootstrap: str,
+    topic: str,
+    spill: Path,
+    *,
+    records: str = "",
+    kafka: str = "",
+    shutdown: str = "",
+) -> Path:
+    """The benchmarks' service config: the ``docs`` rule (``/docs/*`` → 301 to
+    ``https://docs.example.com/`` with the path and query forwarded), plus
+    extra TOML lines per table."""
+    path.write_text(
+        f"""[server]
+bind = ["127.0.0.1:0"]
+graceful_timeout = 5.0
+[[rules]]
+name = "docs"
+path = "/docs/*"
+target = "https://docs.example.com/"
+status = 301
+forward_path = true
+[records]
+topic = "{topic}"
+{records}
+[kafka]
+"bootstrap.servers" = "{bootstrap}"
+{kafka}
+[spill]
+directory = "{spill}"
+[shutdown]
+{shutdown}
+"""
+    )
+    return path
+
+
 class Served:
     """The real CLI serving ``config``; ``url`` once it listens."""
 
