@@ -81,7 +81,15 @@ INCOMPLETE_HEAD_LIMIT = 16384  # h11_max_incomplete_size: more, still incomplete
 ONE_READ = 65536  # Hypercorn's largest read: a head may complete in one
 ALWAYS_REFUSED = INCOMPLETE_HEAD_LIMIT + ONE_READ  # longer heads can never be whole in time
 
-HIT_HEADERS = {"x-hit-id", "location", "content-length", "date", "server", "connection"}
+HIT_HEADERS = {
+    "x-hit-id",
+    "location",
+    "cache-control",
+    "content-length",
+    "date",
+    "server",
+    "connection",
+}
 ERROR_HEADERS = {"content-length", "connection", "date", "server"}
 ADMIN_HEADERS = {"content-type", "content-length", "allow", "date", "server", "connection"}
 INTERIM_HEADERS = {"date", "server"}
@@ -267,6 +275,9 @@ def check_hit(response: Response, path: str) -> tuple[str, str]:
     _, status, prefix = route(path)
     assert response.status == status, (path, response)
     assert response.names() <= HIT_HEADERS, response.headers
+    assert response.get("cache-control") == (
+        b"max-age=3600" if status in (301, 308) else b"no-store"  # [redirects] defaults
+    ), response.headers
     assert response.body == b""
     hit_id = response.get("x-hit-id")
     assert hit_id is not None and HIT_ID_RE.fullmatch(hit_id), response.headers

@@ -122,6 +122,10 @@ async def test_head_is_get_without_a_body_and_404_has_one(broker: Broker) -> Non
             )
             post = await raw_request(url, b"/?x=1", b"POST")
             assert (post[0], post[1][b"location"]) == (302, b"https://example.com/?x=1")
+            # A browser may keep a 301 for [redirects] permanent_max_age; a 302
+            # or a 404 it must ask for again, so that every click is a hit.
+            assert redirect[1][b"cache-control"] == b"max-age=3600"
+            assert post[1][b"cache-control"] == get[1][b"cache-control"] == b"no-store"
             stop.set()
     assert codes == [0]
     assert service.ledger_snapshot()["delivered"] == 4

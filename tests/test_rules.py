@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from redirect_logger.config import parse_settings
+from redirect_logger.config import ConfigError, parse_settings
 from redirect_logger.rules import RuleTable, Target, merge_query
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
@@ -488,3 +488,70 @@ def test_dot_segments_cannot_climb_above_the_target_path(path: str, location: st
         ]
     )
     assert resolve(table, path)[1] == location
+
+
+# --- query allow-list and Cache-Control ---
+
+
+def test_query_allow_forwards_only_the_listed_request_keys() -> None:
+    location = exact_location(
+        "https://t.example/p?a=1&keep=0",
+        b"utm_source=mail&gclid=xyz&a=2&utm_source=again&evil=%0D%0A",
+        query_allow=["utm_source", "a"],
+    )
+    assert location == "https://t.example/p?keep=0&utm_source=mail&a=2&utm_source=again"
+
+
+def test_query_allow_with_no_allowed_key_keeps_the_targets_query() -> None:
+    location = exact_location("https://t.example/p?a=1", b"x=1&y=2", query_allow=["utm_source"])
+    assert location == "https://t.example/p?a=1"
+
+
+@pytest.mark.parametrize(
+    ("status", "options", "redirects", "expected"),
+    [
+        (302, {}, {}, b"no-store"),
+        (307, {}, {}, b"no-store"),
+        (301, {}, {}, b"max-age=3600"),
+        (308, {}, {"permanent_max_age": 0}, b"max-age=0"),
+        (302, {}, {"temporary_cache_control": "private, max-age=0"}, b"private, max-age=0"),
+        (301, {"cache_control": "no-cache"}, {}, b"no-cache"),
+    ],
+)
+def test_cache_control_by_status_and_override(
+    status: int, options: dict[str, Any], redirects: dict[str, Any], expected: bytes
+) -> None:
+    settings = parse_settings(
+        {
+            "kafka": {"bootstrap.servers": "127.0.0.1:9092"},
+            "rules": [
+                {"name": "r", "path": "/r", "target": "https://t/", "status": status, **options}
+            ],
+            "redirects": redirects,
+        }
+    )
+    target, _ = RuleTable.from_settings(settings).match("/r")
+    assert target.cache_control == expected
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            {"query_allow": ["a"], "forward_query": False},
+            "query_allow: needs forward_query = true",
+        ),
+        ({"cache_control": "no-store\r\nSet-Cookie: x=1"}, "must be printable ASCII"),
+        ({"cache_control": "max-âge=1"}, "must be printable ASCII"),
+    ],
+)
+def test_invalid_query_allow_and_cache_control_are_refused(
+    rule: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_settings(
+            {
+                "kafka": {"bootstrap.servers": "127.0.0.1:9092"},
+                "rules": [{"name": "r", "path": "/r", "target": "https://t/", **rule}],
+            }
+        )

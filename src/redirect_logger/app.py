@@ -129,12 +129,16 @@ class Frontend:
         headers = [(b"x-hit-id", hit_id.encode())]
         if admission is Admission.SHED:
             status, body = 503, _OVERLOADED
-            headers.append((b"retry-after", b"1"))
+            headers += [(b"retry-after", b"1"), (b"cache-control", b"no-store")]
         elif location is None:
             body = _NOT_FOUND
+            headers.append((b"cache-control", b"no-store"))  # a 404 is not an answer to keep
         else:
             body = b""
-            headers.append((b"location", location.encode("ascii")))
+            headers += [
+                (b"location", location.encode("ascii")),
+                (b"cache-control", target.cache_control),
+            ]
         headers.append((b"content-length", str(len(body)).encode()))
         if body:
             headers.append((b"content-type", b"text/plain; charset=utf-8"))

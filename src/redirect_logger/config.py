@@ -116,7 +116,22 @@ class _Target(_Section):
     status: int = 302
     target: str | None = None
     forward_query: bool = True  # merge the request's query into the target's
+    # Only these request query keys are forwarded (with forward_query); None: all
+    query_allow: list[str] | None = None
     forward_path: bool = False  # append what matched "*" to the target's path
+    # The redirect's Cache-Control; None: [redirects]' default for its status
+    cache_control: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("cache_control")
+    @classmethod
+    def _check_cache_control(cls, value: str | None) -> str | None:
+        return None if value is None else _header_value(value)
+
+    @model_validator(mode="after")
+    def _check_query_allow(self) -> _Target:
+        if self.query_allow is not None and not self.forward_query:
+            raise ValueError("query_allow: needs forward_query = true")
+        return self
 
     @field_validator("target")
     @classmethod
@@ -179,6 +194,25 @@ class Fallback(_Target):
         elif self.target is None:
             raise ValueError(f"target: required with status {self.status}")
         return self
+
+
+class RedirectsSettings(_Section):
+    # Cache-Control of temporary redirects (302, 307): "no-store", so that a
+    # browser asks again, and each repeat click is a hit.
+    temporary_cache_control: str = Field("no-store", min_length=1, max_length=200)
+    # s a browser may cache a permanent redirect (301, 308) without asking again
+    permanent_max_age: int = Field(3600, ge=0, le=31_536_000)
+
+    @field_validator("temporary_cache_control")
+    @classmethod
+    def _check_cache_control(cls, value: str) -> str:
+        return _header_value(value)
+
+
+def _header_value(value: str) -> str:
+    if not value.isascii() or re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError("must be printable ASCII (a Cache-Control header value)")
+    return value
 
 
 class RecordsSettings(_Section):
@@ -257,6 +291,7 @@ class Settings(_Section):
     kafka: dict[str, KafkaValue]
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     spill: SpillSettings = Field(default_factory=SpillSettings)
+    redirects: RedirectsSettings = Field(default_factory=RedirectsSettings)
 
     @field_validator("kafka")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-from .config import Fallback, Rule, Settings
+from .config import Fallback, RedirectsSettings, Rule, Settings
 
 # RFC 3986 pchar minus "%": a forwarded path segment keeps its slashes and
 # sub-delims; everything else (including "\", "%", CR/LF, NUL, non-ASCII) is escaped.
@@ -30,11 +30,27 @@ class Target:
     query: bytes = b""
     fragment: str = ""
     static_location: str | None = None  # the Location when nothing is forwarded
+    query_allow: frozenset[str] | None = None  # request query keys forwarded; None: all
+    cache_control: bytes = b""  # the redirect's Cache-Control header value
 
     @classmethod
-    def compile(cls, name: str | None, spec: Rule | Fallback) -> Target:
+    def compile(
+        cls,
+        name: str | None,
+        spec: Rule | Fallback,
+        redirects: RedirectsSettings | None = None,
+    ) -> Target:
         if spec.target is None:
             return cls(name, spec.status, forward_query=False, forward_path=False)
+        redirects = redirects or RedirectsSettings()
+        cache_control = spec.cache_control
+        if cache_control is None:
+            permanent = spec.status in (301, 308)
+            cache_control = (
+                f"max-age={redirects.permanent_max_age}"
+                if permanent
+                else redirects.temporary_cache_control
+            )
         parts = urlsplit(spec.target)
         target = cls(
             name,
@@ -45,6 +61,8 @@ class Target:
             path=parts.path or "/",
             query=parts.query.encode("ascii"),
             fragment=f"#{parts.fragment}" if parts.fragment else "",
+            query_allow=None if spec.query_allow is None else frozenset(spec.query_allow),
+            cache_control=cache_control.encode("ascii"),
         )
         return replace(target, static_location=target._assemble(target.path, target.query))
 
@@ -61,7 +79,9 @@ class Target:
         if not forward_path and not forward_query:
             return self.static_location
         path = _join_path(self.path, remainder) if forward_path else self.path
-        query = merge_query(self.query, query_string) if forward_query else self.query
+        query = (
+            merge_query(self.query, query_string, self.query_allow) if forward_query else self.query
+        )
         return self._assemble(path, query)
 
     def _assemble(self, path: str, query: bytes) -> str:
@@ -93,15 +113,20 @@ def _join_path(base: str, remainder: str) -> str:
     return base + encoded if encoded.startswith("/") else f"{base}/{encoded}"
 
 
-def merge_query(target_query: bytes, request_query: bytes) -> bytes:
+def merge_query(
+    target_query: bytes, request_query: bytes, allow: frozenset[str] | None = None
+) -> bytes:
     """Merge a request's query into a target's; the request wins per key.
 
     Keys of the target that the request does not set keep their values and
-    order; then come the request's pairs in their order. Bytes are kept as
-    they are (latin-1 maps each byte to one character and back) and the
+    order; then come the request's pairs in their order (only the keys in
+    ``allow``, when given, compared on their decoded text). Bytes are kept
+    as they are (latin-1 maps each byte to one character and back) and the
     result is percent-encoded ASCII whatever the request held.
     """
     request_pairs = _pairs(request_query)
+    if allow is not None:
+        request_pairs = [pair for pair in request_pairs if pair[0] in allow]
     overridden = {key for key, _ in request_pairs}
     pairs = [pair for pair in _pairs(target_query) if pair[0] not in overridden]
     pairs.extend(request_pairs)
@@ -115,11 +140,13 @@ def _pairs(query: bytes) -> list[tuple[str, str]]:
 class RuleTable:
     """Exact paths first, then the longest matching prefix, then the fallback."""
 
-    def __init__(self, rules: list[Rule], fallback: Fallback) -> None:
+    def __init__(
+        self, rules: list[Rule], fallback: Fallback, redirects: RedirectsSettings | None = None
+    ) -> None:
         self._exact: dict[str, Target] = {}
         prefixes: list[tuple[str, Target]] = []
         for rule in rules:
-            target = Target.compile(rule.name, rule)
+            target = Target.compile(rule.name, rule, redirects)
             if rule.path.endswith("/*"):
                 prefix = rule.path[:-1]  # keeps the trailing "/"
                 prefixes.append((prefix, target))
@@ -128,11 +155,11 @@ class RuleTable:
             else:
                 self._exact[rule.path] = target
         self._prefixes = sorted(prefixes, key=lambda item: len(item[0]), reverse=True)
-        self.fallback = Target.compile(None, fallback)
+        self.fallback = Target.compile(None, fallback, redirects)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuleTable:
-        return cls(settings.rules, settings.fallback)
+        return cls(settings.rules, settings.fallback, settings.redirects)
 
     def match(self, path: str) -> tuple[Target, str]:
         """The target for a decoded request path and the part matched by "*"."""
