@@ -270,3 +270,25 @@ async def test_a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing(
     assert ledger["replayed"] == ledger["spilled"]
     if not spill:
         assert ledger["delivered"] == 400
+
+
+async def test_a_rule_with_its_own_topic_sends_its_records_there(broker: Broker) -> None:
+    main, campaign = unique_topic(), unique_topic("campaign")
+    config = service_config(broker.bootstrap, main)
+    config["rules"][1]["topic"] = campaign  # "docs"
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                docs = [(await client.get(f"/docs/p{n}")).headers["x-hit-id"] for n in range(3)]
+                home = [(await client.get(f"/?n={n}")).headers["x-hit-id"] for n in range(2)]
+                missing = (await client.get("/missing")).headers["x-hit-id"]
+            stop.set()
+    assert codes == [0]
+    in_campaign = await trio.to_thread.run_sync(
+        lambda: read_topic(broker.bootstrap, campaign, expected=3)
+    )
+    in_main = await trio.to_thread.run_sync(lambda: read_topic(broker.bootstrap, main, expected=3))
+    assert sorted(r["id"] for r in in_campaign) == sorted(docs)
+    assert sorted(r["id"] for r in in_main) == sorted([*home, missing])

@@ -121,6 +121,12 @@ class _Target(_Section):
     forward_path: bool = False  # append what matched "*" to the target's path
     # The redirect's Cache-Control; None: [redirects]' default for its status
     cache_control: str | None = Field(None, min_length=1, max_length=200)
+    topic: str | None = None  # the Kafka topic of this rule's records; None: records.topic
+
+    @field_validator("topic")
+    @classmethod
+    def _check_rule_topic(cls, topic: str | None) -> str | None:
+        return None if topic is None else _topic_name(topic)
 
     @field_validator("cache_control")
     @classmethod
@@ -232,9 +238,13 @@ class RecordsSettings(_Section):
     @field_validator("topic")
     @classmethod
     def _check_topic(cls, topic: str) -> str:
-        if not _TOPIC_RE.match(topic) or topic in (".", ".."):
-            raise ValueError("must be 1-249 characters of A-Z a-z 0-9 . _ -")
-        return topic
+        return _topic_name(topic)
+
+
+def _topic_name(topic: str) -> str:
+    if not _TOPIC_RE.match(topic) or topic in (".", ".."):
+        raise ValueError("must be 1-249 characters of A-Z a-z 0-9 . _ -")
+    return topic
 
 
 class SpillSettings(_Section):

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import orjson
 
-from .config import RecordsSettings, ServerSettings
+from .config import RecordsSettings, Rule, ServerSettings
 
 SCHEMA_VERSION = 1
 
@@ -109,9 +109,20 @@ def _forwarded_for(value: str) -> list[str]:
 class Enricher:
     """Turns a ``Hit`` into the Kafka message: key, JSON value, timestamp."""
 
-    def __init__(self, records: RecordsSettings, server: ServerSettings) -> None:
+    def __init__(
+        self,
+        records: RecordsSettings,
+        server: ServerSettings,
+        rules: list[Rule] | None = None,
+        fallback_topic: str | None = None,
+    ) -> None:
         self._key = records.key
-        self._topic = records.topic
+        # Each rule's topic by rule name; None (the fallback) included.
+        self._topics: dict[str | None, str] = {
+            rule.name: rule.topic or records.topic for rule in rules or []
+        }
+        self._topics[None] = fallback_topic or records.topic
+        self._default_topic = records.topic
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -199,7 +210,7 @@ class Enricher:
         record = self.record(hit)
         key: object = None if self._key == "none" else record[self._key]
         return Encoded(
-            topic=self._topic,
+            topic=self._topics.get(hit.rule, self._default_topic),
             key=None if key is None else str(key).encode(),
             value=orjson.dumps(record),
             timestamp_ms=int(hit.ts * 1000),

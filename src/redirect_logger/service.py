@@ -60,7 +60,9 @@ class Service:
         self.settings = settings
         self.rules = RuleTable.from_settings(settings)
         self.ledger = Ledger()
-        self.enricher = Enricher(settings.records, settings.server)
+        self.enricher = Enricher(
+            settings.records, settings.server, settings.rules, settings.fallback.topic
+        )
         self.metrics = Metrics(self.ledger, self._gauges)
         self.pipeline: Pipeline | None = None
         self.sink: KafkaSink | None = None
