@@ -135,3 +135,21 @@ def test_over_long_fields_are_cut_to_their_limits_and_named() -> None:
 def test_a_record_within_the_limits_has_no_truncated_field() -> None:
     hit = Hit("id-2", 0.0, "GET", "http", "/", b"", [], None, 404, None, None)
     assert "truncated" not in enricher([]).record(hit)
+
+
+@pytest.mark.parametrize(
+    ("query", "tracked"),
+    [
+        (b"nt=1", False),
+        (b"a=1&nt", False),
+        (b"a=1&n%74=0", False),  # the key percent-encoded, any value
+        (b"a=1", None),
+        (b"", None),
+        (b"ntx=1&xnt=2&a=nt", None),  # only the key itself counts
+    ],
+)
+def test_the_no_track_key_marks_the_record_untracked(query: bytes, tracked: bool | None) -> None:
+    settings = parse_settings({"kafka": {"bootstrap.servers": "127.0.0.1:9"}})
+    enricher = Enricher(settings.records, settings.server, no_track_param="nt")
+    hit = Hit("id", 0.0, "GET", "http", "/", query, [], None, 302, "https://t/", "r")
+    assert orjson.loads(enricher.encode(hit).value).get("tracked") == tracked

@@ -555,3 +555,15 @@ def test_invalid_query_allow_and_cache_control_are_refused(
                 "rules": [{"name": "r", "path": "/r", "target": "https://t/", **rule}],
             }
         )
+
+
+def test_the_no_track_key_is_never_forwarded() -> None:
+    settings = parse_settings(
+        {
+            "kafka": dict(KAFKA),
+            "rules": [{"name": "r", "path": "/r", "target": "https://t.example/p?nt=target"}],
+            "redirects": {"no_track_param": "nt"},
+        }
+    )
+    table = RuleTable.from_settings(settings)
+    assert resolve(table, "/r", b"a=1&nt=1&n%74=2")[1] == "https://t.example/p?nt=target&a=1"

@@ -208,6 +208,9 @@ class RedirectsSettings(_Section):
     temporary_cache_control: str = Field("no-store", min_length=1, max_length=200)
     # s a browser may cache a permanent redirect (301, 308) without asking again
     permanent_max_age: int = Field(3600, ge=0, le=31_536_000)
+    # A request query key (e.g. "nt") that marks a hit not to be tracked: it is
+    # never forwarded, and the record says "tracked": false. None: off.
+    no_track_param: str | None = Field(None, pattern=r"^[A-Za-z0-9._~-]{1,100}$")
 
     @field_validator("temporary_cache_control")
     @classmethod

@@ -15,6 +15,7 @@ import socket
 import time
 from datetime import UTC, datetime
 from typing import NamedTuple
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -115,6 +116,7 @@ class Enricher:
         server: ServerSettings,
         rules: list[Rule] | None = None,
         fallback_topic: str | None = None,
+        no_track_param: str | None = None,
     ) -> None:
         self._key = records.key
         # Each rule's topic by rule name; None (the fallback) included.
@@ -123,6 +125,7 @@ class Enricher:
         }
         self._topics[None] = fallback_topic or records.topic
         self._default_topic = records.topic
+        self._no_track = no_track_param
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -204,7 +207,17 @@ class Enricher:
                 truncated.append(field)
         if truncated:
             record["truncated"] = truncated
+        if self._no_track is not None and self._untracked(hit.query):
+            record["tracked"] = False
         return record
+
+    def _untracked(self, query: bytes) -> bool:
+        """Whether the request's query has the no-track key (any value)."""
+        assert self._no_track is not None
+        if self._no_track.encode() not in query and b"%" not in query:
+            return False  # the key cannot be there, even percent-encoded
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+        return any(key == self._no_track for key, _ in pairs)
 
     def encode(self, hit: Hit) -> Encoded:
         record = self.record(hit)

@@ -31,6 +31,7 @@ class Target:
     fragment: str = ""
     static_location: str | None = None  # the Location when nothing is forwarded
     query_allow: frozenset[str] | None = None  # request query keys forwarded; None: all
+    query_drop: frozenset[str] = frozenset()  # request query keys never forwarded
     cache_control: bytes = b""  # the redirect's Cache-Control header value
 
     @classmethod
@@ -62,6 +63,9 @@ class Target:
             query=parts.query.encode("ascii"),
             fragment=f"#{parts.fragment}" if parts.fragment else "",
             query_allow=None if spec.query_allow is None else frozenset(spec.query_allow),
+            query_drop=frozenset(
+                [redirects.no_track_param] if redirects.no_track_param is not None else []
+            ),
             cache_control=cache_control.encode("ascii"),
         )
         return replace(target, static_location=target._assemble(target.path, target.query))
@@ -80,7 +84,9 @@ class Target:
             return self.static_location
         path = _join_path(self.path, remainder) if forward_path else self.path
         query = (
-            merge_query(self.query, query_string, self.query_allow) if forward_query else self.query
+            merge_query(self.query, query_string, self.query_allow, self.query_drop)
+            if forward_query
+            else self.query
         )
         return self._assemble(path, query)
 
@@ -114,19 +120,25 @@ def _join_path(base: str, remainder: str) -> str:
 
 
 def merge_query(
-    target_query: bytes, request_query: bytes, allow: frozenset[str] | None = None
+    target_query: bytes,
+    request_query: bytes,
+    allow: frozenset[str] | None = None,
+    drop: frozenset[str] = frozenset(),
 ) -> bytes:
     """Merge a request's query into a target's; the request wins per key.
 
     Keys of the target that the request does not set keep their values and
     order; then come the request's pairs in their order (only the keys in
-    ``allow``, when given, compared on their decoded text). Bytes are kept
+    ``allow``, when given, and never those in ``drop``, compared on their
+    decoded text). Bytes are kept
     as they are (latin-1 maps each byte to one character and back) and the
     result is percent-encoded ASCII whatever the request held.
     """
     request_pairs = _pairs(request_query)
     if allow is not None:
         request_pairs = [pair for pair in request_pairs if pair[0] in allow]
+    if drop:
+        request_pairs = [pair for pair in request_pairs if pair[0] not in drop]
     overridden = {key for key, _ in request_pairs}
     pairs = [pair for pair in _pairs(target_query) if pair[0] not in overridden]
     pairs.extend(request_pairs)

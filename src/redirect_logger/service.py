@@ -61,7 +61,11 @@ class Service:
         self.rules = RuleTable.from_settings(settings)
         self.ledger = Ledger()
         self.enricher = Enricher(
-            settings.records, settings.server, settings.rules, settings.fallback.topic
+            settings.records,
+            settings.server,
+            settings.rules,
+            settings.fallback.topic,
+            settings.redirects.no_track_param,
         )
         self.metrics = Metrics(self.ledger, self._gauges)
         self.pipeline: Pipeline | None = None
