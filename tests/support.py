@@ -21,6 +21,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from redirect_logger.cli import serve_service
 from redirect_logger.config import parse_settings
+from redirect_logger.ledger import OUTCOMES
 from redirect_logger.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +88,7 @@ def service_config(bootstrap: str, topic: str, **tables: Mapping[str, Any]) -> d
 
 def ledger_counts(**counts: int) -> dict[str, int]:
     """A ledger snapshot at a clean exit: the given counts, every other outcome 0."""
-    zero = dict.fromkeys(
-        ("received", "delivered", "spilled", "failed", "dropped", "shed", "replayed"), 0
-    )
+    zero = dict.fromkeys(OUTCOMES, 0)
     return {**zero, **counts, "in_flight": 0}
 
 

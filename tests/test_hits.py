@@ -153,3 +153,63 @@ def test_the_no_track_key_marks_the_record_untracked(query: bytes, tracked: bool
     enricher = Enricher(settings.records, settings.server, no_track_param="nt")
     hit = Hit("id", 0.0, "GET", "http", "/", query, [], None, 302, "https://t/", "r")
     assert orjson.loads(enricher.encode(hit).value).get("tracked") == tracked
+
+
+def privacy_enricher(**records: object) -> Enricher:
+    settings = parse_settings(
+        {
+            "kafka": {"bootstrap.servers": "127.0.0.1:9"},
+            "server": {"trusted_proxies": ["10.0.0.0/8"]},
+            "records": records,
+        }
+    )
+    return Enricher(settings.records, settings.server)
+
+
+def privacy_hit(peer: str, forwarded_for: bytes | None = None) -> Hit:
+    headers = [(b"user-agent", b"ua/1"), (b"referer", b"https://r/")]
+    if forwarded_for is not None:
+        headers.append((b"x-forwarded-for", forwarded_for))
+    return Hit("id", 0.0, "GET", "http", "/", b"", headers, (peer, 5000), 302, "https://t/", "r")
+
+
+@pytest.mark.parametrize(
+    ("ip", "peer", "forwarded", "client_ip", "remote_address"),
+    [
+        ("full", "198.51.100.77", None, "198.51.100.77", "198.51.100.77:5000"),
+        ("anonymized", "198.51.100.77", None, "198.51.100.0", "198.51.100.0"),
+        ("anonymized", "10.1.2.3", b"203.0.113.9", "203.0.113.0", "10.1.2.0"),
+        ("anonymized", "2001:db8:abcd:12:1::5", None, "2001:db8:abcd::", "2001:db8:abcd::"),
+        ("none", "198.51.100.77", None, None, None),
+    ],
+)
+def test_ip_privacy(
+    ip: str,
+    peer: str,
+    forwarded: bytes | None,
+    client_ip: str | None,
+    remote_address: str | None,
+) -> None:
+    record = privacy_enricher(ip=ip).record(privacy_hit(peer, forwarded))
+    assert record is not None
+    assert (record["client_ip"], record["remote_address"]) == (client_ip, remote_address)
+
+
+def test_user_agent_and_referer_can_be_left_out() -> None:
+    record = privacy_enricher(user_agent=False, referer=False).record(privacy_hit("192.0.2.1"))
+    assert record is not None
+    assert (record["user_agent"], record["referer"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "excluded"),
+    [
+        ("192.0.2.10", None, True),
+        ("192.0.2.200", None, False),  # outside 192.0.2.0/25
+        ("10.0.0.1", b"192.0.2.5", True),  # the client behind a trusted proxy counts
+        ("192.0.2.10", b"198.51.100.1", True),  # an untrusted peer's header is ignored
+    ],
+)
+def test_excluded_clients_get_no_record(peer: str, forwarded: bytes | None, excluded: bool) -> None:
+    enricher = privacy_enricher(exclude_ips=["192.0.2.0/25"])
+    assert (enricher.encode(privacy_hit(peer, forwarded)) is None) is excluded

@@ -18,7 +18,7 @@ import trio.testing
 
 from redirect_logger.config import RecordsSettings
 from redirect_logger.hits import Encoded, Hit
-from redirect_logger.ledger import Ledger
+from redirect_logger.ledger import OUTCOMES, Ledger
 from redirect_logger.pipeline import Admission, Pipeline, open_pipeline
 from redirect_logger.spill import Journal, Spill, read_segment
 
@@ -96,7 +96,7 @@ def pipeline_of(
     settings: RecordsSettings,
     flush_timeout: float,
     sink: MemorySink,
-    encoder: Callable[[Hit], Encoded] = encode,
+    encoder: Callable[[Hit], Encoded | None] = encode,
     *,
     journal: Journal | None = None,
     **options: Any,
@@ -111,9 +111,7 @@ def journaled(journal: Journal) -> list[bytes]:
 
 
 def snapshot(**counts: int) -> dict[str, int]:
-    zero = dict.fromkeys(
-        ("received", "delivered", "spilled", "failed", "dropped", "shed", "replayed"), 0
-    )
+    zero = dict.fromkeys(OUTCOMES, 0)
     return {**zero, **counts, "in_flight": 0}
 
 
@@ -351,3 +349,19 @@ async def test_a_hit_that_cannot_be_encoded_is_counted_failed(
             await pipeline.intake.submit(hit(n))
     assert sink.values == [f"id-{n:04d}".encode() for n in (0, 1, 2, 4, 5)]
     assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=6, delivered=5, failed=1)
+
+
+async def test_an_excluded_hit_is_counted_excluded_not_shipped(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger)
+
+    def encode_or_exclude(h: Hit) -> Encoded | None:
+        return None if h.id == "id-0001" else encode(h)
+
+    async with pipeline_of(records(), 10.0, sink, encode_or_exclude) as pipeline:
+        for n in range(3):
+            await pipeline.intake.submit(hit(n))
+    assert sink.values == [b"id-0000", b"id-0002"]
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=3, delivered=2, excluded=1)

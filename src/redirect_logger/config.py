@@ -73,17 +73,7 @@ class ServerSettings(_Section):
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _parse_networks(cls, networks: object) -> object:
-        if not isinstance(networks, list):
-            return networks
-        parsed = []
-        for network in networks:
-            if not isinstance(network, str):
-                raise ValueError(f"{network!r} is not a CIDR string")
-            try:
-                parsed.append(ipaddress.ip_network(network))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{network!r} is not an IP network (CIDR): {exc}") from None
-        return parsed
+        return _networks(networks)
 
     @field_validator("bind", "admin_bind")
     @classmethod
@@ -105,6 +95,21 @@ class ServerSettings(_Section):
                 f"admin_bind: port {min(shared)} is also in bind; the admin port must be its own"
             )
         return self
+
+
+def _networks(networks: object) -> object:
+    """A TOML list of CIDR strings as IP networks (other values: left to pydantic)."""
+    if not isinstance(networks, list):
+        return networks
+    parsed = []
+    for network in networks:
+        if not isinstance(network, str):
+            raise ValueError(f"{network!r} is not a CIDR string")
+        try:
+            parsed.append(ipaddress.ip_network(network))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{network!r} is not an IP network (CIDR): {exc}") from None
+    return parsed
 
 
 def port_of(bind: str) -> int:
@@ -234,6 +239,13 @@ class RecordsSettings(_Section):
     batch_size: int = Field(500, ge=1, le=100_000)  # records
     batch_linger: float = Field(0.02, gt=0, le=10)  # s
     instance: str | None = Field(None, min_length=1)  # defaults to "<hostname>:<pid>"
+    # Privacy: client_ip and remote_address in full, anonymized (IPv4 to /24,
+    # IPv6 to /48) or left out; user_agent and referer recorded or not.
+    ip: Literal["full", "anonymized", "none"] = "full"
+    user_agent: bool = True
+    referer: bool = True
+    # Clients (by client_ip) whose hits are redirected but not recorded: counted "excluded"
+    exclude_ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
     # s of broker outage to ride through without loss when spilling is off
     # (librdkafka's message.timeout.ms must be at least this long)
     outage_tolerance: float = Field(300.0, ge=0, le=86_400)
@@ -242,6 +254,11 @@ class RecordsSettings(_Section):
     @classmethod
     def _check_topic(cls, topic: str) -> str:
         return _topic_name(topic)
+
+    @field_validator("exclude_ips", mode="before")
+    @classmethod
+    def _parse_excluded(cls, networks: object) -> object:
+        return _networks(networks)
 
 
 def _topic_name(topic: str) -> str:

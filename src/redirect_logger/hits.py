@@ -107,6 +107,22 @@ def _forwarded_for(value: str) -> list[str]:
     return hops
 
 
+@functools.lru_cache(maxsize=4096)
+def anonymized(ip: str | None) -> str | None:
+    """An IPv4 address cut to its /24, an IPv6 one to its /48 (the rest zero);
+    None for None or what is not an IP address."""
+    address = None if ip is None else _parse_ip(ip)
+    if address is None:
+        return None
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+
+
+def _within(ip: str, networks: tuple[Network, ...]) -> bool:
+    address = _parse_ip(ip)
+    return address is not None and any(address in network for network in networks)
+
+
 class Enricher:
     """Turns a ``Hit`` into the Kafka message: key, JSON value, timestamp."""
 
@@ -126,6 +142,10 @@ class Enricher:
         self._topics[None] = fallback_topic or records.topic
         self._default_topic = records.topic
         self._no_track = no_track_param
+        self._ip = records.ip
+        self._user_agent = records.user_agent
+        self._referer = records.referer
+        self._excluded: tuple[Network, ...] = tuple(records.exclude_ips)
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -163,8 +183,9 @@ class Enricher:
                 break
         return str(address)
 
-    def record(self, hit: Hit) -> dict[str, object]:
-        """The record of docs/records.md (schema version ``v``)."""
+    def record(self, hit: Hit) -> dict[str, object] | None:
+        """The record of docs/records.md (schema version ``v``), or None for a
+        client in ``records.exclude_ips``."""
         host = user_agent = referer = None
         for name, value in hit.headers:
             if name == b"host":
@@ -180,6 +201,13 @@ class Enricher:
             remote = f"[{hit.client[0]}]:{hit.client[1]}"
         else:
             remote = f"{hit.client[0]}:{hit.client[1]}"
+        client_ip = self.client_ip(peer, hit.headers)
+        if self._excluded and client_ip is not None and _within(client_ip, self._excluded):
+            return None
+        if self._ip == "anonymized":  # and the peer's port left out
+            client_ip, remote = anonymized(client_ip), anonymized(peer)
+        elif self._ip == "none":
+            client_ip = remote = None
         record: dict[str, object] = {
             "v": SCHEMA_VERSION,
             "id": hit.id,
@@ -192,10 +220,10 @@ class Enricher:
             "status": hit.status,
             "location": hit.location,
             "rule": hit.rule,
-            "client_ip": self.client_ip(peer, hit.headers),
+            "client_ip": client_ip,
             "remote_address": remote,
-            "user_agent": _text(user_agent),
-            "referer": _text(referer),
+            "user_agent": _text(user_agent) if self._user_agent else None,
+            "referer": _text(referer) if self._referer else None,
             "logged_at": rfc3339_ms(time.time()),
             "instance": self.instance,
         }
@@ -219,8 +247,11 @@ class Enricher:
         pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
         return any(key == self._no_track for key, _ in pairs)
 
-    def encode(self, hit: Hit) -> Encoded:
+    def encode(self, hit: Hit) -> Encoded | None:
+        """The Kafka message of a hit, or None when its client is excluded."""
         record = self.record(hit)
+        if record is None:
+            return None
         key: object = None if self._key == "none" else record[self._key]
         return Encoded(
             topic=self._topics.get(hit.rule, self._default_topic),

@@ -1,6 +1,6 @@
 """The ledger: every hit the request path hands over is counted exactly once.
 
-``received = delivered + spilled + failed + dropped + shed + in_flight``
+``received = delivered + spilled + failed + dropped + shed + excluded + in_flight``
 
 ``replayed`` stands apart: records from the spill journal (this process's or
 an earlier one's) that a replay got delivered. A spilled record stays counted
@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import threading
 
-OUTCOMES = ("received", "delivered", "spilled", "failed", "dropped", "shed", "replayed")
+OUTCOMES = (
+    "received",
+    "delivered",
+    "spilled",
+    "failed",
+    "dropped",
+    "shed",
+    "excluded",
+    "replayed",
+)
 
 
 class Ledger:
@@ -29,6 +38,7 @@ class Ledger:
         self.failed = 0
         self.dropped = 0
         self.replayed = 0
+        self.excluded = 0  # from records.exclude_ips: redirected, not recorded
         self._lock = threading.Lock()
 
     def add_delivered(self, count: int = 1) -> None:
@@ -47,13 +57,19 @@ class Ledger:
         with self._lock:
             self.dropped += count
 
+    def add_excluded(self, count: int = 1) -> None:
+        with self._lock:
+            self.excluded += count
+
     def add_replayed(self, count: int = 1) -> None:
         with self._lock:
             self.replayed += count
 
     def accounted(self) -> int:
         """Received records that have reached a final outcome."""
-        return self.delivered + self.spilled + self.failed + self.dropped + self.shed
+        return (
+            self.delivered + self.spilled + self.failed + self.dropped + self.shed + self.excluded
+        )
 
     def snapshot(self, in_flight: int) -> dict[str, int]:
         counts = {outcome: getattr(self, outcome) for outcome in OUTCOMES}

@@ -29,7 +29,7 @@ class _LedgerCollector(Collector):
         records = CounterMetricFamily(
             "redirect_logger_records",
             "Hit records by outcome (received = delivered + spilled + failed + dropped + shed"
-            " + in_flight; replayed: delivered from the spill journal)",
+            " + excluded + in_flight; replayed: delivered from the spill journal)",
             labels=["outcome"],
         )
         ledger = self._ledger

@@ -134,7 +134,7 @@ class Pipeline:
         records: RecordsSettings,
         sink: Sink,
         spill: Spill,
-        encode: Callable[[Hit], Encoded],
+        encode: Callable[[Hit], Encoded | None],
         ledger: Ledger,
         observe_batch: Callable[[int], None],
         spill_after: float | None,
@@ -169,15 +169,20 @@ class Pipeline:
         return self.queue_depth() + self.held + self._sink.queued()
 
     def _take(self, hit: Hit, batch: list[Encoded]) -> None:
-        """Enrich and serialize a hit into the batch; one that cannot be encoded
-        is counted as failed."""
-        self.held += 1
+        """Enrich and serialize a hit into the batch. One from an excluded client
+        (``encode`` returns None) is counted as excluded; one that cannot be
+        encoded, as failed."""
         try:
-            batch.append(self._encode(hit))
+            encoded = self._encode(hit)
         except Exception:
-            self.held -= 1
             self.ledger.add_failed()
             log.exception("record %s could not be encoded; counted as failed", hit.id)
+            return
+        if encoded is None:
+            self.ledger.add_excluded()
+            return
+        self.held += 1
+        batch.append(encoded)
 
     async def collect(self, receive: trio.MemoryReceiveChannel[Hit], batch: list[Encoded]) -> bool:
         """Wait for a hit, then gather more into ``batch`` until ``batch_size``
@@ -318,7 +323,7 @@ async def open_pipeline(
     flush_timeout: float,
     sink: Sink,
     spill: Spill,
-    encode: Callable[[Hit], Encoded],
+    encode: Callable[[Hit], Encoded | None],
     ledger: Ledger,
     *,
     observe_batch: Callable[[int], None] = lambda size: None,
