@@ -213,3 +213,101 @@ async def test_hypercorn_admin_bind(broker: Broker, tmp_path: Path) -> None:
     assert public.status_code == 404 and "x-hit-id" in public.headers
     assert code == 0, service.output
     assert service.ledgers() == [ledger_counts(received=1, delivered=1)]
+
+
+async def _load_home(url: str, seconds: float, locations: dict[str, str]) -> None:
+    """One client asking for "/" in a loop; each answer's id and Location."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        end = trio.current_time() + seconds
+        n = 0
+        while trio.current_time() < end:
+            n += 1
+            try:
+                response = await client.get(f"/?n={n}")
+            except httpx.TransportError:  # a worker closing its connections: ask again
+                continue
+            assert response.status_code == 302, response.text
+            locations[response.headers["x-hit-id"]] = response.headers["location"]
+
+
+def _check_reload_delivery(
+    broker: Broker, topic: str, ledgers: list[dict[str, int]], locations: dict[str, str]
+) -> None:
+    """Both rule sets answered; each answered hit is in the topic once, as answered."""
+    hosts = [location.split("/")[2] for location in locations.values()]
+    assert hosts.count("example.com") > 50 and hosts.count("example.org") > 50
+    delivered = sum(ledger["delivered"] for ledger in ledgers)
+    assert all(ledger["received"] == ledger["delivered"] for ledger in ledgers), ledgers
+    records = read_topic(broker.bootstrap, topic, expected=delivered)
+    by_id = {record["id"]: record["location"] for record in records}
+    assert len(by_id) == len(records) == delivered
+    assert all(by_id[hit_id] == location for hit_id, location in locations.items())
+
+
+async def test_hypercorn_sighup_restarts_the_workers_on_the_new_rules_losing_nothing(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """Hypercorn's master answers SIGHUP by stopping its workers (each drains)
+    and starting new ones, which read the config file again."""
+    topic = unique_topic()
+    base = service_config(kafka_broker.bootstrap, topic)
+    path = write_config(tmp_path / "c.toml", base)
+    service = ServiceProcess.hypercorn(path, 1)
+    locations: dict[str, str] = {}
+    try:
+        [url] = await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, 1, 60))
+        async with trio.open_nursery() as nursery:
+            for _ in range(CLIENTS):
+                nursery.start_soon(_load_home, url, 8.0, locations)
+            await trio.sleep(1.5)
+            changed = [dict(rule) for rule in base["rules"]]
+            changed[0]["target"] = "https://example.org/"
+            write_config(path, {**base, "rules": changed})
+            service.process.send_signal(signal.SIGHUP)
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    ledgers = service.ledgers()
+    assert len(ledgers) == 2, service.output  # the first worker, then the second
+    await trio.to_thread.run_sync(_check_reload_delivery, kafka_broker, topic, ledgers, locations)
+
+
+async def test_sighup_reloads_the_rules_under_load_and_keeps_them_when_the_file_is_bad(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """Every request is answered by the old rules or the new ones, never lost;
+    every answered hit is delivered once; an invalid file changes nothing."""
+    broker = kafka_broker
+    topic = unique_topic()
+    base = service_config(broker.bootstrap, topic)
+    path = write_config(tmp_path / "c.toml", base)
+    service = ServiceProcess.cli(path)
+    locations: dict[str, str] = {}
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(CLIENTS):
+                nursery.start_soon(_load_home, url, 4.0, locations)
+            await trio.sleep(1.0)
+            changed = [dict(rule) for rule in base["rules"]]
+            changed[0]["target"] = "https://example.org/"
+            write_config(path, {**base, "rules": changed})
+            service.process.send_signal(signal.SIGHUP)
+            await trio.sleep(1.5)
+            (tmp_path / "c.toml").write_text("[server]\nbind = 8080\n")  # invalid
+            service.process.send_signal(signal.SIGHUP)
+        async with httpx.AsyncClient(base_url=url) as client:
+            after = (await client.get("/")).headers["location"]
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    assert after == "https://example.org/"  # the bad file kept the reloaded rules
+    assert "rules reloaded: 2 rules" in service.output
+    assert "SIGHUP: reload refused, the rules in use stay: " in service.output
+    assert "server.bind: Input should be a valid list" in service.output
+    [ledger] = service.ledgers()
+    assert ledger["received"] == len(locations) + 1
+    await trio.to_thread.run_sync(_check_reload_delivery, broker, topic, [ledger], {**locations})

@@ -13,7 +13,9 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -59,13 +61,20 @@ _PRODUCER_ONLY = frozenset(
 
 async def _watch_signals(
     stop: trio.Event,
+    reload: Callable[[], Awaitable[None]] | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                if reload is None:
+                    log.warning("SIGHUP: no config file to reload")
+                else:
+                    await reload()
+                continue
             if stop.is_set():
                 log.warning("%s again: the drain is already bounded by flush_timeout", name)
                 continue
@@ -81,16 +90,29 @@ async def _until_stopped(service: Service, stop: trio.Event) -> None:
     await trio.sleep(service.settings.server.shutdown_delay)
 
 
+async def _reload(service: Service, path: Path) -> None:
+    """Re-read the config file and swap in its rules; an invalid file keeps the
+    rules in use, and the log says why."""
+    try:
+        settings = await trio.to_thread.run_sync(load_settings, path)
+    except ConfigError as exc:
+        log.error("SIGHUP: reload refused, the rules in use stay: %s", exc)
+        return
+    service.use_rules(settings)
+
+
 async def serve_service(
     settings: Settings,
     *,
+    config_path: Path | None = None,
     dev_broker: bool = False,
     stop: trio.Event | None = None,
     task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """The root nursery of ``serve``: signals, dev broker, pipeline, Hypercorn.
 
-    SIGTERM or SIGINT (or setting ``stop``) starts the shutdown. Returns the
+    SIGTERM or SIGINT (or setting ``stop``) starts the shutdown; SIGHUP
+    reloads the rules from ``config_path``. Returns the
     exit code once the server has stopped and the pipeline has drained.
     Reports the running Service as started (its ``binds`` are the addresses).
     """
@@ -98,7 +120,8 @@ async def serve_service(
     app = create_app(service, own_lifecycle=False)
     stop = trio.Event() if stop is None else stop
     async with trio.open_nursery() as root:
-        await root.start(_watch_signals, stop)
+        reload = partial(_reload, service, config_path) if config_path is not None else None
+        await root.start(_watch_signals, stop, reload)
         if dev_broker:
             await root.start(run_dev_broker, str(settings.kafka["bootstrap.servers"]))
         async with service.running(), trio.open_nursery() as server:
@@ -140,7 +163,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
     try:
-        return trio.run(partial(serve_service, settings, dev_broker=args.dev_broker))
+        return trio.run(
+            partial(
+                serve_service, settings, config_path=Path(args.config), dev_broker=args.dev_broker
+            )
+        )
     except BaseExceptionGroup as group:
         config_errors, other = group.split(ConfigError)
         startup_errors, other = other.split((OSError, DevBrokerError)) if other else (None, None)

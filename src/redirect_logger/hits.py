@@ -135,19 +135,27 @@ class Enricher:
         no_track_param: str | None = None,
     ) -> None:
         self._key = records.key
-        # Each rule's topic by rule name; None (the fallback) included.
-        self._topics: dict[str | None, str] = {
-            rule.name: rule.topic or records.topic for rule in rules or []
-        }
-        self._topics[None] = fallback_topic or records.topic
         self._default_topic = records.topic
-        self._no_track = no_track_param
+        self.use_rules(rules or [], fallback_topic, no_track_param)
         self._ip = records.ip
         self._user_agent = records.user_agent
         self._referer = records.referer
         self._excluded: tuple[Network, ...] = tuple(records.exclude_ips)
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
+
+    def use_rules(
+        self, rules: list[Rule], fallback_topic: str | None, no_track_param: str | None
+    ) -> None:
+        """Take the per-rule topics and the no-track key of a (re)loaded rule set.
+        Called on the Trio thread, where ``encode`` runs too."""
+        # Each rule's topic by rule name; None (the fallback) included.
+        topics: dict[str | None, str] = {
+            rule.name: rule.topic or self._default_topic for rule in rules
+        }
+        topics[None] = fallback_topic or self._default_topic
+        self._topics = topics
+        self._no_track = no_track_param
 
     def _trusted_hop(self, address: Address) -> bool:
         return any(address in network for network in self._trusted)

@@ -79,6 +79,39 @@ class Service:
         admin = settings.server.admin_bind
         self.admin_ports = frozenset(port_of(b) for b in admin) if admin else None
 
+    def use_rules(self, settings: Settings) -> None:
+        """Swap in the ``[[rules]]``, ``[fallback]`` and ``[redirects]`` of newly
+        loaded settings: one assignment for the request path, so a request sees
+        the old table or the new one, never a mix. The other tables need a
+        restart; a change to them is logged and not applied."""
+        table = RuleTable.from_settings(settings)
+        self.enricher.use_rules(
+            settings.rules, settings.fallback.topic, settings.redirects.no_track_param
+        )
+        self.rules = table
+        old = self.settings
+        restart = [
+            name
+            for name in type(old).model_fields
+            if name not in ("rules", "fallback", "redirects")
+            and getattr(old, name) != getattr(settings, name)
+        ]
+        if (
+            "server" in restart
+            and old.server.model_copy(update={"bind": settings.server.bind}) == settings.server
+        ):
+            restart.remove("server")  # only bind differs, e.g. serve --bind
+        self.settings = old.model_copy(
+            update={
+                "rules": settings.rules,
+                "fallback": settings.fallback,
+                "redirects": settings.redirects,
+            }
+        )
+        log.info("rules reloaded: %d rules", len(settings.rules))
+        if restart:
+            log.warning("changed, but applied only at the next start: [%s]", "], [".join(restart))
+
     def listening(self, binds: list[str]) -> None:
         """Record the bound addresses (``server.bind`` first, then ``admin_bind``),
         learning the admin ports chosen by the system for port 0."""
