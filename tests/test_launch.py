@@ -311,3 +311,23 @@ async def test_sighup_reloads_the_rules_under_load_and_keeps_them_when_the_file_
     [ledger] = service.ledgers()
     assert ledger["received"] == len(locations) + 1
     await trio.to_thread.run_sync(_check_reload_delivery, broker, topic, [ledger], {**locations})
+
+
+async def test_hypercorn_without_workers_ignores_sighup_instead_of_dying_undrained(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "c.toml", unreachable_config())
+    service = ServiceProcess.hypercorn(config, 0)
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        async with httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/")).status_code == 302
+            service.process.send_signal(signal.SIGHUP)
+            await trio.sleep(0.5)
+            assert (await client.get("/")).status_code == 302
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    assert "SIGHUP ignored: reloading needs hypercorn --workers 1 or more" in service.output
+    assert service.ledgers() == [ledger_counts(received=2, spilled=2)]

@@ -210,11 +210,16 @@ async def _mark_draining_on_sigterm(
     ``terminate()`` of the workers still draining) must not die mid-drain: it
     turns not-ready and carries on until the master's shutdown reaches it. A
     single-process Hypercorn (``--workers 0``) has no master, so SIGTERM becomes
-    its Ctrl+C, which Hypercorn handles as a graceful shutdown.
+    its Ctrl+C, which Hypercorn handles as a graceful shutdown. SIGHUP, which
+    would kill the process undrained, is ignored: the master (if any) reloads.
     """
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
-        async for _ in signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:  # by default it would kill the worker, undrained
+                if multiprocessing.parent_process() is None:
+                    log.warning("SIGHUP ignored: reloading needs hypercorn --workers 1 or more")
+                continue  # with a master, the master reloads
             first = not service.draining
             service.draining = True
             log.info("SIGTERM: not ready; draining when the server stops")
