@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import trio
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -84,6 +85,14 @@ def service_config(bootstrap: str, topic: str, **tables: Mapping[str, Any]) -> d
         else:
             config[table] = body
     return config
+
+
+RECORD_SCHEMA = json.loads((ROOT / "docs" / "record.schema.json").read_text())
+
+
+def check_record_schema(record: dict[str, Any]) -> None:
+    """Fails unless ``record`` satisfies docs/record.schema.json."""
+    jsonschema.validate(record, RECORD_SCHEMA)
 
 
 def ledger_counts(**counts: int) -> dict[str, int]:

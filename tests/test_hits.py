@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import jsonschema
 import orjson
 import pytest
 from hypothesis import example, given
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from redirect_logger.config import parse_settings
 from redirect_logger.hits import FIELD_LIMITS, Enricher, Hit, rfc3339_ms
+from support import check_record_schema
 
 
 def enricher(trusted: list[str], key: str = "client_ip") -> Enricher:
@@ -100,6 +102,7 @@ def test_record_fields_and_key() -> None:
         "status": 301,
         "location": "https://docs.example.com/caf%C3%A9",
         "rule": "docs",
+        "kind": "redirect",
         "client_ip": "::1",
         "remote_address": "[::1]:4711",
         "user_agent": "ua\\xff",
@@ -213,3 +216,36 @@ def test_user_agent_and_referer_can_be_left_out() -> None:
 def test_excluded_clients_get_no_record(peer: str, forwarded: bytes | None, excluded: bool) -> None:
     enricher = privacy_enricher(exclude_ips=["192.0.2.0/25"])
     assert (enricher.encode(privacy_hit(peer, forwarded)) is None) is excluded
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"ip": "anonymized"}, {"ip": "none", "user_agent": False, "referer": False}],
+)
+@pytest.mark.parametrize("location", ["https://t/", None])
+def test_records_satisfy_the_published_json_schema(
+    options: dict[str, object], location: str | None
+) -> None:
+    enricher = Enricher(
+        parse_settings({"kafka": {"bootstrap.servers": "127.0.0.1:9"}, "records": options}).records,
+        parse_settings({"kafka": {"bootstrap.servers": "127.0.0.1:9"}}).server,
+        no_track_param="nt",
+    )
+    hit = Hit(
+        "01a20e9d-83a8-729b-bc18-e7921e0374f1",
+        1795541533.608,
+        "GET",
+        "http",
+        "/" + "p" * 3000,
+        b"nt=1&q=" + b"x" * 5000,
+        [(b"host", b"h.example"), (b"user-agent", b"u" * 2000)],
+        ("192.0.2.1", 4000),
+        302 if location else 404,
+        location,
+        "r" if location else None,
+    )
+    record = orjson.loads(enricher.encode(hit).value)  # type: ignore[union-attr]
+    assert record["tracked"] is False and "path" in record["truncated"]
+    check_record_schema(record)
+    with pytest.raises(jsonschema.ValidationError):  # the schema is strict
+        check_record_schema({**record, "unexpected": 1})

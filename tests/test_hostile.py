@@ -255,6 +255,7 @@ class Sent:
             "status": self.status,
             "location": self.location,
             "rule": self.rule,
+            "kind": "miss" if self.location is None else "redirect",
             "client_ip": "127.0.0.1",
             "user_agent": _text(self.user_agent),
             "referer": _text(self.referer),

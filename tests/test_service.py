@@ -17,6 +17,7 @@ from brokers import Broker
 from redirect_logger.service import Service
 from redirect_logger.spill import read_segment
 from support import (
+    check_record_schema,
     ledger_counts,
     read_topic,
     service_config,
@@ -105,6 +106,8 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
         assert record["logged_at"] >= record["ts"]
         assert record["instance"] == service.enricher.instance
         assert datetime.fromisoformat(record["ts"]).year >= 2024
+        assert record["kind"] == ("miss" if status == 404 else "redirect")
+        check_record_schema(record)
 
 
 async def test_admin_endpoints_and_readiness(broker: Broker) -> None:

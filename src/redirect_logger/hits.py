@@ -228,6 +228,7 @@ class Enricher:
             "status": hit.status,
             "location": hit.location,
             "rule": hit.rule,
+            "kind": "miss" if hit.location is None else "redirect",
             "client_ip": client_ip,
             "remote_address": remote,
             "user_agent": _text(user_agent) if self._user_agent else None,
