@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -230,6 +231,14 @@ async def _load_home(url: str, seconds: float, locations: dict[str, str]) -> Non
             locations[response.headers["x-hit-id"]] = response.headers["location"]
 
 
+def _retarget_home(path: Path, base: dict[str, Any], service: ServiceProcess) -> None:
+    """Point the "home" rule at example.org in the config file, then SIGHUP."""
+    changed = [dict(rule) for rule in base["rules"]]
+    changed[0]["target"] = "https://example.org/"
+    write_config(path, {**base, "rules": changed})
+    service.process.send_signal(signal.SIGHUP)
+
+
 def _check_reload_delivery(
     broker: Broker, topic: str, ledgers: list[dict[str, int]], locations: dict[str, str]
 ) -> None:
@@ -260,10 +269,7 @@ async def test_hypercorn_sighup_restarts_the_workers_on_the_new_rules_losing_not
             for _ in range(CLIENTS):
                 nursery.start_soon(_load_home, url, 8.0, locations)
             await trio.sleep(1.5)
-            changed = [dict(rule) for rule in base["rules"]]
-            changed[0]["target"] = "https://example.org/"
-            write_config(path, {**base, "rules": changed})
-            service.process.send_signal(signal.SIGHUP)
+            _retarget_home(path, base, service)
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill()
@@ -286,15 +292,11 @@ async def test_sighup_reloads_the_rules_under_load_and_keeps_them_when_the_file_
     locations: dict[str, str] = {}
     try:
         url = await trio.to_thread.run_sync(service.url)
-
         async with trio.open_nursery() as nursery:
             for _ in range(CLIENTS):
                 nursery.start_soon(_load_home, url, 4.0, locations)
             await trio.sleep(1.0)
-            changed = [dict(rule) for rule in base["rules"]]
-            changed[0]["target"] = "https://example.org/"
-            write_config(path, {**base, "rules": changed})
-            service.process.send_signal(signal.SIGHUP)
+            _retarget_home(path, base, service)
             await trio.sleep(1.5)
             (tmp_path / "c.toml").write_text("[server]\nbind = 8080\n")  # invalid
             service.process.send_signal(signal.SIGHUP)
