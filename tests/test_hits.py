@@ -249,3 +249,42 @@ def test_records_satisfy_the_published_json_schema(
     check_record_schema(record)
     with pytest.raises(jsonschema.ValidationError):  # the schema is strict
         check_record_schema({**record, "unexpected": 1})
+
+
+def header_enricher() -> Enricher:
+    settings = parse_settings(
+        {
+            "kafka": {"bootstrap.servers": "127.0.0.1:9"},
+            "server": {
+                "trusted_proxies": ["10.0.0.0/8"],
+                "client_ip_headers": ["CF-Connecting-IP", "True-Client-IP"],
+            },
+        }
+    )
+    return Enricher(settings.records, settings.server)
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "client_ip"),
+    [
+        # from a trusted proxy: the first configured header with an IP wins
+        ("10.0.0.1", [(b"cf-connecting-ip", b"203.0.113.7")], "203.0.113.7"),
+        (
+            "10.0.0.1",
+            [(b"true-client-ip", b"2001:db8::9"), (b"x-forwarded-for", b"198.51.100.1")],
+            "2001:db8::9",
+        ),
+        # not an IP: the next header, then the forwarding chain
+        (
+            "10.0.0.1",
+            [(b"cf-connecting-ip", b"unknown"), (b"x-forwarded-for", b"198.51.100.1")],
+            "198.51.100.1",
+        ),
+        # from an untrusted peer the header is not believed
+        ("192.0.2.50", [(b"cf-connecting-ip", b"203.0.113.7")], "192.0.2.50"),
+    ],
+)
+def test_single_value_client_ip_headers_from_trusted_proxies(
+    peer: str, headers: list[tuple[bytes, bytes]], client_ip: str
+) -> None:
+    assert header_enricher().client_ip(peer, headers) == client_ip

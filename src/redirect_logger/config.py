@@ -69,6 +69,11 @@ class ServerSettings(_Section):
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=list
     )
+    # Single-value client-IP headers (e.g. "CF-Connecting-IP"), believed from
+    # trusted proxies only, before Forwarded and X-Forwarded-For; first one wins
+    client_ip_headers: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,100}$")]] = Field(
+        default_factory=list
+    )
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

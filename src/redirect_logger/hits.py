@@ -142,6 +142,7 @@ class Enricher:
         self._referer = records.referer
         self._excluded: tuple[Network, ...] = tuple(records.exclude_ips)
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
+        self._ip_headers = tuple(name.lower().encode() for name in server.client_ip_headers)
         self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
 
     def use_rules(
@@ -168,13 +169,19 @@ class Enricher:
     def client_ip(self, peer: str | None, headers: Headers) -> str | None:
         """The client's IP: the peer, unless the peer is a trusted proxy.
 
-        Behind trusted proxies the forwarding chain (``Forwarded``, else
-        ``X-Forwarded-For``) is walked right to left; the first hop that is
-        not a trusted proxy is the client. An unparsable hop ends the walk at
-        the last trusted one.
+        Behind a trusted proxy, the first of ``server.client_ip_headers`` that
+        holds an IP address is the client. Otherwise the forwarding chain
+        (``Forwarded``, else ``X-Forwarded-For``) is walked right to left; the
+        first hop that is not a trusted proxy is the client. An unparsable hop
+        ends the walk at the last trusted one.
         """
         if peer is None or not self._trusted or not self._trusted_peer(peer):
             return peer
+        for name in self._ip_headers:
+            value = next((v for k, v in reversed(headers) if k == name), None)
+            given = None if value is None else _parse_ip(value.decode("latin-1"))
+            if given is not None:
+                return str(given)
         address = _parse_ip(peer)
         forwarded = [v for k, v in headers if k == b"forwarded"]
         if forwarded:
