@@ -15,11 +15,11 @@ import socket
 import time
 from datetime import UTC, datetime
 from typing import NamedTuple
-from urllib.parse import parse_qsl
 
 import orjson
 
 from .config import RecordsSettings, Rule, ServerSettings
+from .rules import query_pairs
 
 SCHEMA_VERSION = 1
 
@@ -260,8 +260,7 @@ class Enricher:
         assert self._no_track is not None
         if self._no_track.encode() not in query and b"%" not in query:
             return False  # the key cannot be there, even percent-encoded
-        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
-        return any(key == self._no_track for key, _ in pairs)
+        return any(key == self._no_track for key, _ in query_pairs(query))
 
     def encode(self, hit: Hit) -> Encoded | None:
         """The Kafka message of a hit, or None when its client is excluded."""

@@ -134,18 +134,19 @@ def merge_query(
     as they are (latin-1 maps each byte to one character and back) and the
     result is percent-encoded ASCII whatever the request held.
     """
-    request_pairs = _pairs(request_query)
+    request_pairs = query_pairs(request_query)
     if allow is not None:
         request_pairs = [pair for pair in request_pairs if pair[0] in allow]
     if drop:
         request_pairs = [pair for pair in request_pairs if pair[0] not in drop]
     overridden = {key for key, _ in request_pairs}
-    pairs = [pair for pair in _pairs(target_query) if pair[0] not in overridden]
+    pairs = [pair for pair in query_pairs(target_query) if pair[0] not in overridden]
     pairs.extend(request_pairs)
     return urlencode(pairs, quote_via=quote, safe="", encoding="latin-1").encode("ascii")
 
 
-def _pairs(query: bytes) -> list[tuple[str, str]]:
+def query_pairs(query: bytes) -> list[tuple[str, str]]:
+    """A raw query's (key, value) pairs, decoded byte for byte (latin-1)."""
     return parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import trio
 
 from .config import ADMIN_PATHS, ConfigError, Settings, port_of
 from .hits import Encoded, Enricher
@@ -233,7 +234,8 @@ class Service:
                     log.info("draining: closing the channel, flushing the producer")
         finally:  # also when the pipeline itself failed
             self.draining = True
-            self.close_journal()
+            with trio.CancelScope(shield=True):  # its last fsync, off the Trio thread
+                await trio.to_thread.run_sync(self.close_journal)
             snapshot = self.ledger_snapshot()
             level = logging.INFO if self.exit_code() == EXIT_OK else logging.ERROR
             log.log(level, "ledger %s", orjson.dumps(snapshot).decode())
