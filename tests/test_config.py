@@ -552,11 +552,13 @@ def test_example_config_loads() -> None:
     settings = load_settings(CONFIG_DIR / "example.toml")
     assert settings.server.bind == ["0.0.0.0:8080"]
     assert settings.server.trusted_proxies == [ipaddress.IPv4Network("10.0.0.0/8")]
-    assert [(r.name, r.path, r.status) for r in settings.rules] == [
-        ("home", "/", 301),
-        ("docs", "/docs/*", 302),
+    assert [(r.name, r.host, r.path, r.status) for r in settings.rules] == [
+        ("home", None, "/", 301),
+        ("docs", None, "/docs/*", 302),
+        ("go-spring", "go.example.com", "/Spring", 302),
     ]
     assert settings.rules[1].forward_path is True
+    assert (settings.rules[2].case_insensitive, settings.rules[2].trailing_slash) == (True, True)
     assert settings.fallback.status == 404
     assert settings.kafka == {**KAFKA_DEFAULTS, "bootstrap.servers": "kafka-1:9092,kafka-2:9092"}
 

@@ -15,7 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from redirect_logger.config import ConfigError, parse_settings
-from redirect_logger.rules import RuleTable, Target, merge_query
+from redirect_logger.rules import RuleTable, Target, merge_query, request_host
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
 
@@ -567,3 +567,222 @@ def test_the_no_track_key_is_never_forwarded() -> None:
     )
     table = RuleTable.from_settings(settings)
     assert resolve(table, "/r", b"a=1&nt=1&n%74=2")[1] == "https://t.example/p?nt=target&a=1"
+
+
+# --- hosts, case and trailing slashes ---
+
+
+def names(table: RuleTable, requests: list[tuple[bytes | None, str]]) -> list[str | None]:
+    return [table.match(path, host)[0].name for host, path in requests]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_host_precedence_exact_host_then_wildcards_then_any_host(reverse: bool) -> None:
+    rules = [
+        {"name": "any-exact", "path": "/p", "target": "https://a.example/"},
+        {"name": "any-prefix", "path": "/p/*", "target": "https://a.example/"},
+        {"name": "go-prefix", "host": "go.example.com", "path": "/*", "target": "https://g/"},
+        {"name": "go-exact", "host": "go.example.com", "path": "/p", "target": "https://g/"},
+        {"name": "wild", "host": "*.example.com", "path": "/p", "target": "https://w/"},
+        {"name": "wild-deep", "host": "*.eu.example.com", "path": "/p", "target": "https://w/"},
+        {"name": "wild-x", "host": "*.example.com", "path": "/x", "target": "https://w/"},
+    ]
+    table = build_table(rules=rules[::-1] if reverse else rules)
+    assert table.by_host
+    assert names(
+        table,
+        [
+            (b"go.example.com", "/p"),  # host + exact
+            (b"GO.Example.COM:8443", "/p"),  # any case, port ignored
+            (b"go.example.com.", "/p"),  # a final dot ignored
+            (b"go.example.com", "/q"),  # host + prefix beats any-host rules
+            (b"go.example.com", "/x"),  # ... and wildcard ones
+            (b"a.example.com", "/p"),  # wildcard
+            (b"a.b.example.com", "/p"),  # wildcards match any depth
+            (b"a.eu.example.com", "/p"),  # the most specific wildcard wins
+            (b"eu.example.com", "/p"),  # "*.eu.example.com" needs a name below it
+            (b"example.com", "/p"),  # a wildcard never matches its apex
+            (b"example.com", "/p/y"),
+            (b"a.example.com", "/p/y"),  # no wildcard rule matches: any host
+            (b"other.test", "/x"),
+            (None, "/p"),  # no Host header (HTTP/1.0)
+            (b"", "/x"),
+        ],
+    ) == [
+        "go-exact",
+        "go-exact",
+        "go-exact",
+        "go-prefix",
+        "go-prefix",
+        "wild",
+        "wild",
+        "wild-deep",
+        "wild",
+        "any-exact",
+        "any-prefix",
+        "any-prefix",
+        None,
+        "any-exact",
+        None,
+    ]
+
+
+def test_without_host_rules_the_host_is_not_consulted() -> None:
+    table = build_table(rules=[{"name": "a", "path": "/a", "target": "https://a.example/"}])
+    assert not table.by_host
+    assert names(table, [(b"x.test", "/a"), (None, "/a")]) == ["a", "a"]
+
+
+def test_the_same_path_on_different_hosts_is_allowed_and_duplicates_are_refused() -> None:
+    rules = [
+        {"name": "a", "path": "/p", "target": "https://a.example/"},
+        {"name": "b", "host": "b.example", "path": "/p", "target": "https://b.example/"},
+        {"name": "c", "host": "C.Example.", "path": "/p", "target": "https://c.example/"},
+    ]
+    table = build_table(rules=rules)
+    assert names(table, [(b"b.example", "/p"), (b"c.example", "/p"), (b"d", "/p")]) == [
+        "b",
+        "c",
+        "a",
+    ]
+    duplicate = {"name": "d", "host": "c.example", "path": "/p", "target": "https://d.example/"}
+    with pytest.raises(ConfigError) as caught:
+        build_table(rules=[*rules, duplicate])
+    assert str(caught.value) == "config: rules.3.path: duplicate path '/p' on host 'c.example'"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "*",
+        "*.",
+        "a..b",
+        "-a.example",
+        "a_b.example",
+        "a.example:80",
+        "*.*.example",
+        "a*.example",
+        "ünï.example",
+        "a b",
+        "[::1]",
+        "x" * 64 + ".example",
+    ],
+)
+def test_invalid_hosts_are_refused(host: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_table(rules=[{"name": "a", "host": host, "path": "/a", "target": "https://a/"}])
+    assert str(caught.value).startswith("config: rules.0.host: must be a host name")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_case_insensitive_and_trailing_slash_tolerant_rules(reverse: bool) -> None:
+    rules = [
+        {"name": "ci", "path": "/Promo", "target": "https://a/", "case_insensitive": True},
+        {"name": "ts", "path": "/sale/", "target": "https://a/", "trailing_slash": True},
+        {
+            "name": "both",
+            "path": "/Spring",
+            "target": "https://a/",
+            "case_insensitive": True,
+            "trailing_slash": True,
+        },
+        {"name": "literal", "path": "/PROMO", "target": "https://a/"},
+        {"name": "strict", "path": "/x", "target": "https://a/"},
+        {"name": "docs", "path": "/Docs/*", "target": "https://a/", "case_insensitive": True},
+    ]
+    table = build_table(rules=rules[::-1] if reverse else rules)
+    assert names(
+        table,
+        [
+            (None, "/promo"),
+            (None, "/PrOmO"),
+            (None, "/PROMO"),  # a literal exact rule beats a tolerant one
+            (None, "/promo/"),  # not trailing-slash tolerant
+            (None, "/sale"),
+            (None, "/sale/"),
+            (None, "/Sale"),  # not case-insensitive
+            (None, "/sale//"),  # one slash only
+            (None, "/spring/"),
+            (None, "/SPRING"),
+            (None, "/x/"),
+            (None, "/X"),
+            (None, "/DOCS"),  # the bare form of a case-insensitive prefix
+            (None, "/docs/A/b"),
+        ],
+    ) == [
+        "ci",
+        "ci",
+        "literal",
+        None,
+        "ts",
+        "ts",
+        None,
+        None,
+        "both",
+        "both",
+        None,
+        None,
+        "docs",
+        "docs",
+    ]
+    # The remainder keeps the request's case.
+    assert table.match("/DOCS/A/b")[1] == "A/b"
+
+
+def test_tolerant_rules_that_collide_answer_in_file_order() -> None:
+    rules = [
+        {"name": "first", "path": "/a", "target": "https://a/", "trailing_slash": True},
+        {"name": "second", "path": "/A/", "target": "https://a/", "case_insensitive": True},
+    ]
+    assert names(build_table(rules=rules), [(None, "/a/"), (None, "/A/")]) == ["first", "second"]
+    assert names(build_table(rules=rules[::-1]), [(None, "/a/"), (None, "/a")]) == [
+        "second",
+        "first",
+    ]
+
+
+def test_trailing_slash_on_a_prefix_rule_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_table(
+            rules=[{"name": "p", "path": "/p/*", "target": "https://a/", "trailing_slash": True}]
+        )
+    assert str(caught.value) == (
+        "config: rules.0: trailing_slash: only for exact rules; a prefix rule already "
+        "answers its path with and without the trailing slash"
+    )
+
+
+@given(
+    host=st.binary(max_size=80),
+    path=st.text(max_size=40).map(lambda text: "/" + text),
+)
+def test_any_host_header_matches_without_error(host: bytes, path: str) -> None:
+    table = build_table(
+        rules=[
+            {"name": "go", "host": "go.example.com", "path": "/*", "target": "https://g/"},
+            {"name": "wild", "host": "*.example.com", "path": "/*", "target": "https://w/"},
+        ]
+    )
+    name = request_host(host)
+    expected = (
+        "go" if name == "go.example.com" else "wild" if name.endswith(".example.com") else None
+    )
+    assert table.match(path, host)[0].name == expected
+
+
+@given(
+    label=st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?\Z"),
+    port=st.one_of(st.none(), st.integers(0, 65535)),
+    upper=st.booleans(),
+    final_dot=st.booleans(),
+)
+def test_a_rule_host_matches_in_any_case_with_any_port(
+    label: str, port: int | None, upper: bool, final_dot: bool
+) -> None:
+    host = f"{label}.example.com" + ("." if final_dot else "")
+    header = (host.upper() if upper else host) + ("" if port is None else f":{port}")
+    table = build_table(
+        rules=[{"name": "h", "host": f"{label}.example.com", "path": "/", "target": "https://h/"}]
+    )
+    assert request_host(header.encode()) == f"{label}.example.com"
+    assert table.match("/", header.encode())[0].name == "h"

@@ -295,3 +295,50 @@ async def test_a_rule_with_its_own_topic_sends_its_records_there(broker: Broker)
     in_main = await trio.to_thread.run_sync(lambda: read_topic(broker.bootstrap, main, expected=3))
     assert sorted(r["id"] for r in in_campaign) == sorted(docs)
     assert sorted(r["id"] for r in in_main) == sorted([*home, missing])
+
+
+async def test_host_rules_answer_by_the_host_header_and_record_the_rule(broker: Broker) -> None:
+    topic = unique_topic()
+    config = service_config(broker.bootstrap, topic)
+    config["rules"] += [
+        {"name": "go", "host": "go.example.com", "path": "/p", "target": "https://go.test/"},
+        {"name": "sub", "host": "*.example.com", "path": "/p", "target": "https://sub.test/"},
+        {
+            "name": "promo",
+            "path": "/Promo",
+            "target": "https://promo.test/",
+            "case_insensitive": True,
+            "trailing_slash": True,
+        },
+    ]
+    requests = [
+        ("GO.example.com:8080", "/p", "go", "https://go.test/"),
+        ("a.b.example.com", "/p", "sub", "https://sub.test/"),
+        ("example.com", "/p", None, None),  # the apex: no host rule, no any-host rule
+        ("a.example.com", "/promo/", "promo", "https://promo.test/"),
+        ("a.example.com", "/", "home", "https://example.com/"),
+    ]
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            answered = []
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                for host, path, _, _ in requests:
+                    response = await client.get(path, headers={"host": host})
+                    answered.append(
+                        (response.headers["x-hit-id"], response.headers.get("location"))
+                    )
+            stop.set()
+    assert codes == [0]
+    assert [location for _, location in answered] == [location for *_, location in requests]
+    records = await trio.to_thread.run_sync(
+        lambda: read_topic(broker.bootstrap, topic, expected=len(requests))
+    )
+    by_id = {record["id"]: record for record in records}
+    assert [
+        (by_id[hit_id]["host"], by_id[hit_id]["path"], by_id[hit_id]["rule"])
+        for hit_id, _ in answered
+    ] == [(host, path, rule) for host, path, rule, _ in requests]
+    for record in records:
+        check_record_schema(record)

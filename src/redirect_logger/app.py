@@ -102,7 +102,11 @@ class Frontend:
         now = time.time()
         hit_id = str(uuid7())
         service = self._service
-        target, remainder = service.rules.match(scope["path"])
+        rules = service.rules
+        host = None
+        if rules.by_host:  # only then is the Host header looked up
+            host = next((value for name, value in scope["headers"] if name == b"host"), None)
+        target, remainder = rules.match(scope["path"], host)
         location = target.location(remainder, scope["query_string"])
         status = target.status
         pipeline = service.pipeline

@@ -45,6 +45,8 @@ LIBRDKAFKA_MESSAGE_TIMEOUT_MS = 300_000
 _SECRET_MARKERS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "ssl_key")
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_RE = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*$")
 _CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
 
 KafkaValue = str | int | float | bool
@@ -168,6 +170,24 @@ class Rule(_Target):
     name: str = Field(min_length=1, max_length=200)
     path: str
     target: str
+    # The request Host this rule answers: "go.example.com", or "*.example.com"
+    # for any name below example.com; None: any host. Compared without port.
+    host: str | None = Field(None, max_length=253)
+    case_insensitive: bool = False  # compare the path in lower case
+    trailing_slash: bool = False  # "/a" also answers "/a/", and "/a/" also "/a"
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, host: str | None) -> str | None:
+        if host is None:
+            return None
+        folded = host.lower().removesuffix(".")
+        if not _HOST_RE.match(folded):
+            raise ValueError(
+                'must be a host name ("go.example.com") or a wildcard ("*.example.com"): '
+                "ASCII letters, digits, hyphens and dots, without a port (IDNA-encode others)"
+            )
+        return folded
 
     @field_validator("status")
     @classmethod
@@ -193,6 +213,11 @@ class Rule(_Target):
     def _check_forward_path(self) -> Rule:
         if self.forward_path and not self.path.endswith("/*"):
             raise ValueError('forward_path: needs a prefix rule (a path ending in "/*")')
+        if self.trailing_slash and self.path.endswith("/*"):
+            raise ValueError(
+                "trailing_slash: only for exact rules; a prefix rule already answers "
+                "its path with and without the trailing slash"
+            )
         return self
 
 
@@ -346,14 +371,15 @@ class Settings(_Section):
     @model_validator(mode="after")
     def _cross_check(self) -> Settings:
         seen_names: set[str] = set()
-        seen_paths: set[str] = set()
+        seen_paths: set[tuple[str | None, str]] = set()
         for index, rule in enumerate(self.rules):
             if rule.name in seen_names:
                 raise _KeyError(f"rules.{index}.name", f"duplicate rule name {rule.name!r}")
-            if rule.path in seen_paths:
-                raise _KeyError(f"rules.{index}.path", f"duplicate path {rule.path!r}")
+            if (rule.host, rule.path) in seen_paths:
+                on = "any host" if rule.host is None else f"host {rule.host!r}"
+                raise _KeyError(f"rules.{index}.path", f"duplicate path {rule.path!r} on {on}")
             seen_names.add(rule.name)
-            seen_paths.add(rule.path)
+            seen_paths.add((rule.host, rule.path))
         _cross_check_kafka(self)
         records = self.records
         if records.when_full == "block" and records.max_block > self.server.graceful_timeout:

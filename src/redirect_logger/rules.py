@@ -150,36 +150,143 @@ def query_pairs(query: bytes) -> list[tuple[str, str]]:
     return parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
 
 
+def _slashless(path: str) -> str:
+    """``path`` without one trailing slash ("/" stays "/")."""
+    return path[:-1] if len(path) > 1 and path.endswith("/") else path
+
+
+# How a tolerant exact rule compares paths: (case_insensitive, trailing_slash).
+_Mode = tuple[bool, bool]
+
+
+def _fold(path: str, mode: _Mode) -> str:
+    case_insensitive, trailing_slash = mode
+    if case_insensitive:
+        path = path.lower()
+    return _slashless(path) if trailing_slash else path
+
+
+class _HostRules:
+    """The rules of one host pattern (or of any host), in their precedence."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, Target] = {}
+        # Per mode, folded path -> (rule index, target); the earliest rule wins.
+        self.tolerant: dict[_Mode, dict[str, tuple[int, Target]]] = {}
+        self.bare: dict[str, Target] = {}  # "/docs" for "/docs/*"
+        self.bare_folded: dict[str, Target] = {}  # the same, case-insensitive rules
+        self.prefixes: list[tuple[str, bool, Target]] = []  # longest first
+
+    def add(self, index: int, rule: Rule, target: Target) -> None:
+        if rule.path.endswith("/*"):
+            prefix = rule.path[:-1]  # keeps the trailing "/"
+            bare = prefix[:-1] or "/"
+            if rule.case_insensitive:
+                self.prefixes.append((prefix.lower(), True, target))
+                self.bare_folded.setdefault(bare.lower(), target)
+            else:
+                self.prefixes.append((prefix, False, target))
+                self.bare.setdefault(bare, target)
+        elif rule.case_insensitive or rule.trailing_slash:
+            mode = (rule.case_insensitive, rule.trailing_slash)
+            self.tolerant.setdefault(mode, {}).setdefault(_fold(rule.path, mode), (index, target))
+        else:
+            self.exact[rule.path] = target
+
+    def finish(self) -> None:
+        self.prefixes.sort(key=lambda item: len(item[0]), reverse=True)
+
+    def match(self, path: str) -> tuple[Target, str] | None:
+        target = self.exact.get(path)
+        if target is not None:
+            return target, ""
+        if self.tolerant:
+            found: tuple[int, Target] | None = None
+            for mode, table in self.tolerant.items():
+                hit = table.get(_fold(path, mode))
+                if hit is not None and (found is None or hit[0] < found[0]):
+                    found = hit
+            if found is not None:
+                return found[1], ""
+        target = self.bare.get(path)
+        if target is None and self.bare_folded:
+            target = self.bare_folded.get(path.lower())
+        if target is not None:
+            return target, ""
+        lowered = None
+        for prefix, case_insensitive, target in self.prefixes:
+            if case_insensitive:
+                lowered = path.lower() if lowered is None else lowered
+                if lowered.startswith(prefix):
+                    return target, path[len(prefix) :]
+            elif path.startswith(prefix):
+                return target, path[len(prefix) :]
+        return None
+
+
 class RuleTable:
-    """Exact paths first, then the longest matching prefix, then the fallback."""
+    """Rules by host (exact, then wildcards from the most specific, then any
+    host); within a host: exact, tolerant, bare prefix, longest prefix."""
 
     def __init__(
         self, rules: list[Rule], fallback: Fallback, redirects: RedirectsSettings | None = None
     ) -> None:
-        self._exact: dict[str, Target] = {}
-        prefixes: list[tuple[str, Target]] = []
-        for rule in rules:
+        self._hosts: dict[str, _HostRules] = {}
+        self._wildcards: dict[str, _HostRules] = {}  # "example.com" for "*.example.com"
+        self._any = _HostRules()
+        for index, rule in enumerate(rules):
             target = Target.compile(rule.name, rule, redirects)
-            if rule.path.endswith("/*"):
-                prefix = rule.path[:-1]  # keeps the trailing "/"
-                prefixes.append((prefix, target))
-                # "/docs/*" also answers "/docs" itself, unless an exact rule does.
-                self._exact.setdefault(prefix[:-1] or "/", target)
+            if rule.host is None:
+                group = self._any
+            elif rule.host.startswith("*."):
+                group = self._wildcards.setdefault(rule.host[2:], _HostRules())
             else:
-                self._exact[rule.path] = target
-        self._prefixes = sorted(prefixes, key=lambda item: len(item[0]), reverse=True)
+                group = self._hosts.setdefault(rule.host, _HostRules())
+            group.add(index, rule, target)
+        for group in (self._any, *self._hosts.values(), *self._wildcards.values()):
+            group.finish()
+        # Whether a match needs the request's host at all.
+        self.by_host = bool(self._hosts or self._wildcards)
         self.fallback = Target.compile(None, fallback, redirects)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuleTable:
         return cls(settings.rules, settings.fallback, settings.redirects)
 
-    def match(self, path: str) -> tuple[Target, str]:
-        """The target for a decoded request path and the part matched by "*"."""
-        target = self._exact.get(path)
-        if target is not None:
-            return target, ""
-        for prefix, target in self._prefixes:
-            if path.startswith(prefix):
-                return target, path[len(prefix) :]
+    def match(self, path: str, host: bytes | None = None) -> tuple[Target, str]:
+        """The target for a decoded request path and the part matched by "*".
+
+        ``host`` is the request's ``Host`` header value as received (any case,
+        with or without a port); only rules with a ``host`` look at it.
+        """
+        if self.by_host and host:
+            name = request_host(host)
+            group = self._hosts.get(name)
+            if group is not None:
+                found = group.match(path)
+                if found is not None:
+                    return found
+            if self._wildcards:
+                dot = name.find(".")
+                while dot != -1:
+                    group = self._wildcards.get(name[dot + 1 :])
+                    if group is not None:
+                        found = group.match(path)
+                        if found is not None:
+                            return found
+                    dot = name.find(".", dot + 1)
+        found = self._any.match(path)
+        if found is not None:
+            return found
         return self.fallback, path if self.fallback.forward_path else ""
+
+
+def request_host(host: bytes) -> str:
+    """A ``Host`` header's name: lower case, without a port or a final dot."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):  # an IPv6 literal
+        return text[: text.find("]") + 1] if "]" in text else text
+    name, colon, port = text.rpartition(":")
+    if colon and port.isdigit():
+        text = name
+    return text.removesuffix(".")
