@@ -502,6 +502,22 @@ def test_query_allow_forwards_only_the_listed_request_keys() -> None:
     assert location == "https://t.example/p?keep=0&utm_source=mail&a=2&utm_source=again"
 
 
+def test_query_drop_never_forwards_the_listed_keys_even_encoded() -> None:
+    location = exact_location(
+        "https://t.example/p?gclid=keep",
+        b"a=1&gclid=x&%66bclid=y&b=2&gclid=z",
+        query_drop=["gclid", "fbclid"],
+    )
+    assert location == "https://t.example/p?gclid=keep&a=1&b=2"
+
+
+def test_query_drop_applies_after_query_allow() -> None:
+    location = exact_location(
+        "https://t.example/p", b"a=1&b=2&c=3", query_allow=["a", "b"], query_drop=["b"]
+    )
+    assert location == "https://t.example/p?a=1"
+
+
 def test_query_allow_with_no_allowed_key_keeps_the_targets_query() -> None:
     location = exact_location("https://t.example/p?a=1", b"x=1&y=2", query_allow=["utm_source"])
     assert location == "https://t.example/p?a=1"
@@ -540,6 +556,10 @@ def test_cache_control_by_status_and_override(
         (
             {"query_allow": ["a"], "forward_query": False},
             "query_allow: needs forward_query = true",
+        ),
+        (
+            {"query_drop": ["a"], "forward_query": False},
+            "query_drop: needs forward_query = true",
         ),
         ({"cache_control": "no-store\r\nSet-Cookie: x=1"}, "must be printable ASCII"),
         ({"cache_control": "max-âge=1"}, "must be printable ASCII"),

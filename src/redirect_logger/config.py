@@ -130,6 +130,8 @@ class _Target(_Section):
     forward_query: bool = True  # merge the request's query into the target's
     # Only these request query keys are forwarded (with forward_query); None: all
     query_allow: list[str] | None = None
+    # These request query keys are never forwarded (e.g. "fbclid", "gclid")
+    query_drop: list[str] = Field(default_factory=list)
     forward_path: bool = False  # append what matched "*" to the target's path
     # The redirect's Cache-Control; None: [redirects]' default for its status
     cache_control: str | None = Field(None, min_length=1, max_length=200)
@@ -149,6 +151,8 @@ class _Target(_Section):
     def _check_query_allow(self) -> _Target:
         if self.query_allow is not None and not self.forward_query:
             raise ValueError("query_allow: needs forward_query = true")
+        if self.query_drop and not self.forward_query:
+            raise ValueError("query_drop: needs forward_query = true")
         return self
 
     @field_validator("target")

@@ -64,7 +64,8 @@ class Target:
             fragment=f"#{parts.fragment}" if parts.fragment else "",
             query_allow=None if spec.query_allow is None else frozenset(spec.query_allow),
             query_drop=frozenset(
-                [redirects.no_track_param] if redirects.no_track_param is not None else []
+                [*spec.query_drop]
+                + ([redirects.no_track_param] if redirects.no_track_param is not None else [])
             ),
             cache_control=cache_control.encode("ascii"),
         )
