@@ -18,7 +18,11 @@ from hypothesis import strategies as st
 
 from brokers import Broker
 from redirect_logger.collect import MAX_DEPTH, Rejected, parse_events, position
+from redirect_logger.config import RecordsSettings
+from redirect_logger.hits import Capture
+from redirect_logger.ledger import Ledger
 from redirect_logger.metrics import COLLECT_EVENT_OUTCOMES, COLLECT_REJECTIONS
+from redirect_logger.pipeline import Admission, Intake
 from redirect_logger.service import Service
 from support import (
     check_record_schema,
@@ -568,6 +572,44 @@ async def test_a_multi_event_request_meets_a_full_channel(policy: str) -> None:
         assert event_outcomes(service) == {"accepted": 6, "dropped": 2, "shed": 0}
 
 
+def block_intake(capacity: int) -> tuple[Intake, trio.MemoryReceiveChannel[Capture], Ledger]:
+    send, receive = trio.open_memory_channel[Capture](capacity)
+    overflow, _ = trio.open_memory_channel[Capture](0)
+    ledger = Ledger()
+    records = RecordsSettings(queue_size=capacity, when_full="block", max_block=1.0)
+    return Intake(send, overflow, records, ledger), receive, ledger
+
+
+async def test_under_block_room_that_comes_in_time_takes_the_rest(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    intake, receive, ledger = block_intake(2)
+    items: list[Any] = ["a", "b", "c", "d"]
+    async with trio.open_nursery() as nursery:
+
+        async def take_one_later() -> None:
+            await trio.sleep(0.5)
+            await receive.receive()
+
+        nursery.start_soon(take_one_later)
+        started = trio.current_time()
+        result = await intake.submit_all(items)
+        waited = trio.current_time() - started
+    assert (result, waited) == ((3, Admission.DROPPED), 1.0)  # one max_block for the request
+    assert (ledger.received, ledger.dropped) == (4, 1)
+
+
+async def test_under_block_a_cancelled_wait_counts_the_rest_dropped(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    intake, _, ledger = block_intake(2)
+    items: list[Any] = ["a", "b", "c", "d"]
+    with trio.move_on_after(0.3) as scope:
+        await intake.submit_all(items)
+    assert scope.cancelled_caught
+    assert (ledger.received, ledger.dropped) == (4, 2)
+
+
 # --- the body parser ---
 
 json_values = st.recursive(
@@ -689,3 +731,42 @@ def test_invalid_utf8_is_placed_at_its_byte(prefix: str, rest: bytes) -> None:
         parse_events(body, "text/plain", 10)
     assert (info.value.body["line"], info.value.body["column"]) == position(prefix, len(prefix))
     assert info.value.body["error"].endswith(": not UTF-8")
+
+
+async def test_over_http2_a_refused_body_ends_its_stream_only(broker: Broker) -> None:
+    """Hypercorn 0.18 fails an HTTP/2 connection on data for an ended stream
+    (a KeyError in its HTTP/2 code; a hit with a body meets it too): the
+    refused stream stays open until its body is thrown away."""
+    config = collect_config(broker.bootstrap, unique_topic(), max_body_bytes=1024)
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            async with httpx.AsyncClient(
+                base_url=service.binds[0], http1=False, http2=True
+            ) as client:
+                answers = []
+                for body in (b" " * 500_000, orjson.dumps({"a": 1}), b"{", b"{}"):
+                    response = await client.post(
+                        "/collect", content=body, headers={"content-type": JSON}
+                    )
+                    assert response.http_version == "HTTP/2"
+                    assert "connection" not in response.headers
+                    answers.append((response.status_code, response.json()))
+            stop.set()
+    assert codes == [0]
+    assert answers == [
+        (413, {"error": "the body is larger than 1024 bytes"}),
+        (202, {"accepted": 1}),
+        (
+            400,
+            {
+                "error": "invalid JSON at line 1, column 2: unexpected end of data",
+                "line": 1,
+                "column": 2,
+            },
+        ),
+        (202, {"accepted": 1}),
+    ]
+    assert rejections(service) == {"body_too_large": 1, "malformed": 1}
+    assert service.ledger_snapshot() == ledger_counts(received=2, delivered=2)

@@ -54,6 +54,7 @@ class Rejected(Exception):
         self.reason = reason
         self.headers = headers or []
         self.body: dict[str, object] = {"error": message, **detail}
+        self.body_read = False  # the request's body was read to its end
 
 
 def position(text: str, index: int) -> tuple[int, int]:
@@ -241,7 +242,7 @@ class Collector:
             ]
         try:
             if scope["method"] == "OPTIONS":
-                await self._preflight(scope, origin, headers, receive, send)
+                await self._preflight(scope, origin, headers, receive, send, deadline)
                 return
             events = await self._events_of(scope, receive, origin, content_type, length, deadline)
         except Rejected as rejected:
@@ -253,6 +254,8 @@ class Collector:
                 rejected.status,
                 headers + rejected.headers,
                 rejected.body,
+                body_read=rejected.body_read,
+                deadline=deadline,
             )
             return
         except _Gone:
@@ -286,7 +289,11 @@ class Collector:
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise _body_too_large(self._max_body)
         body = await self._read_body(receive, deadline)
-        return parse_events(body, media_type, self._max_events, self._required)
+        try:
+            return parse_events(body, media_type, self._max_events, self._required)
+        except Rejected as rejected:
+            rejected.body_read = True
+            raise
 
     async def _read_body(self, receive: Any, deadline: float) -> bytes:
         """The whole body, at most ``max_body_bytes`` of it held at once.
@@ -313,11 +320,21 @@ class Collector:
         headers: Headers,
         receive: Any,
         send: Any,
+        deadline: float,
     ) -> None:
         """A CORS preflight from an allowed origin: 204 with the Access-Control
         headers; one from any other origin: 403; OPTIONS without an origin: 204."""
         if origin is None:
-            await _finish(scope, receive, send, 204, [*headers, (b"allow", _ALLOW)], None)
+            await _finish(
+                scope,
+                receive,
+                send,
+                204,
+                [*headers, (b"allow", _ALLOW)],
+                None,
+                body_read=False,
+                deadline=deadline,
+            )
             return
         if not self._allowed(origin):
             raise Rejected(403, "origin", "this origin may not post events")
@@ -328,7 +345,7 @@ class Collector:
             (b"access-control-allow-headers", b"Content-Type"),
             (b"access-control-max-age", self._max_age),
         ]
-        await _finish(scope, receive, send, 204, headers, None)
+        await _finish(scope, receive, send, 204, headers, None, body_read=False, deadline=deadline)
 
     async def _submit(
         self,
@@ -375,14 +392,21 @@ def _body_too_large(limit: int) -> Rejected:
 
 
 async def _respond(
-    send: Any, status: int, headers: Headers, body: dict[str, object] | None, *, head: bool = False
+    send: Any,
+    status: int,
+    headers: Headers,
+    body: dict[str, object] | None,
+    *,
+    head: bool = False,
+    more: bool = False,
 ) -> None:
+    """Send the answer; with ``more``, the stream stays open for a last empty body."""
     content = b"" if body is None else orjson.dumps(body)
     headers = [*headers, (b"content-length", str(len(content)).encode())]
     if content:
         headers.append((b"content-type", b"application/json"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else content})
+    await send({"type": "http.response.body", "body": b"" if head else content, "more_body": more})
 
 
 async def _finish(
@@ -392,23 +416,43 @@ async def _finish(
     status: int,
     headers: Headers,
     body: dict[str, object] | None,
+    *,
+    body_read: bool,
+    deadline: float,
 ) -> None:
-    """Answer a request whose body may not have been read (whole).
+    """Answer a request whose body may not have been read (to its end).
 
-    Hypercorn closes such a connection once the answer is sent; but ending
-    the answer also queues ``http.disconnect`` for this request, behind body
-    chunks nobody reads, so the last send could wait forever. The rest of the
-    body is received and thrown away while the answer goes out. An HTTP/1
+    HTTP/1: Hypercorn closes such a connection once the answer is sent; but
+    ending the answer also queues ``http.disconnect`` for this request, behind
+    body chunks nobody reads, so the last send could wait forever. The rest of
+    the body is received and thrown away while the answer goes out, and the
     client is told that the connection closes after an error.
+
+    HTTP/2: Hypercorn 0.18 fails the whole connection on data for a stream
+    that has ended. The answer is sent at once, but its stream is ended only
+    once the rest of the body has been thrown away (or the client reset the
+    stream), at the latest at ``deadline``.
     """
-    if status >= 400 and scope.get("http_version", "1.1") in ("1.0", "1.1"):
+    head = scope["method"] == "HEAD"
+    if scope.get("http_version", "1.1") == "2":
+        await _respond(send, status, headers, body, head=head, more=not body_read)
+        if not body_read:
+            with trio.move_on_at(deadline):
+                await _discard(receive)
+            await send({"type": "http.response.body", "body": b""})
+        return
+    if status >= 400:
         headers = [*headers, (b"connection", b"close")]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_discard, receive)
-        await _respond(send, status, headers, body, head=scope["method"] == "HEAD")
+        if not body_read:
+            nursery.start_soon(_discard, receive)
+        await _respond(send, status, headers, body, head=head)
         nursery.cancel_scope.cancel()
 
 
 async def _discard(receive: Any) -> None:
-    while (await receive())["type"] == "http.request":
-        pass
+    """Receive and drop the rest of the body, until its end or a disconnect."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
