@@ -407,6 +407,114 @@ INVALID = [
         "300000 ms is shorter than records.outage_tolerance (600.0 s)",
         id="librdkafka-default-timeout-shorter-than-the-outage-tolerance",
     ),
+    pytest.param(
+        config(collect={"enabled": True, "path": "/metrics"}),
+        "collect.path",
+        "/metrics is reserved for the admin endpoints",
+        id="collect-path-admin",
+    ),
+    pytest.param(
+        config(collect={"path": "collect"}),
+        "collect.path",
+        'must start with "/"',
+        id="collect-path-relative",
+    ),
+    pytest.param(
+        config(collect={"path": "/c?x=1"}),
+        "collect.path",
+        "without spaces, *, ?, #, % or backslashes",
+        id="collect-path-query",
+    ),
+    pytest.param(
+        config(collect={"enabled": True}, rules=[rule(path="/collect")]),
+        "rules.0.path",
+        "'/collect' is collect.path: the collect endpoint answers it",
+        id="rule-on-the-collect-path",
+    ),
+    pytest.param(
+        config(collect={"enabled": True, "max_events": 101}, records={"queue_size": 100}),
+        "collect.max_events",
+        "101 is larger than records.queue_size (100)",
+        id="collect-more-events-than-the-channel-holds",
+    ),
+    pytest.param(
+        config(collect={"max_body_bytes": 524_289}),
+        "collect.max_body_bytes",
+        "less than or equal to 524288",
+        id="collect-body-over-512-kib",
+    ),
+    pytest.param(
+        config(collect={"max_events": 0}),
+        "collect.max_events",
+        "greater than or equal to 1",
+        id="collect-no-events",
+    ),
+    pytest.param(
+        config(collect={"content_types": ["Text/Plain"]}),
+        "collect.content_types",
+        "'Text/Plain' is not a lower-case media type",
+        id="collect-content-type-case",
+    ),
+    pytest.param(
+        config(collect={"content_types": ["text/plain; charset=utf-8"]}),
+        "collect.content_types",
+        "is not a lower-case media type (type/subtype, no parameters)",
+        id="collect-content-type-parameters",
+    ),
+    pytest.param(
+        config(collect={"content_types": []}),
+        "collect.content_types",
+        "at least 1 item",
+        id="collect-no-content-types",
+    ),
+    pytest.param(
+        config(collect={"cors_origins": ["https://Shop.example"]}),
+        "collect.cors_origins",
+        "'https://Shop.example' is not an origin as browsers send it",
+        id="collect-origin-upper-case",
+    ),
+    pytest.param(
+        config(collect={"cors_origins": ["https://shop.example/"]}),
+        "collect.cors_origins",
+        "is not an origin as browsers send it",
+        id="collect-origin-with-path",
+    ),
+    pytest.param(
+        config(collect={"cors_origins": ["https://shop.example:443"]}),
+        "collect.cors_origins",
+        "no default port",
+        id="collect-origin-default-port",
+    ),
+    pytest.param(
+        config(collect={"required_fields": [""]}),
+        "collect.required_fields.0",
+        "at least 1 character",
+        id="collect-empty-required-field",
+    ),
+    pytest.param(
+        config(collect={"topic": "a b"}),
+        "collect.topic",
+        "must be 1-249 characters",
+        id="collect-topic",
+    ),
+    pytest.param(
+        config(collect={"body_timeout": 0}),
+        "collect.body_timeout",
+        "greater than 0",
+        id="collect-body-timeout-zero",
+    ),
+    pytest.param(
+        config(collect={"enabled": "yes"}),
+        "collect.enabled",
+        "valid boolean",
+        id="collect-enabled-string",
+    ),
+    pytest.param(
+        config(collect={"cors_origin": []}),
+        "collect.cors_origin",
+        "unknown key",
+        id="collect-unknown-key",
+    ),
 ]
 
 
@@ -437,6 +545,23 @@ def test_invalid_settings_name_the_key_and_the_reason(
             id="prefix-and-its-bare-form",
         ),
         pytest.param(config(rules=[rule(path="/metrics/x")]), id="under-admin-path"),
+        pytest.param(
+            config(collect={"enabled": False}, rules=[rule(path="/collect")]),
+            id="rule-on-the-collect-path-while-collect-is-off",
+        ),
+        pytest.param(
+            config(
+                collect={
+                    "enabled": True,
+                    "path": "/e/v1",
+                    "max_events": 100,
+                    "cors_origins": ["*", "http://127.0.0.1:8080", "https://[2001:db8::1]:8443"],
+                    "content_types": ["application/vnd.events+json"],
+                },
+                records={"queue_size": 100},
+            ),
+            id="collect-at-the-boundaries",
+        ),
         pytest.param(
             config(fallback={"status": 308, "target": "http://t.example:8080/x?y=1#z"}),
             id="redirect-fallback",
@@ -546,6 +671,11 @@ def test_minimal_settings_take_the_documented_defaults() -> None:
     assert (settings.records.topic, settings.records.when_full) == ("redirect-hits", "block")
     assert (settings.records.queue_size, settings.records.batch_size) == (10_000, 500)
     assert settings.shutdown.flush_timeout == 10.0
+    collect = settings.collect
+    assert (collect.enabled, collect.path, collect.topic) == (False, "/collect", None)
+    assert (collect.max_body_bytes, collect.max_events, collect.body_timeout) == (65_536, 100, 5.0)
+    assert collect.content_types == ["application/json", "application/x-ndjson", "text/plain"]
+    assert (collect.required_fields, collect.cors_origins, collect.cors_max_age) == ([], [], 600)
 
 
 def test_example_config_loads() -> None:

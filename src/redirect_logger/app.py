@@ -2,7 +2,8 @@
 
 Redirect hits never enter Quart's routing: ``Frontend`` answers them straight
 from the rule table (werkzeug's routing would merge slashes and redirect on its
-own, which is not what a faithful redirector may do). Quart serves the admin
+own, which is not what a faithful redirector may do), and hands requests for
+``collect.path`` to the collect endpoint (collect.py). Quart serves the admin
 endpoints ``/healthz``, ``/readyz`` and ``/metrics``.
 """
 
@@ -22,6 +23,7 @@ from quart_trio import QuartTrio
 from uuid_utils import uuid7
 from werkzeug.exceptions import HTTPException
 
+from .collect import Collector
 from .hits import Hit
 from .metrics import CONTENT_TYPE
 from .pipeline import Admission
@@ -53,11 +55,17 @@ class Frontend:
         self._inner: ASGIApp = quart.asgi_app
         self._service = service
         self._own_lifecycle = own_lifecycle
+        collect = service.settings.collect
+        self._collector = Collector(collect, service, service.metrics) if collect.enabled else None
+        self._collect_path = collect.path if collect.enabled else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http" and not self._service.is_admin(scope):
-            await self._hit(scope, send)
+            if scope["path"] == self._collect_path and self._collector is not None:
+                await self._collector(scope, receive, send)  # every method: collect.path wins
+            else:
+                await self._hit(scope, send)
         elif kind == "lifespan" and self._own_lifecycle:
             await self._lifespan(receive, send)
         elif kind == "http":

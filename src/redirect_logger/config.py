@@ -324,6 +324,93 @@ class SpillSettings(_Section):
         return self
 
 
+# Media types whose body is NDJSON (one event per line); docs/configuration.md.
+NDJSON_TYPES = frozenset(
+    {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+)
+_MEDIA_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
+
+
+class CollectSettings(_Section):
+    """``POST /collect``: batched events, each one record (docs/configuration.md)."""
+
+    enabled: bool = False
+    path: str = "/collect"  # wins over [[rules]] for every method
+    max_body_bytes: int = Field(65_536, ge=1, le=524_288)  # bytes; larger: 413 unread
+    max_events: int = Field(100, ge=1, le=10_000)  # events per request; more: 413
+    content_types: list[str] = Field(
+        default_factory=lambda: ["application/json", "application/x-ndjson", "text/plain"],
+        min_length=1,
+    )
+    # Top-level keys every event must have; a missing one: 400 naming it
+    required_fields: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list
+    )
+    # Origins ("https://shop.example") whose pages may post; "*": any origin
+    cors_origins: list[str] = Field(default_factory=list)
+    cors_max_age: int = Field(600, ge=0, le=86_400)  # s a browser may cache a preflight
+    topic: str | None = None  # the events' topic; None: records.topic
+    body_timeout: PositiveSeconds = 5.0  # s for the whole body to arrive; then 408
+
+    @field_validator("path")
+    @classmethod
+    def _check_collect_path(cls, path: str) -> str:
+        if not path.startswith("/") or path == "/":
+            raise ValueError('must start with "/" and name a path below it')
+        if not path.isascii() or _CONTROL_RE.search(path) or any(c in path for c in "*?#%\\"):
+            raise ValueError("must be printable ASCII without spaces, *, ?, #, % or backslashes")
+        if path in ADMIN_PATHS:
+            raise ValueError(f"{path} is reserved for the admin endpoints")
+        return path
+
+    @field_validator("content_types")
+    @classmethod
+    def _check_content_types(cls, types: list[str]) -> list[str]:
+        for media_type in types:
+            if not _MEDIA_TYPE_RE.match(media_type):
+                raise ValueError(
+                    f"{media_type!r} is not a lower-case media type (type/subtype, no parameters)"
+                )
+        return types
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and origin != _origin_form(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin as browsers send it: "
+                    'scheme://host[:port] in lower case, no default port, no path (or "*")'
+                )
+        return origins
+
+    @field_validator("topic")
+    @classmethod
+    def _check_collect_topic(cls, topic: str | None) -> str | None:
+        return None if topic is None else _topic_name(topic)
+
+
+def _origin_form(origin: str) -> str | None:
+    """The origin as a browser serializes it (RFC 6454), or None if it is none."""
+    if _CONTROL_RE.search(origin) or not origin.isascii():
+        return None
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if parts.username is not None or parts.path or parts.query or parts.fragment:
+        return None
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    default = 80 if parts.scheme == "http" else 443
+    suffix = "" if port is None or port == default else f":{port}"
+    return f"{parts.scheme}://{host}{suffix}"
+
+
 # s a drain may take past flush_timeout: the last produce window (0.25 s), the
 # purged records' reports (2 x 1 s, kafka.py) and journaling the leftovers.
 PURGE_ALLOWANCE = 3.0
@@ -356,6 +443,7 @@ class Settings(_Section):
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     spill: SpillSettings = Field(default_factory=SpillSettings)
     redirects: RedirectsSettings = Field(default_factory=RedirectsSettings)
+    collect: CollectSettings = Field(default_factory=CollectSettings)
 
     @field_validator("kafka")
     @classmethod
@@ -385,6 +473,7 @@ class Settings(_Section):
             seen_names.add(rule.name)
             seen_paths.add((rule.host, rule.path))
         _cross_check_kafka(self)
+        _cross_check_collect(self)
         records = self.records
         if records.when_full == "block" and records.max_block > self.server.graceful_timeout:
             raise _KeyError(
@@ -487,6 +576,25 @@ def _cross_check_kafka(settings: Settings) -> None:
                 "while spill.enabled is false: records would expire and be lost in such an "
                 "outage; enable the spill journal, raise the timeout or lower the tolerance",
             )
+
+
+def _cross_check_collect(settings: Settings) -> None:
+    collect = settings.collect
+    if not collect.enabled:
+        return
+    for index, rule in enumerate(settings.rules):
+        if rule.path == collect.path:
+            raise _KeyError(
+                f"rules.{index}.path",
+                f"{rule.path!r} is collect.path: the collect endpoint answers it",
+            )
+    queue_size = settings.records.queue_size
+    if collect.max_events > queue_size:
+        raise _KeyError(
+            "collect.max_events",
+            f"{collect.max_events} is larger than records.queue_size ({queue_size}): "
+            "a request's events could never all fit in the channel",
+        )
 
 
 def _check_shutdown_budget(settings: Settings) -> None:

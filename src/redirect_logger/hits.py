@@ -56,6 +56,27 @@ class Hit(NamedTuple):
     rule: str | None  # rule name; None for the fallback
 
 
+class Event(NamedTuple):
+    """One event of a collect request (collect.py): the request's raw fields and
+    the event object as parsed. Its record is built in the workers too."""
+
+    id: str
+    ts: float  # request time, seconds since the epoch
+    method: str
+    scheme: str
+    path: str
+    query: bytes
+    headers: Headers
+    client: tuple[str, int] | None
+    data: dict[str, object]  # the event object, as the client sent it
+
+
+# What the channel carries: a hit, or an event of a collect request.
+Capture = Hit | Event
+
+COLLECT_STATUS = 202  # the status a collect request is answered with
+
+
 class Encoded(NamedTuple):
     """A hit ready for Kafka."""
 
@@ -274,3 +295,43 @@ class Enricher:
             value=orjson.dumps(record),
             timestamp_ms=int(hit.ts * 1000),
         )
+
+    # The events' topic (collect.topic); None: records.topic.
+    event_topic: str | None = None
+
+    def encode_event(self, event: Event) -> Encoded | None:
+        """The Kafka message of a collect event: the envelope of a hit record
+        (``record``), with ``kind`` "event", ``status`` 202, no location or rule,
+        and the event object under ``data``; None when its client is excluded."""
+        record = self.record(
+            Hit(
+                event.id,
+                event.ts,
+                event.method,
+                event.scheme,
+                event.path,
+                event.query,
+                event.headers,
+                event.client,
+                COLLECT_STATUS,
+                None,
+                None,
+            )
+        )
+        if record is None:
+            return None
+        record["kind"] = "event"
+        record["data"] = event.data
+        key: object = None if self._key == "none" else record[self._key]
+        return Encoded(
+            topic=self.event_topic or self._default_topic,
+            key=None if key is None else str(key).encode(),
+            value=orjson.dumps(record),
+            timestamp_ms=int(event.ts * 1000),
+        )
+
+    def encode_capture(self, capture: Capture) -> Encoded | None:
+        """``encode`` for a hit, ``encode_event`` for an event."""
+        if isinstance(capture, Event):
+            return self.encode_event(capture)
+        return self.encode(capture)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -17,6 +17,22 @@ from .ledger import OUTCOMES, Ledger
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+# Why the collect endpoint refused a request (docs/operations.md#the-collect-endpoint).
+COLLECT_REJECTIONS = (
+    "method",
+    "origin",
+    "content_type",
+    "body_too_large",
+    "body_timeout",
+    "malformed",
+    "not_an_object",
+    "too_deep",
+    "missing_field",
+    "too_many_events",
+    "overloaded",
+)
+COLLECT_EVENT_OUTCOMES = ("accepted", "dropped", "shed")
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -73,6 +89,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+        self.collect_rejected = Counter(
+            "redirect_logger_collect_rejected",
+            "Collect requests refused, by reason (nothing of them recorded, except as shed)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.collect_events = Counter(
+            "redirect_logger_collect_events",
+            "Events of collect requests by what the channel did with them (each is in the"
+            " records ledger too)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for reason in COLLECT_REJECTIONS:
+            self.collect_rejected.labels(reason)
+        for outcome in COLLECT_EVENT_OUTCOMES:
+            self.collect_events.labels(outcome)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

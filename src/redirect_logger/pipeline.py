@@ -22,7 +22,7 @@ from typing import Protocol
 import trio
 
 from .config import RecordsSettings
-from .hits import Encoded, Hit
+from .hits import Capture, Encoded
 from .ledger import Ledger
 from .spill import Spill
 
@@ -73,8 +73,8 @@ class Intake:
 
     def __init__(
         self,
-        send: trio.MemorySendChannel[Hit],
-        overflow: trio.MemorySendChannel[Hit],
+        send: trio.MemorySendChannel[Capture],
+        overflow: trio.MemorySendChannel[Capture],
         records: RecordsSettings,
         ledger: Ledger,
     ) -> None:
@@ -84,7 +84,7 @@ class Intake:
         self._max_block = records.max_block
         self._ledger = ledger
 
-    async def submit(self, hit: Hit) -> Admission:
+    async def submit(self, hit: Capture) -> Admission:
         """Hand a hit to the workers; O(1) unless the channel is full.
 
         Under ``block`` this waits at most ``max_block`` s for room; under
@@ -125,6 +125,65 @@ class Intake:
         ledger.add_dropped()
         return Admission.DROPPED
 
+    async def submit_all(self, items: Sequence[Capture]) -> tuple[int, Admission]:
+        """Hand the events of one collect request to the workers, in order.
+
+        Returns how many were accepted (always the first ones) and ``ACCEPTED``,
+        ``DROPPED`` when some were dropped, or ``SHED``. Each item is counted as
+        received, and each one not accepted as dropped or shed:
+
+        - ``shed``: all or nothing. Unless the channel has room for every item
+          now, none is taken and all are shed (a retry creates no duplicates).
+        - ``drop``: what fits now is taken; the rest is dropped.
+        - ``spill``: what does not fit goes to the spill writer's channel, and
+          what does not fit there either is dropped.
+        - ``block``: waits at most ``max_block`` s in all for room, then drops
+          the rest.
+
+        Cancellation while waiting counts the items not yet taken as dropped.
+        """
+        ledger = self._ledger
+        count = len(items)
+        ledger.received += count
+        send = self._send
+        if self._policy == "shed":
+            stats = send.statistics()
+            room = stats.max_buffer_size - stats.current_buffer_used + stats.tasks_waiting_receive
+            if room < count:
+                ledger.shed += count
+                return 0, Admission.SHED
+        taken = self._offer(send, items, 0)
+        if taken < count and self._policy == "spill":
+            taken = self._offer(self._overflow, items, taken)
+        elif taken < count and self._policy == "block":
+            try:
+                with trio.move_on_after(self._max_block):
+                    for item in items[taken:]:
+                        await send.send(item)
+                        taken += 1
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+            except BaseException:  # cancelled from outside while waiting: still counted
+                ledger.add_dropped(count - taken)
+                raise
+        if taken == count:
+            return taken, Admission.ACCEPTED
+        ledger.add_dropped(count - taken)
+        return taken, Admission.DROPPED
+
+    @staticmethod
+    def _offer(
+        channel: trio.MemorySendChannel[Capture], items: Sequence[Capture], taken: int
+    ) -> int:
+        """Put items from ``taken`` on into ``channel`` while it has room; the new count."""
+        try:
+            for item in items[taken:]:
+                channel.send_nowait(item)
+                taken += 1
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return taken
+
 
 class Pipeline:
     """A running pipeline: its intake and the gauges the metrics read."""
@@ -134,13 +193,13 @@ class Pipeline:
         records: RecordsSettings,
         sink: Sink,
         spill: Spill,
-        encode: Callable[[Hit], Encoded | None],
+        encode: Callable[[Capture], Encoded | None],
         ledger: Ledger,
         observe_batch: Callable[[int], None],
         spill_after: float | None,
     ) -> None:
-        self.send, self.receive = trio.open_memory_channel[Hit](records.queue_size)
-        self.overflow_send, self.overflow_receive = trio.open_memory_channel[Hit](
+        self.send, self.receive = trio.open_memory_channel[Capture](records.queue_size)
+        self.overflow_send, self.overflow_receive = trio.open_memory_channel[Capture](
             records.queue_size if records.when_full == "spill" else 0
         )
         self.intake = Intake(self.send, self.overflow_send, records, ledger)
@@ -168,7 +227,7 @@ class Pipeline:
         """Records in the channels, in workers' batches, or in librdkafka's queue."""
         return self.queue_depth() + self.held + self._sink.queued()
 
-    def _take(self, hit: Hit, batch: list[Encoded]) -> None:
+    def _take(self, hit: Capture, batch: list[Encoded]) -> None:
         """Enrich and serialize a hit into the batch. One from an excluded client
         (``encode`` returns None) is counted as excluded; one that cannot be
         encoded, as failed."""
@@ -184,7 +243,9 @@ class Pipeline:
         self.held += 1
         batch.append(encoded)
 
-    async def collect(self, receive: trio.MemoryReceiveChannel[Hit], batch: list[Encoded]) -> bool:
+    async def collect(
+        self, receive: trio.MemoryReceiveChannel[Capture], batch: list[Encoded]
+    ) -> bool:
         """Wait for a hit, then gather more into ``batch`` until ``batch_size``
         or ``batch_linger``. Returns whether the channel has ended.
 
@@ -243,16 +304,16 @@ class Pipeline:
         self.held -= len(batch)
         batch.clear()
 
-    async def run_worker(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
+    async def run_worker(self, receive: trio.MemoryReceiveChannel[Capture]) -> None:
         await self._run(receive, self.ship)
 
-    async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
+    async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Capture]) -> None:
         """Under ``when_full = "spill"``: journal the hits that found the channel full."""
         await self._run(receive, partial(self.keep, why="the channel was full (when_full = spill)"))
 
     async def _run(
         self,
-        receive: trio.MemoryReceiveChannel[Hit],
+        receive: trio.MemoryReceiveChannel[Capture],
         handle: Callable[[list[Encoded]], Awaitable[None]],
     ) -> None:
         """Collect batches until the channel ends; ``handle`` empties each one."""
@@ -323,7 +384,7 @@ async def open_pipeline(
     flush_timeout: float,
     sink: Sink,
     spill: Spill,
-    encode: Callable[[Hit], Encoded | None],
+    encode: Callable[[Capture], Encoded | None],
     ledger: Ledger,
     *,
     observe_batch: Callable[[int], None] = lambda size: None,

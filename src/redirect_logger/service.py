@@ -68,6 +68,7 @@ class Service:
             settings.fallback.topic,
             settings.redirects.no_track_param,
         )
+        self.enricher.event_topic = settings.collect.topic
         self.metrics = Metrics(self.ledger, self._gauges)
         self.pipeline: Pipeline | None = None
         self.sink: KafkaSink | None = None
@@ -212,7 +213,7 @@ class Service:
                 settings.shutdown.flush_timeout,
                 sink,
                 self.spill,
-                self.enricher.encode,
+                self.enricher.encode_capture,
                 self.ledger,
                 observe_batch=self.metrics.batch_size.observe,
                 spill_after=settings.spill.queue_full_timeout if settings.spill.enabled else None,

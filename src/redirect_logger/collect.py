@@ -1,0 +1,458 @@
+"""The collect endpoint: ``POST collect.path`` takes events, one record each.
+
+The Frontend (app.py) hands it every request for ``collect.path``. It reads
+the body within ``[collect]``'s limits, parses it (one JSON object, an
+``{"events": [...]}`` object, or NDJSON) and hands the events to the same
+bounded channel as hits (``Intake.submit_all``); their records are built in
+the workers. Then it answers: ``202 {"accepted": n}``, or an error that says
+why (docs/operations.md#the-collect-endpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+from uuid_utils import uuid7
+
+from .config import NDJSON_TYPES, CollectSettings
+from .hits import Event
+from .pipeline import Admission
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .service import Service
+
+# Deepest nesting of objects and arrays in one event (the event itself is 1).
+# orjson serializes at most 254 levels; a record must never fail there.
+MAX_DEPTH = 64
+
+_JSON_TYPES = frozenset({"application/json"})
+_WHITESPACE = " \t\r"
+_ALLOW = b"POST, OPTIONS"
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Rejected(Exception):
+    """A request the endpoint refuses: its status, the metric's reason and the
+    JSON body ``{"error": message, **detail}``."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        headers: Headers | None = None,
+        **detail: object,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+        self.body: dict[str, object] = {"error": message, **detail}
+        self.body_read = False  # the request's body was read to its end
+
+
+def position(text: str, index: int) -> tuple[int, int]:
+    """The 1-based line and column (in characters) of ``text[index]``."""
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    return line, column
+
+
+def _malformed(message: str, line: int, column: int) -> Rejected:
+    return Rejected(
+        400,
+        "malformed",
+        f"invalid JSON at line {line}, column {column}: {message}",
+        line=line,
+        column=column,
+    )
+
+
+def parse_events(
+    body: bytes, media_type: str, max_events: int, required: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """The events of a request body, in order.
+
+    ``media_type`` picks the form: NDJSON for ``NDJSON_TYPES``, one JSON
+    document for ``application/json`` and ``*+json``; for any other type,
+    NDJSON when the first non-blank line is a JSON value on its own and more
+    lines follow, else one document. A document is one event (an object) or
+    ``{"events": [objects]}``. Raises ``Rejected`` (400 or 413), never
+    anything else; a syntax error names its line and column (for NDJSON, the
+    body's line).
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = position(*_prefix(body, exc.start))
+        raise _malformed("not UTF-8", line, column) from None
+    if not text.strip(_WHITESPACE + "\n"):
+        raise _malformed("the body is empty", 1, 1)
+    if media_type in NDJSON_TYPES:
+        events = _ndjson(text, max_events)
+    elif media_type in _JSON_TYPES or media_type.endswith("+json") or not _looks_like_ndjson(text):
+        events = _document(text)
+    else:
+        events = _ndjson(text, max_events)
+    if len(events) > max_events:
+        raise _too_many(max_events)
+    deep = text.count("{") + text.count("[") > MAX_DEPTH  # else no event can be too deep
+    for index, event in enumerate(events):
+        if not isinstance(event, dict):
+            raise Rejected(400, "not_an_object", f"event {index} is not a JSON object", event=index)
+        if deep and _deeper_than(event, MAX_DEPTH):
+            raise Rejected(
+                400, "too_deep", f"event {index} is nested deeper than {MAX_DEPTH}", event=index
+            )
+        for field in required:
+            if field not in event:
+                raise Rejected(
+                    400,
+                    "missing_field",
+                    f'event {index}: required field "{field}" is missing',
+                    event=index,
+                    field=field,
+                )
+    return events
+
+
+def _prefix(body: bytes, end: int) -> tuple[str, int]:
+    text = body[:end].decode("utf-8")  # valid: the first invalid byte is at ``end``
+    return text, len(text)
+
+
+def _too_many(max_events: int) -> Rejected:
+    return Rejected(413, "too_many_events", f"more than {max_events} events")
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """The non-blank lines with their 1-based numbers."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip(_WHITESPACE):
+            yield number, line
+
+
+def _looks_like_ndjson(text: str) -> bool:
+    lines = _lines(text)
+    first, second = next(lines, None), next(lines, None)
+    if first is None or second is None:
+        return False
+    try:
+        orjson.loads(first[1])
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _ndjson(text: str, max_events: int) -> list[Any]:
+    events: list[Any] = []
+    for number, line in _lines(text):
+        if len(events) == max_events:
+            raise _too_many(max_events)
+        try:
+            events.append(orjson.loads(line))
+        except orjson.JSONDecodeError as exc:
+            raise _malformed(exc.msg, number, exc.pos + 1) from None
+    return events
+
+
+def _document(text: str) -> list[Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _malformed(exc.msg, *position(text, exc.pos)) from None
+    if not isinstance(value, dict):
+        raise Rejected(
+            400,
+            "not_an_object",
+            'the body is not a JSON object, an {"events": [...]} object or NDJSON',
+        )
+    if "events" not in value:
+        return [value]
+    events = value["events"]
+    if len(value) != 1 or not isinstance(events, list):
+        raise Rejected(
+            400,
+            "not_an_object",
+            'an object with "events" must have that key alone, and an array in it',
+        )
+    return events
+
+
+def _deeper_than(value: dict[str, Any] | list[Any], limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children: Iterable[Any] = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+class _Gone(Exception):
+    """The client went away before its body was complete."""
+
+
+class Collector:
+    """Answers every request for ``collect.path`` (all methods)."""
+
+    def __init__(self, settings: CollectSettings, service: Service, metrics: Metrics) -> None:
+        self._service = service
+        self._max_body = settings.max_body_bytes
+        self._max_events = settings.max_events
+        self._types = frozenset(settings.content_types)
+        self._required = tuple(settings.required_fields)
+        self._body_timeout = settings.body_timeout
+        self._any_origin = "*" in settings.cors_origins
+        self._origins = frozenset(o.encode() for o in settings.cors_origins if o != "*")
+        self._max_age = str(settings.cors_max_age).encode()
+        self._rejected = metrics.collect_rejected
+        self._events = metrics.collect_events
+
+    def _allowed(self, origin: bytes) -> bool:
+        return origin in self._origins or (self._any_origin and origin != b"null")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Answer the request. Never raises for what a client sends; a client
+        that goes away mid-body gets no answer and nothing is recorded."""
+        now = time.time()
+        deadline = trio.current_time() + self._body_timeout
+        origin = content_type = length = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                length = value
+        headers: Headers = [(b"vary", b"Origin"), (b"cache-control", b"no-store")]
+        if origin is not None and self._allowed(origin):
+            headers += [
+                (b"access-control-allow-origin", origin),
+                (b"access-control-allow-credentials", b"true"),
+            ]
+        try:
+            if scope["method"] == "OPTIONS":
+                await self._preflight(scope, origin, headers, receive, send, deadline)
+                return
+            events = await self._events_of(scope, receive, origin, content_type, length, deadline)
+        except Rejected as rejected:
+            self._rejected.labels(rejected.reason).inc()
+            await _finish(
+                scope,
+                receive,
+                send,
+                rejected.status,
+                headers + rejected.headers,
+                rejected.body,
+                body_read=rejected.body_read,
+                deadline=deadline,
+            )
+            return
+        except _Gone:
+            return
+        await self._submit(scope, now, events, headers, send)
+
+    async def _events_of(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        origin: bytes | None,
+        content_type: bytes | None,
+        length: bytes | None,
+        deadline: float,
+    ) -> list[dict[str, Any]]:
+        if scope["method"] != "POST":
+            raise Rejected(405, "method", "use POST", [(b"allow", _ALLOW)])
+        if origin is not None and not self._allowed(origin):
+            raise Rejected(403, "origin", "this origin may not post events")
+        media_type = (
+            ""
+            if content_type is None
+            else content_type.partition(b";")[0].strip().lower().decode("latin-1")
+        )
+        if media_type not in self._types:
+            raise Rejected(
+                415,
+                "content_type",
+                f"Content-Type must be one of {', '.join(sorted(self._types))}",
+            )
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            raise _body_too_large(self._max_body)
+        body = await self._read_body(receive, deadline)
+        try:
+            return parse_events(body, media_type, self._max_events, self._required)
+        except Rejected as rejected:
+            rejected.body_read = True
+            raise
+
+    async def _read_body(self, receive: Any, deadline: float) -> bytes:
+        """The whole body, at most ``max_body_bytes`` of it held at once.
+        Raises Rejected (413 past the limit, 408 past the deadline) or _Gone."""
+        body = bytearray()
+        with trio.move_on_at(deadline):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise _Gone
+                body += message.get("body", b"")
+                if len(body) > self._max_body:
+                    raise _body_too_large(self._max_body)
+                if not message.get("more_body", False):
+                    return bytes(body)
+        raise Rejected(
+            408, "body_timeout", f"the body did not arrive within {self._body_timeout:g} s"
+        )
+
+    async def _preflight(
+        self,
+        scope: dict[str, Any],
+        origin: bytes | None,
+        headers: Headers,
+        receive: Any,
+        send: Any,
+        deadline: float,
+    ) -> None:
+        """A CORS preflight from an allowed origin: 204 with the Access-Control
+        headers; one from any other origin: 403; OPTIONS without an origin: 204."""
+        if origin is None:
+            await _finish(
+                scope,
+                receive,
+                send,
+                204,
+                [*headers, (b"allow", _ALLOW)],
+                None,
+                body_read=False,
+                deadline=deadline,
+            )
+            return
+        if not self._allowed(origin):
+            raise Rejected(403, "origin", "this origin may not post events")
+        headers = [
+            (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+            *headers[1:],
+            (b"access-control-allow-methods", b"POST"),
+            (b"access-control-allow-headers", b"Content-Type"),
+            (b"access-control-max-age", self._max_age),
+        ]
+        await _finish(scope, receive, send, 204, headers, None, body_read=False, deadline=deadline)
+
+    async def _submit(
+        self,
+        scope: dict[str, Any],
+        now: float,
+        objects: list[dict[str, Any]],
+        headers: Headers,
+        send: Any,
+    ) -> None:
+        """Hand the events to the channel and answer 202, or 503 when shed."""
+        service = self._service
+        method, scheme, path = scope["method"], scope["scheme"], scope["path"]
+        query, request_headers = scope["query_string"], scope["headers"]
+        client = scope.get("client")
+        events = [
+            Event(str(uuid7()), now, method, scheme, path, query, request_headers, client, data)
+            for data in objects
+        ]
+        count = len(events)
+        pipeline = service.pipeline
+        if pipeline is None:  # not started: nothing can be recorded, and it is counted
+            service.ledger.received += count
+            service.ledger.shed += count
+            accepted, admission = 0, Admission.SHED
+        else:
+            accepted, admission = await pipeline.intake.submit_all(events)
+        if accepted:
+            self._events.labels("accepted").inc(accepted)
+        if admission is Admission.SHED:
+            self._events.labels("shed").inc(count)
+            self._rejected.labels("overloaded").inc()
+            body: dict[str, object] = {"error": "overloaded, retry later", "accepted": 0}
+            await _respond(send, 503, [*headers, (b"retry-after", b"1")], body)
+            return
+        body = {"accepted": accepted}
+        if accepted < count:
+            self._events.labels("dropped").inc(count - accepted)
+            body["dropped"] = count - accepted
+        await _respond(send, 202, headers, body)
+
+
+def _body_too_large(limit: int) -> Rejected:
+    return Rejected(413, "body_too_large", f"the body is larger than {limit} bytes")
+
+
+async def _respond(
+    send: Any,
+    status: int,
+    headers: Headers,
+    body: dict[str, object] | None,
+    *,
+    head: bool = False,
+    more: bool = False,
+) -> None:
+    """Send the answer; with ``more``, the stream stays open for a last empty body."""
+    content = b"" if body is None else orjson.dumps(body)
+    headers = [*headers, (b"content-length", str(len(content)).encode())]
+    if content:
+        headers.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else content, "more_body": more})
+
+
+async def _finish(
+    scope: dict[str, Any],
+    receive: Any,
+    send: Any,
+    status: int,
+    headers: Headers,
+    body: dict[str, object] | None,
+    *,
+    body_read: bool,
+    deadline: float,
+) -> None:
+    """Answer a request whose body may not have been read (to its end).
+
+    HTTP/1: Hypercorn closes such a connection once the answer is sent; but
+    ending the answer also queues ``http.disconnect`` for this request, behind
+    body chunks nobody reads, so the last send could wait forever. The rest of
+    the body is received and thrown away while the answer goes out, and the
+    client is told that the connection closes after an error.
+
+    HTTP/2: Hypercorn 0.18 fails the whole connection on data for a stream
+    that has ended. The answer is sent at once, but its stream is ended only
+    once the rest of the body has been thrown away (or the client reset the
+    stream), at the latest at ``deadline``.
+    """
+    head = scope["method"] == "HEAD"
+    if scope.get("http_version", "1.1") == "2":
+        await _respond(send, status, headers, body, head=head, more=not body_read)
+        if not body_read:
+            with trio.move_on_at(deadline):
+                await _discard(receive)
+            await send({"type": "http.response.body", "body": b""})
+        return
+    if status >= 400:
+        headers = [*headers, (b"connection", b"close")]
+    async with trio.open_nursery() as nursery:
+        if not body_read:
+            nursery.start_soon(_discard, receive)
+        await _respond(send, status, headers, body, head=head)
+        nursery.cancel_scope.cancel()
+
+
+async def _discard(receive: Any) -> None:
+    """Receive and drop the rest of the body, until its end or a disconnect."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
