@@ -32,6 +32,7 @@ def test_the_page_has_its_recipes() -> None:
     assert [(title, len(rows)) for title, _, rows in recipes()] == [
         ("A link shortener on its own domains", 7),
         ("Campaign tracking with UTM forwarding", 6),
+        ("Beacon tracking: send the user on, report the click in the background", 1),
     ]
 
 
