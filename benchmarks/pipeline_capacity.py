@@ -1,13 +1,14 @@
 """Records/s from the channel to delivered-by-broker, without HTTP.
 
     python benchmarks/pipeline_capacity.py --bootstrap 127.0.0.1:9092 [--records 200000]
-        [--distinct-agents]
+        [--distinct-agents] [--no-bot-detection]
 
 Submits hits to the intake as fast as the channel takes them (policy
 "block") and stops the clock when the broker has acknowledged the last one.
 Every hit carries the same User-Agent, or with --distinct-agents one that no
-other hit carries (browser-shaped, made before the clock starts), so that no
-per-agent cache helps. Bounded: exits after --records records or --timeout
+other hit carries (browser-shaped, made before the clock starts), so that the
+bot flag's per-agent cache never helps. records.bot_detection is on unless
+--no-bot-detection. Bounded: exits after --records records or --timeout
 seconds.
 """
 
@@ -59,10 +60,14 @@ def distinct_agents(count: int) -> list[bytes]:
     return agents
 
 
-async def run(bootstrap: str, records: int, budget: float, distinct: bool) -> None:
+async def run(bootstrap: str, records: int, budget: float, distinct: bool, bots: bool) -> None:
     settings = parse_settings(
         {
-            "records": {"topic": f"bench-{uuid.uuid4().hex[:8]}", "queue_size": 20_000},
+            "records": {
+                "topic": f"bench-{uuid.uuid4().hex[:8]}",
+                "queue_size": 20_000,
+                "bot_detection": bots,
+            },
             "kafka": {"bootstrap.servers": bootstrap},
             "shutdown": {"flush_timeout": budget, "grace_period": budget + 10},
             "spill": {"directory": tempfile.mkdtemp(prefix="bench-spill-")},
@@ -104,6 +109,7 @@ async def run(bootstrap: str, records: int, budget: float, distinct: bool) -> No
     ledger = service.ledger_snapshot()
     print(f"records {records}: submitted in {submitted:.2f} s, delivered in {elapsed:.2f} s")
     agents = "each with its own User-Agent" if distinct else "one User-Agent"
+    agents += ", bot detection " + ("on" if bots else "off")
     print(f"pipeline capacity: {records / elapsed:,.0f} records/s (acks=all, idempotent, {agents})")
     print(f"ledger {ledger}")
 
@@ -116,8 +122,16 @@ def main() -> None:
     parser.add_argument(
         "--distinct-agents", action="store_true", help="a different User-Agent on every hit"
     )
+    parser.add_argument("--no-bot-detection", action="store_true", help="records.bot_detection off")
     args = parser.parse_args()
-    trio.run(run, args.bootstrap, args.records, args.timeout, args.distinct_agents)
+    trio.run(
+        run,
+        args.bootstrap,
+        args.records,
+        args.timeout,
+        args.distinct_agents,
+        not args.no_bot_detection,
+    )
 
 
 if __name__ == "__main__":
