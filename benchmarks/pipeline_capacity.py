@@ -1,15 +1,21 @@
 """Records/s from the channel to delivered-by-broker, without HTTP.
 
     python benchmarks/pipeline_capacity.py --bootstrap 127.0.0.1:9092 [--records 200000]
+        [--distinct-agents] [--no-bot-detection]
 
 Submits hits to the intake as fast as the channel takes them (policy
 "block") and stops the clock when the broker has acknowledged the last one.
-Bounded: exits after --records records or --timeout seconds.
+Every hit carries the same User-Agent, or with --distinct-agents one that no
+other hit carries (browser-shaped, made before the clock starts), so that the
+bot flag's per-agent cache never helps. records.bot_detection is on unless
+--no-bot-detection. Bounded: exits after --records records or --timeout
+seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
 import uuid
@@ -23,11 +29,45 @@ from redirect_logger.service import Service
 
 HEADERS = [(b"host", b"bench.local"), (b"user-agent", b"bench/1"), (b"referer", b"https://r/")]
 
+CHROME = "Mozilla/5.0 (%s) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/%s Safari/537.36"
+SAFARI_IOS = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS %s like Mac OS X) AppleWebKit/605.1.15"
+    " (KHTML, like Gecko) Version/%s Mobile/15E%d Safari/604.1"
+)
+FIREFOX = "Mozilla/5.0 (%s; rv:%d.0) Gecko/20100101 Firefox/%d.%d"
 
-async def run(bootstrap: str, records: int, budget: float) -> None:
+
+def distinct_agents(count: int) -> list[bytes]:
+    """``count`` different browser-shaped User-Agents (Chrome, Safari on iOS,
+    Firefox), each with a build number no other one has."""
+    rng = random.Random(5)
+    systems = [
+        "Windows NT 10.0; Win64; x64",
+        "Macintosh; Intel Mac OS X 10_15_7",
+        "X11; Linux x86_64",
+    ]
+    agents = []
+    for n in range(count):
+        system = systems[n % 3]
+        if n % 3 == 0:
+            agent = CHROME % (system, f"{100 + n % 40}.0.{n}.{rng.randint(0, 250)}")
+        elif n % 3 == 1:
+            ios = f"{15 + n % 4}_{rng.randint(0, 7)}"
+            agent = SAFARI_IOS % (ios, ios.replace("_", "."), n)
+        else:
+            agent = FIREFOX % (system, 100 + n % 40, 100 + n % 40, n)
+        agents.append(agent.encode())
+    return agents
+
+
+async def run(bootstrap: str, records: int, budget: float, distinct: bool, bots: bool) -> None:
     settings = parse_settings(
         {
-            "records": {"topic": f"bench-{uuid.uuid4().hex[:8]}", "queue_size": 20_000},
+            "records": {
+                "topic": f"bench-{uuid.uuid4().hex[:8]}",
+                "queue_size": 20_000,
+                "bot_detection": bots,
+            },
             "kafka": {"bootstrap.servers": bootstrap},
             "shutdown": {"flush_timeout": budget, "grace_period": budget + 10},
             "spill": {"directory": tempfile.mkdtemp(prefix="bench-spill-")},
@@ -35,6 +75,11 @@ async def run(bootstrap: str, records: int, budget: float) -> None:
     )
     service = Service(settings)
     target, _ = service.rules.match("/")
+    headers = (
+        [[*HEADERS[:1], (b"user-agent", agent), *HEADERS[2:]] for agent in distinct_agents(records)]
+        if distinct
+        else [HEADERS] * records
+    )
     with trio.fail_after(budget):
         async with service.running():
             pipeline = service.pipeline
@@ -50,7 +95,7 @@ async def run(bootstrap: str, records: int, budget: float) -> None:
                     "http",
                     "/",
                     b"n=%d" % n,
-                    HEADERS,
+                    headers[n],
                     ("127.0.0.1", 40000 + n % 20000),
                     target.status,
                     None,
@@ -63,7 +108,9 @@ async def run(bootstrap: str, records: int, budget: float) -> None:
             elapsed = time.perf_counter() - start
     ledger = service.ledger_snapshot()
     print(f"records {records}: submitted in {submitted:.2f} s, delivered in {elapsed:.2f} s")
-    print(f"pipeline capacity: {records / elapsed:,.0f} records/s (acks=all, idempotent)")
+    agents = "each with its own User-Agent" if distinct else "one User-Agent"
+    agents += ", bot detection " + ("on" if bots else "off")
+    print(f"pipeline capacity: {records / elapsed:,.0f} records/s (acks=all, idempotent, {agents})")
     print(f"ledger {ledger}")
 
 
@@ -72,8 +119,19 @@ def main() -> None:
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--distinct-agents", action="store_true", help="a different User-Agent on every hit"
+    )
+    parser.add_argument("--no-bot-detection", action="store_true", help="records.bot_detection off")
     args = parser.parse_args()
-    trio.run(run, args.bootstrap, args.records, args.timeout)
+    trio.run(
+        run,
+        args.bootstrap,
+        args.records,
+        args.timeout,
+        args.distinct_agents,
+        not args.no_bot_detection,
+    )
 
 
 if __name__ == "__main__":

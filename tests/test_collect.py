@@ -150,6 +150,7 @@ async def test_each_form_is_one_record_per_event_with_the_hit_envelope(broker: B
             "remote_address": envelope["remote_address"],
             "user_agent": "ua/2",
             "referer": f"{PAGE_ORIGIN}/cart",
+            "bot": False,
             "logged_at": record["logged_at"],
             "instance": service.enricher.instance,
         }

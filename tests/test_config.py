@@ -345,6 +345,12 @@ INVALID = [
         id="string-is-not-a-boolean",
     ),
     pytest.param(
+        config(records={"bot_detection": 1}),
+        "records.bot_detection",
+        "Input should be a valid boolean",
+        id="number-is-not-a-boolean",
+    ),
+    pytest.param(
         config(server={"trusted_proxies": [5]}),
         "server.trusted_proxies",
         "5 is not a CIDR string",
@@ -670,6 +676,7 @@ def test_minimal_settings_take_the_documented_defaults() -> None:
     assert (settings.fallback.status, settings.fallback.target) == (404, None)
     assert (settings.records.topic, settings.records.when_full) == ("redirect-hits", "block")
     assert (settings.records.queue_size, settings.records.batch_size) == (10_000, 500)
+    assert (settings.records.user_agent, settings.records.bot_detection) == (True, True)
     assert settings.shutdown.flush_timeout == 10.0
     collect = settings.collect
     assert (collect.enabled, collect.path, collect.topic) == (False, "/collect", None)

@@ -47,6 +47,7 @@ from werkzeug.routing import Map
 from werkzeug.sansio.utils import get_host
 
 from brokers import Broker
+from redirect_logger.bots import BotDetector
 from support import (
     ServiceProcess,
     read_topic,
@@ -76,6 +77,8 @@ LIMITS = {
     "user_agent": 1024,
     "referer": 2048,
 }
+
+BOTS = BotDetector()  # the bot flag's verdicts (tests/test_hits.py checks them)
 
 INCOMPLETE_HEAD_LIMIT = 16384  # h11_max_incomplete_size: more, still incomplete: 431
 ONE_READ = 65536  # Hypercorn's largest read: a head may complete in one
@@ -244,6 +247,7 @@ class Sent:
 
     def record(self, hit_id: str) -> dict[str, object]:
         """The record docs/records.md describes for this request."""
+        agent = _text(self.user_agent)
         record: dict[str, object] = {
             "v": 1,
             "id": hit_id,
@@ -259,6 +263,8 @@ class Sent:
             "client_ip": "127.0.0.1",
             "user_agent": _text(self.user_agent),
             "referer": _text(self.referer),
+            # as the service works it out: from the method and the agent as recorded
+            "bot": BOTS.is_bot(self.method, agent and agent[: LIMITS["user_agent"]]),
         }
         truncated = []
         for name, limit in LIMITS.items():

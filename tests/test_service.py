@@ -28,14 +28,21 @@ from support import (
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+# User-Agents sent, and whether a GET with each is a bot hit (a HEAD always is)
+AGENT_IS_BOT = {
+    "ua/1": False,
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)": True,
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1_1 like Mac OS X) AppleWebKit/605.1.15"
+    " (KHTML, like Gecko) Version/18.1.1 Mobile/15E148 Safari/604.1": False,
+}
 
 
 async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Broker) -> None:
     topic = unique_topic()
     stop = trio.Event()
-    sent: dict[
-        str, tuple[str, str, int, str | None]
-    ] = {}  # id -> (method, target, status, location)
+    # id -> (method, target, status, location, user agent)
+    sent: dict[str, tuple[str, str, int, str | None, str]] = {}
+    agents = list(AGENT_IS_BOT)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             service, codes = await start_service(
@@ -48,11 +55,11 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
             limits = httpx.Limits(max_connections=16)
             async with httpx.AsyncClient(base_url=base, limits=limits) as client:
 
-                async def send(method: str, target: str) -> None:
+                async def send(method: str, target: str, agent: str) -> None:
                     response = await client.request(
                         method,
                         target,
-                        headers={"user-agent": "ua/1", "referer": "https://ref.example/"},
+                        headers={"user-agent": agent, "referer": "https://ref.example/"},
                     )
                     hit_id = response.headers["x-hit-id"]
                     assert hit_id not in sent
@@ -63,15 +70,18 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
                         target,
                         response.status_code,
                         response.headers.get("location"),
+                        agent,
                     )
 
                 async with trio.open_nursery() as clients:
-                    for method, target in requests:
-                        clients.start_soon(send, method, target)
+                    for n, (method, target) in enumerate(requests):
+                        clients.start_soon(send, method, target, agents[n % len(agents)])
             stop.set()
     assert codes == [0]
     assert len(sent) == 300
-    statuses = sorted({(target, status, location) for _, target, status, location in sent.values()})
+    statuses = sorted(
+        {(target, status, location) for _, target, status, location, _ in sent.values()}
+    )
     assert statuses == [
         ("/?utm_source=mail&x=1", 302, "https://example.com/?utm_source=mail&x=1"),
         ("/docs", 301, "https://docs.example.com/"),
@@ -86,7 +96,7 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
     assert set(ids) == set(sent)
     rule_of = {"/": "home", "/docs": "docs", "/missing": None}
     for record in records:
-        method, target, status, location = sent[record["id"]]
+        method, target, status, location, agent = sent[record["id"]]
         path, _, query = target.partition("?")
         assert UUID7.match(record["id"])
         assert record["v"] == 1
@@ -101,13 +111,16 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
         assert record["host"] == base.removeprefix("http://")
         assert record["client_ip"] == "127.0.0.1"
         assert re.match(r"^127\.0\.0\.1:\d+$", record["remote_address"])
-        assert (record["user_agent"], record["referer"]) == ("ua/1", "https://ref.example/")
+        assert (record["user_agent"], record["referer"]) == (agent, "https://ref.example/")
+        assert record["bot"] is (method == "HEAD" or AGENT_IS_BOT[agent])
         assert RFC3339_MS.match(record["ts"]) and RFC3339_MS.match(record["logged_at"])
         assert record["logged_at"] >= record["ts"]
         assert record["instance"] == service.enricher.instance
         assert datetime.fromisoformat(record["ts"]).year >= 2024
         assert record["kind"] == ("miss" if status == 404 else "redirect")
         check_record_schema(record)
+    # 250 GETs and 50 HEADs, the agents in turn: 84 GETs as Googlebot, and every HEAD
+    assert sum(record["bot"] for record in records) == 84 + 50
 
 
 async def test_admin_endpoints_and_readiness(broker: Broker) -> None:

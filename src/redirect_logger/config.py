@@ -278,6 +278,9 @@ class RecordsSettings(_Section):
     ip: Literal["full", "anonymized", "none"] = "full"
     user_agent: bool = True
     referer: bool = True
+    # The record's "bot" flag (null when off); worked out from the User-Agent
+    # even when user_agent = false leaves the agent out of the record.
+    bot_detection: bool = True
     # Clients (by client_ip) whose hits are redirected but not recorded: counted "excluded"
     exclude_ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
     # s of broker outage to ride through without loss when spilling is off

@@ -1,8 +1,8 @@
 """The hit record: raw capture on the request path, enrichment and JSON in the workers.
 
 The request path only builds a ``Hit`` (a tuple of values it already has);
-header lookups, client-IP resolution, timestamps and serialization happen in
-``Enricher.encode``, which runs in the worker pool.
+header lookups, client-IP resolution, the bot flag, timestamps and
+serialization happen in ``Enricher.encode``, which runs in the worker pool.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import orjson
 
+from .bots import BotDetector
 from .config import RecordsSettings, Rule, ServerSettings
 from .rules import query_pairs
 
@@ -161,6 +162,7 @@ class Enricher:
         self._ip = records.ip
         self._user_agent = records.user_agent
         self._referer = records.referer
+        self._bots = BotDetector() if records.bot_detection else None
         self._excluded: tuple[Network, ...] = tuple(records.exclude_ips)
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self._ip_headers = tuple(name.lower().encode() for name in server.client_ip_headers)
@@ -244,6 +246,10 @@ class Enricher:
             client_ip, remote = anonymized(client_ip), anonymized(peer)
         elif self._ip == "none":
             client_ip = remote = None
+        agent = _text(user_agent)
+        bot = None
+        if self._bots is not None:  # the agent as recorded: cut to its limit
+            bot = self._bots.is_bot(hit.method, agent and agent[: FIELD_LIMITS["user_agent"]])
         record: dict[str, object] = {
             "v": SCHEMA_VERSION,
             "id": hit.id,
@@ -259,8 +265,9 @@ class Enricher:
             "kind": "miss" if hit.location is None else "redirect",
             "client_ip": client_ip,
             "remote_address": remote,
-            "user_agent": _text(user_agent) if self._user_agent else None,
+            "user_agent": agent if self._user_agent else None,
             "referer": _text(referer) if self._referer else None,
+            "bot": bot,
             "logged_at": rfc3339_ms(time.time()),
             "instance": self.instance,
         }
