@@ -172,13 +172,17 @@ class KafkaSink:
         producer = self._producer
         # Untyped: its stub wants list[tuple[str, str | bytes | None]] (lists are invariant).
         produce: Callable[..., None] = producer.produce
+        # Arguments by position, as confluent-kafka parses them faster than by
+        # keyword (0.3-0.4 us a record): topic, value, key, partition (-1: the
+        # partitioner's choice), callback and on_delivery (None: the config's
+        # on_delivery), timestamp, headers.
         give_up = time.monotonic() + window
         produced = 0
         try:
             for index, (topic, key, value, timestamp_ms, headers) in enumerate(batch):
                 while True:
                     try:
-                        produce(topic, value, key, timestamp=timestamp_ms, headers=headers)
+                        produce(topic, value, key, -1, None, None, timestamp_ms, headers)
                         produced += 1
                         break
                     except BufferError:  # queue full: backpressure, not loss
