@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from redirect_logger.hits import Encoded
+from redirect_logger.hits import Encoded, message_headers
 from redirect_logger.spill import Journal
 from served import Served, write_config
 
@@ -76,7 +76,8 @@ def main() -> int:
         if journaled:
             journal = Journal(spill / "slot-0", max_bytes=1 << 31, segment_bytes=64 << 20)
             value = orjson.dumps({"id": "x" * 36, "path": "/docs/a", "pad": "p" * 300})
-            batch = [Encoded(topic, b"k", value, 1_700_000_000_000)] * 10_000
+            headers = message_headers("redirect", "docs")
+            batch = [Encoded(topic, b"k", value, 1_700_000_000_000, headers)] * 10_000
             for _ in range(journaled // len(batch)):
                 journal.append(batch)
             journal.close()

@@ -6,15 +6,17 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 import trio
@@ -118,13 +120,29 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
     return path
 
 
+class Read(NamedTuple):
+    """One message read back from a topic."""
+
+    record: dict[str, Any]  # the JSON value
+    key: bytes | None
+    timestamp_ms: int
+    headers: list[tuple[str, bytes | None]]  # [] when the message has none
+
+
 def read_topic(
     bootstrap: str, topic: str, timeout: float = 30.0, expected: int = 0
 ) -> list[dict[str, Any]]:
-    """Every record in the topic, from the beginning to each partition's end.
+    """Every record in the topic (see ``read_messages``)."""
+    return [read.record for read in read_messages(bootstrap, topic, timeout, expected)]
+
+
+def read_messages(
+    bootstrap: str, topic: str, timeout: float = 30.0, expected: int = 0
+) -> list[Read]:
+    """Every message in the topic, from the beginning to each partition's end.
 
     Reads until the partitions' end offsets stop moving and at least
-    ``expected`` records are in; fails after ``timeout`` s.
+    ``expected`` messages are in; fails after ``timeout`` s.
     """
     consumer = Consumer(
         {
@@ -138,23 +156,30 @@ def read_topic(
     try:
         partitions = _partitions(consumer, topic, deadline)
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        records: list[dict[str, Any]] = []
+        messages: list[Read] = []
         positions = dict.fromkeys(partitions, 0)
         ends: dict[int, int] = {}
         while True:
             previous, ends = ends, _ends(consumer, topic, partitions, deadline)
-            if previous == ends and len(records) >= expected:
-                return records
+            if previous == ends and len(messages) >= expected:
+                return messages
             while any(positions[p] < ends[p] for p in partitions):
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"read {len(records)} records; the topic ends at {ends}")
+                    raise AssertionError(f"read {len(messages)} records; the topic ends at {ends}")
                 for message in consumer.consume(1000, 0.5):
                     if message.error():
                         raise AssertionError(str(message.error()))
                     positions[message.partition()] = message.offset() + 1
-                    records.append(json.loads(message.value()))
+                    messages.append(
+                        Read(
+                            json.loads(message.value()),
+                            message.key(),
+                            message.timestamp()[1],
+                            list(message.headers() or []),
+                        )
+                    )
             if time.monotonic() > deadline:
-                raise AssertionError(f"read {len(records)} of {expected} records; ends {ends}")
+                raise AssertionError(f"read {len(messages)} of {expected} records; ends {ends}")
             time.sleep(0.2)
     finally:
         consumer.close()
@@ -183,6 +208,15 @@ def _ends(consumer: Consumer, topic: str, partitions: list[int], deadline: float
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def v1_frame(topic: str, key: bytes | None, value: bytes, timestamp_ms: int) -> bytes:
+    """A journal frame in format 1, as the journal wrote it before messages had
+    headers: ``length | crc32 | timestamp_ms | topic length | key length |
+    topic | key | value``, big-endian, the CRC over what follows it."""
+    body = struct.pack(">qHi", timestamp_ms, len(topic.encode()), -1 if key is None else len(key))
+    body += topic.encode() + (key or b"") + value
+    return struct.pack(">II", len(body), zlib.crc32(body)) + body
 
 
 LEDGER_RE = re.compile(r"ledger (\{.*\})")

@@ -27,6 +27,7 @@ from redirect_logger.service import Service
 from support import (
     check_record_schema,
     ledger_counts,
+    read_messages,
     read_topic,
     service_config,
     start_service,
@@ -123,7 +124,11 @@ async def test_each_form_is_one_record_per_event_with_the_hit_envelope(broker: B
     assert event_outcomes(service) == {"accepted": 9, "dropped": 0, "shed": 0}
     assert rejections(service) == {}
 
-    records = await trio.to_thread.run_sync(read_topic, broker.bootstrap, events_topic, 30.0, 9)
+    messages = await trio.to_thread.run_sync(read_messages, broker.bootstrap, events_topic, 30.0, 9)
+    assert [message.headers for message in messages] == [
+        [("schema-version", b"1"), ("kind", b"event"), ("rule", b"")]
+    ] * 9
+    records = [message.record for message in messages]
     assert sorted(record["data"]["n"] for record in records) == list(range(9))
     by_n = {record["data"]["n"]: record for record in records}
     assert by_n[0]["data"] == {"n": 0, "type": "view", "nested": {"a": [1, 2.5, None, True]}}

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from redirect_logger.bots import CACHE_SIZE, BotDetector
 from redirect_logger.config import parse_settings
-from redirect_logger.hits import FIELD_LIMITS, Enricher, Hit, rfc3339_ms
+from redirect_logger.hits import FIELD_LIMITS, Enricher, Hit, headers_of_value, rfc3339_ms
 from support import check_record_schema
 
 
@@ -115,6 +115,11 @@ def test_record_fields_and_key() -> None:
     assert logged_at >= record["ts"]
     assert encoded.key == "/docs/caf\u00e9".encode()
     assert encoded.timestamp_ms == 1795541533608
+    assert encoded.headers == [
+        ("schema-version", b"1"),
+        ("kind", b"redirect"),
+        ("rule", b"docs"),
+    ]
 
 
 def test_over_long_fields_are_cut_to_their_limits_and_named() -> None:
@@ -424,3 +429,52 @@ def test_bot_verdict_cache_stays_within_its_bound() -> None:
         default.is_bot("GET", f"agent-{n}")
     assert (CACHE_SIZE, default.cached) == (4096, 4096)
     assert time.monotonic() - started < 5.0  # ~15 ms here: ~2.5 µs per new agent
+
+
+def test_message_headers_name_the_kind_and_rule_and_are_shared() -> None:
+    enricher = privacy_enricher()
+    hits = [
+        Hit("a", 0.0, "GET", "http", "/", b"", [], None, 302, "https://t/", "r\u00e9gle"),
+        Hit("b", 0.0, "GET", "http", "/", b"", [], None, 302, "https://t/", "r\u00e9gle"),
+        Hit("c", 0.0, "GET", "http", "/x", b"", [], None, 404, None, None),
+        Hit("d", 0.0, "GET", "http", "/y", b"", [], None, 302, "https://f/", None),
+    ]
+    first, second, miss, fallback = (enricher.encode(hit) for hit in hits)
+    assert first is not None and second is not None and miss is not None
+    assert fallback is not None
+    assert first.headers == [
+        ("schema-version", b"1"),
+        ("kind", b"redirect"),
+        ("rule", b"r\xc3\xa9gle"),
+    ]
+    assert first.headers is second.headers  # one list per (kind, rule), not per record
+    assert miss.headers == [("schema-version", b"1"), ("kind", b"miss"), ("rule", b"")]
+    assert fallback.headers == [("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"")]
+    for encoded in (first, miss, fallback):  # what a delivery report gives back
+        assert headers_of_value(encoded.value) == encoded.headers
+
+
+@pytest.mark.parametrize(
+    ("value", "headers"),
+    [
+        (b'{"v":1,"kind":"miss","rule":null}', [("kind", b"miss"), ("rule", b"")]),
+        (b'{"v":2,"kind":"event","rule":"c"}', [("kind", b"event"), ("rule", b"c")]),
+        # written before records had a kind: the location implies it
+        (
+            b'{"v":1,"rule":"home","location":"https://t/"}',
+            [("kind", b"redirect"), ("rule", b"home")],
+        ),
+        (b'{"v":1,"rule":null,"location":null}', [("kind", b"miss"), ("rule", b"")]),
+        # not a record: no headers
+        (b"not json", None),
+        (b"[1]", None),
+        (b'{"id":"x","n":1}', None),
+        (b'{"v":"1","kind":"miss","rule":null}', None),
+        (b'{"v":true,"kind":"miss","rule":null}', None),
+        (b'{"v":1,"kind":"miss","rule":7}', None),
+    ],
+)
+def test_headers_of_a_value(value: bytes, headers: list[tuple[str, bytes]] | None) -> None:
+    version = b"%d" % orjson.loads(value)["v"] if headers else b""
+    expected = [] if headers is None else [("schema-version", version), *headers]
+    assert headers_of_value(value) == expected

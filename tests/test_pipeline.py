@@ -75,7 +75,7 @@ def hit(n: int) -> Hit:
 
 
 def encode(h: Hit) -> Encoded:
-    return Encoded("hits", None, h.id.encode(), 0)
+    return Encoded("hits", None, h.id.encode(), 0, [])
 
 
 def records(**overrides: object) -> RecordsSettings:
@@ -283,8 +283,8 @@ async def test_when_full_spill_journals_the_overflow_and_drops_past_the_cap(
 ) -> None:
     ledger = Ledger()
     sink = MemorySink(ledger, open=False)
-    # Room for two overflow records on disk (a frame here is 8+14+4+7 = 33 bytes).
-    journal = Journal(tmp_path, max_bytes=70, segment_bytes=70)
+    # Room for two overflow records on disk (a frame here is 12+18+4+7 = 41 bytes).
+    journal = Journal(tmp_path, max_bytes=90, segment_bytes=90)
     async with pipeline_of(
         records(queue_size=2, batch_size=1, batch_linger=0.01, when_full="spill"),
         5.0,

@@ -17,23 +17,35 @@ from redirect_logger.spill import Journal, read_segment
 from support import (
     ROOT,
     UNREACHABLE,
+    Read,
+    ledger_counts,
+    read_messages,
     read_topic,
     service_config,
     start_service,
     unique_topic,
+    v1_frame,
     write_config,
 )
 
 OPTIONS = {"max_bytes": 10**7, "segment_bytes": 4_000}
 
 
+HEADERS = [
+    [("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"home")],
+    [("schema-version", b"1"), ("kind", b"miss"), ("rule", b"")],
+    [("schema-version", b"1"), ("kind", b"event"), ("rule", b"c\xc3\xa9")],
+]
+
+
 def journal_records(topic: str, count: int) -> list[Encoded]:
     return [
         Encoded(
             topic,
-            b"k",
+            b"k%d" % n if n % 2 else None,
             orjson.dumps({"id": str(uuid.uuid4()), "n": n}),
             1_700_000_000_000 + n,
+            HEADERS[n % 3],
         )
         for n in range(count)
     ]
@@ -41,6 +53,15 @@ def journal_records(topic: str, count: int) -> list[Encoded]:
 
 def ids(records: list[Encoded]) -> set[str]:
     return {orjson.loads(record.value)["id"] for record in records}
+
+
+def by_id(messages: list[Encoded] | list[Read]) -> dict[str, tuple[object, ...]]:
+    """Each message's key, timestamp and headers, by its record's id."""
+    found: dict[str, tuple[object, ...]] = {}
+    for message in messages:
+        record = orjson.loads(message.value) if isinstance(message, Encoded) else message.record
+        found[record["id"]] = (message.key, message.timestamp_ms, message.headers)
+    return found
 
 
 def replay(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -86,10 +107,11 @@ async def test_replay_delivers_unheld_slots_sets_a_torn_tail_aside_and_skips_hel
     assert "replay: 100%" in result.stderr  # the progress bar reached its end
     assert "replayed 149 records; 0 still journaled" in result.stderr
     assert "torn or corrupt tail" in result.stderr
-    records = await trio.to_thread.run_sync(
-        lambda: read_topic(broker.bootstrap, topic, expected=149)
+    messages = await trio.to_thread.run_sync(
+        lambda: read_messages(broker.bootstrap, topic, expected=149)
     )
-    assert sorted(r["id"] for r in records) == sorted(ids(first) | ids(second[:-1]))
+    assert len(messages) == 149
+    assert by_id(messages) == by_id(first + second[:-1])  # keys, timestamps, headers kept
     assert len(list((spill / "slot-0").glob("segment-*.log"))) == 1
     assert not list((spill / "slot-1").glob("segment-*"))
     assert [p.name for p in (spill / "slot-2").glob("segment-*")] == [last.name + ".corrupt"]
@@ -126,7 +148,8 @@ async def test_a_record_kafka_refuses_for_good_is_set_aside_not_retried(
     topic = unique_topic()
     spill = tmp_path / "spill"
     good = journal_records(topic, 3)
-    huge = Encoded(topic, None, b'{"id": "huge", "pad": "' + b"x" * 1_100_000 + b'"}', 0)
+    value = b'{"id": "huge", "pad": "' + b"x" * 1_100_000 + b'"}'
+    huge = Encoded(topic, None, value, 0, HEADERS[0])
     journal = Journal(spill / "slot-0", max_bytes=10**7, segment_bytes=4 * 10**6)
     journal.append([good[0], huge, *good[1:]])
     journal.close()
@@ -161,3 +184,89 @@ async def test_an_unusable_slot_is_skipped_and_never_stops_the_service(
             stop.set()
     assert codes == [0]
     assert service.ledger_snapshot()["delivered"] == 3
+
+
+async def test_a_journal_written_before_headers_is_replayed_with_the_headers_of_its_records(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Format-1 segments (no headers in the frame) are still replayed; each
+    message gets the headers its record implies."""
+    topic = unique_topic()
+    values = [
+        {"v": 1, "id": "a", "kind": "redirect", "rule": "home", "location": "https://t/"},
+        {"v": 1, "id": "b", "kind": "miss", "rule": None, "location": None},
+        {"v": 1, "id": "c", "rule": "docs", "location": "https://d/"},  # before "kind"
+        {"id": "d", "n": 4},  # not a record: no headers
+    ]
+    slot = tmp_path / "spill" / "slot-0"
+    slot.mkdir(parents=True)
+    (slot / "segment-00000000000000000000.log").write_bytes(
+        b"".join(
+            v1_frame(topic, None if n % 2 else b"k", orjson.dumps(value), 1_700_000_000_000 + n)
+            for n, value in enumerate(values)
+        )
+    )
+    config = write_config(
+        tmp_path / "c.toml",
+        service_config(broker.bootstrap, topic, spill={"directory": str(tmp_path / "spill")}),
+    )
+    result = await trio.to_thread.run_sync(replay, config)
+    assert result.returncode == 0, result.stderr
+    assert "replayed 4 records; 0 still journaled" in result.stderr
+    messages = await trio.to_thread.run_sync(
+        lambda: read_messages(broker.bootstrap, topic, expected=4)
+    )
+    assert by_id(messages) == {
+        "a": (b"k", 1_700_000_000_000, HEADERS[0]),
+        "b": (None, 1_700_000_000_001, HEADERS[1]),
+        "c": (
+            b"k",
+            1_700_000_000_002,
+            [("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"docs")],
+        ),
+        "d": (None, 1_700_000_000_003, []),
+    }
+    assert not list(slot.glob("segment-*"))
+
+
+async def test_records_the_service_journaled_are_replayed_with_their_headers(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Live hits while Kafka is unreachable: their delivery reports (which
+    carry no headers) journal them; the replay sends them with the headers a
+    live message has."""
+    topic = unique_topic()
+    spill = {"directory": str(tmp_path / "spill")}
+    down = service_config(UNREACHABLE, topic, shutdown={"flush_timeout": 1.0}, spill=spill)
+    sent: dict[str, str] = {}
+    stop = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, down, stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                for target in ["/", "/docs/a", "/missing"] * 2:
+                    sent[(await client.get(target)).headers["x-hit-id"]] = target
+            stop.set()
+    assert codes == [0]
+    assert service.ledger_snapshot() == ledger_counts(received=6, spilled=6)
+    journal = service.spill.journal
+    assert journal is not None
+    journaled = [r for path in journal.seal() for r in read_segment(path).records]
+    config = write_config(tmp_path / "c.toml", service_config(broker.bootstrap, topic, spill=spill))
+    result = await trio.to_thread.run_sync(replay, config)
+    assert result.returncode == 0, result.stderr
+    assert "replayed 6 records; 0 still journaled" in result.stderr
+    messages = await trio.to_thread.run_sync(
+        lambda: read_messages(broker.bootstrap, topic, expected=6)
+    )
+    assert by_id(messages) == by_id(journaled)  # as journaled: key, timestamp, headers
+    rule = {"/": b"home", "/docs/a": b"docs", "/missing": b""}
+    assert {read.record["id"]: read.headers for read in messages} == {
+        hit_id: [
+            ("schema-version", b"1"),
+            ("kind", b"miss" if target == "/missing" else b"redirect"),
+            ("rule", rule[target]),
+        ]
+        for hit_id, target in sent.items()
+    }
+    assert {read.key for read in messages} == {b"127.0.0.1"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,7 @@ from redirect_logger.spill import read_segment
 from support import (
     check_record_schema,
     ledger_counts,
+    read_messages,
     read_topic,
     service_config,
     start_service,
@@ -90,12 +92,25 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
     ]
     assert service.ledger_snapshot() == ledger_counts(received=300, delivered=300)
 
-    records = await trio.to_thread.run_sync(read_topic, broker.bootstrap, topic)
+    messages = await trio.to_thread.run_sync(read_messages, broker.bootstrap, topic)
+    records = [message.record for message in messages]
     ids = [record["id"] for record in records]
     assert len(ids) == len(set(ids)) == 300
     assert set(ids) == set(sent)
+    assert Counter(tuple(message.headers) for message in messages) == {
+        (("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"home")): 100,
+        (("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"docs")): 150,
+        (("schema-version", b"1"), ("kind", b"miss"), ("rule", b"")): 50,
+    }
     rule_of = {"/": "home", "/docs": "docs", "/missing": None}
-    for record in records:
+    for message in messages:
+        record = message.record
+        rule = rule_of.get(record["path"], "docs")
+        assert message.headers == [
+            ("schema-version", b"1"),
+            ("kind", record["kind"].encode()),
+            ("rule", b"" if rule is None else rule.encode()),
+        ]
         method, target, status, location, agent = sent[record["id"]]
         path, _, query = target.partition("?")
         assert UUID7.match(record["id"])
@@ -177,6 +192,8 @@ async def test_unreachable_kafka_still_redirects_and_journals_every_record() -> 
     journaled = [r for path in journal.seal() for r in read_segment(path).records]
     assert {orjson.loads(r.value)["id"] for r in journaled} == ids
     assert len(journaled) == 20
+    home = [("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"home")]
+    assert [r.headers for r in journaled] == [home] * 20
 
 
 async def test_unreachable_kafka_without_a_journal_exits_3_reporting_the_loss() -> None:
@@ -274,12 +291,14 @@ async def test_a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing(
             ledger = service.ledger
             await _until(lambda: ledger.replayed == ledger.spilled and not service.in_flight())
             stop.set()
-    records = await trio.to_thread.run_sync(
-        lambda: read_topic(kafka_broker.bootstrap, topic, expected=400)
+    messages = await trio.to_thread.run_sync(
+        lambda: read_messages(kafka_broker.bootstrap, topic, expected=400)
     )
     assert codes == [0]
     assert sink.rebuilds == 1
-    assert set(ids) <= {record["id"] for record in records}  # at least once
+    assert set(ids) <= {message.record["id"] for message in messages}  # at least once
+    home = [("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"home")]
+    assert all(message.headers == home for message in messages)  # carried ones too
     ledger = service.ledger_snapshot()
     assert (ledger["received"], ledger["failed"], ledger["in_flight"]) == (400, 0, 0)
     assert ledger["delivered"] + ledger["spilled"] == 400

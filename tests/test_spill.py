@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -13,7 +15,8 @@ from hypothesis import strategies as st
 
 from redirect_logger.hits import Encoded
 from redirect_logger.ledger import Ledger
-from redirect_logger.spill import Journal, JournalError, Spill, read_segment
+from redirect_logger.spill import Journal, JournalError, SegmentRead, Spill, read_segment
+from support import v1_frame
 
 encoded = st.builds(
     Encoded,
@@ -21,12 +24,15 @@ encoded = st.builds(
     key=st.one_of(st.none(), st.binary(max_size=40)),
     value=st.binary(max_size=300),
     timestamp_ms=st.integers(min_value=0, max_value=2**62),
+    headers=st.lists(st.tuples(st.text(max_size=20), st.binary(max_size=30)), max_size=4),
 )
+
+HEADERS = [("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"home")]
 
 
 def records(count: int, size: int = 50) -> list[Encoded]:
     return [
-        Encoded("hits", b"k%d" % n, b"v" * size + b"%d" % n, 1_700_000_000_000 + n)
+        Encoded("hits", b"k%d" % n, b"v" * size + b"%d" % n, 1_700_000_000_000 + n, HEADERS)
         for n in range(count)
     ]
 
@@ -165,7 +171,8 @@ def test_spill_counts_spilled_dropped_past_the_cap_and_failed_without_a_journal(
     tmp_path: Path,
 ) -> None:
     ledger = Ledger()
-    frame = 8 + 14 + 4 + 2 + 51  # header, fields, topic, key, value
+    headers = (6 + 14 + 1) + (6 + 4 + 8) + (6 + 4 + 4)  # per header: lengths, name, value
+    frame = 12 + 18 + 4 + 2 + headers + 51  # marker..crc, fields, topic, key, headers, value
     Spill(Journal(tmp_path, max_bytes=3 * frame, segment_bytes=10**4), ledger).keep(
         records(5), "test"
     )
@@ -214,3 +221,99 @@ def test_a_set_aside_segment_is_never_overwritten_after_a_restart(tmp_path: Path
     assert second.name != first.name
     again.set_aside(second)
     assert read_segment(kept).records == records(2)
+
+
+def test_a_frame_is_laid_out_as_documented(tmp_path: Path) -> None:
+    """docs/operations.md, "The journal on disk": format 2, byte for byte."""
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    journal.append([Encoded("t\u00e9", b"key", b"{}", 1_700_000_000_123, [("n", b"vv")])])
+    [path] = journal.seal()
+    body = struct.pack(">qHiI", 1_700_000_000_123, 3, 3, 9)
+    body += "t\u00e9".encode() + b"key" + struct.pack(">HI", 1, 2) + b"n" + b"vv" + b"{}"
+    marked = struct.pack(">II", 0x80000002, len(body))
+    assert path.read_bytes() == marked + struct.pack(">I", zlib.crc32(marked + body)) + body
+
+
+def test_a_format_1_segment_is_read_with_headers_from_its_values(tmp_path: Path) -> None:
+    """Segments written before messages had headers are still read and
+    replayed; their records get the headers their JSON implies. Format-2
+    frames after them in the same file (rejected.log appends) read as usual."""
+    redirect = b'{"v":1,"id":"a","kind":"redirect","rule":"home","location":"https://t/"}'
+    miss = b'{"v":1,"id":"b","kind":"miss","rule":null,"location":null}'
+    older = b'{"v":1,"id":"c","rule":"docs","location":"https://d/"}'  # before "kind"
+    other = b"not a record"
+    path = tmp_path / "segment-00000000000000000000.log"
+    path.write_bytes(
+        v1_frame("hits", b"k1", redirect, 1)
+        + v1_frame("hits", None, miss, 2)
+        + v1_frame("other", b"", older, 3)
+        + v1_frame("hits", None, other, 4)
+    )
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    assert journal.size == path.stat().st_size
+    (tmp_path / "rejected.log").write_bytes(v1_frame("hits", b"k1", redirect, 1))
+    journal.reject(records(2))  # appends format 2 after format 1
+    assert read_segment(path).records == [
+        Encoded("hits", b"k1", redirect, 1, HEADERS),
+        Encoded(
+            "hits", None, miss, 2, [("schema-version", b"1"), ("kind", b"miss"), ("rule", b"")]
+        ),
+        Encoded(
+            "other",
+            b"",
+            older,
+            3,
+            [("schema-version", b"1"), ("kind", b"redirect"), ("rule", b"docs")],
+        ),
+        Encoded("hits", None, other, 4, []),
+    ]
+    assert read_segment(path).corrupt_at is None
+    assert read_segment(tmp_path / "rejected.log") == SegmentRead(
+        [Encoded("hits", b"k1", redirect, 1, HEADERS), *records(2)], None
+    )
+
+
+def _frame_regions() -> list[int]:
+    """A byte offset in each part of a format-2 frame of ``records(1)``."""
+    marker, length, crc, fields, topic, key, headers = 0, 4, 8, 12, 30, 34, 36
+    return [marker, marker + 3, length, length + 3, crc, fields, topic, key, headers, -1]
+
+
+@pytest.mark.parametrize("where", _frame_regions())
+def test_a_flipped_bit_anywhere_in_a_frame_is_caught(tmp_path: Path, where: int) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    journal.append(records(3))
+    [path] = journal.seal()
+    data = bytearray(path.read_bytes())
+    frame = len(data) // 3
+    data[frame + where % frame] ^= 0x01
+    path.write_bytes(bytes(data))
+    read = read_segment(path)
+    assert (read.records, read.corrupt_at) == (records(3)[:1], frame)
+
+
+@pytest.mark.parametrize("where", [0, 3, 4, 8, 12, 20, -1])  # length, crc, fields, topic, value
+def test_a_flipped_bit_in_a_format_1_frame_is_caught(tmp_path: Path, where: int) -> None:
+    frames = [v1_frame("hits", b"k", b'{"v":1,"kind":"miss","rule":null}', n) for n in range(3)]
+    data = bytearray(b"".join(frames))
+    frame = len(frames[0])
+    data[frame + where % frame] ^= 0x01
+    path = tmp_path / "segment-00000000000000000000.log"
+    path.write_bytes(bytes(data))
+    read = read_segment(path)
+    assert ([r.timestamp_ms for r in read.records], read.corrupt_at) == ([0], frame)
+
+
+def test_a_frame_of_an_unknown_format_ends_the_intact_records(tmp_path: Path) -> None:
+    """A later format (written by a newer version) is not guessed at: the
+    segment's records before it are kept, the rest is its bad tail."""
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    journal.append(records(2))
+    [path] = journal.seal()
+    data = path.read_bytes()
+    frame = len(data) // 2
+    body = data[frame + 12 :]
+    marked = struct.pack(">II", 0x80000003, len(body))
+    path.write_bytes(data[:frame] + marked + struct.pack(">I", zlib.crc32(marked + body)) + body)
+    read = read_segment(path)
+    assert (read.records, read.corrupt_at) == (records(1), frame)

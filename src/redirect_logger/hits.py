@@ -37,6 +37,8 @@ FIELD_LIMITS = {
 }
 
 Headers = list[tuple[bytes, bytes]]
+# Kafka message headers, as confluent-kafka's produce() takes them.
+MessageHeaders = list[tuple[str, bytes]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -85,6 +87,47 @@ class Encoded(NamedTuple):
     key: bytes | None
     value: bytes
     timestamp_ms: int
+    headers: MessageHeaders  # may be shared between records: never mutated
+
+
+@functools.lru_cache(maxsize=4096)
+def message_headers(kind: str, rule: str | None, version: int = SCHEMA_VERSION) -> MessageHeaders:
+    """The headers of a record's Kafka message (docs/records.md): its schema
+    version, kind and rule name, UTF-8; ``rule`` is empty for the fallback.
+
+    They depend on the record's ``v``, ``kind`` and ``rule`` alone, so one list
+    per combination is shared by every record that has it (confluent-kafka
+    copies headers at produce time); callers never mutate it.
+    """
+    return [
+        ("schema-version", str(version).encode()),
+        ("kind", kind.encode()),
+        ("rule", b"" if rule is None else rule.encode()),
+    ]
+
+
+def headers_of_value(value: bytes) -> MessageHeaders:
+    """The headers of the record a message value holds, for a message whose
+    headers were not kept (librdkafka's delivery reports do not carry them;
+    journal frames written before headers existed). Records older than
+    ``kind`` get the kind their ``location`` implies. A value that is not a
+    record gets none: []."""
+    try:
+        record = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(record, dict):
+        return []
+    version, kind, rule = record.get("v"), record.get("kind"), record.get("rule")
+    if kind is None and "location" in record:
+        kind = "miss" if record["location"] is None else "redirect"
+    if (
+        type(version) is not int
+        or not isinstance(kind, str)
+        or not (rule is None or isinstance(rule, str))
+    ):
+        return []
+    return message_headers(kind, rule, version)
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,7 +189,7 @@ def _within(ip: str, networks: tuple[Network, ...]) -> bool:
 
 
 class Enricher:
-    """Turns a ``Hit`` into the Kafka message: key, JSON value, timestamp."""
+    """Turns a ``Hit`` into the Kafka message: key, JSON value, timestamp, headers."""
 
     def __init__(
         self,
@@ -295,13 +338,8 @@ class Enricher:
         record = self.record(hit)
         if record is None:
             return None
-        key: object = None if self._key == "none" else record[self._key]
-        return Encoded(
-            topic=self._topics.get(hit.rule, self._default_topic),
-            key=None if key is None else str(key).encode(),
-            value=orjson.dumps(record),
-            timestamp_ms=int(hit.ts * 1000),
-        )
+        topic = self._topics.get(hit.rule, self._default_topic)
+        return self._message(topic, record, hit.ts)
 
     # The events' topic (collect.topic); None: records.topic.
     event_topic: str | None = None
@@ -329,12 +367,18 @@ class Enricher:
             return None
         record["kind"] = "event"
         record["data"] = event.data
+        return self._message(self.event_topic or self._default_topic, record, event.ts)
+
+    def _message(self, topic: str, record: dict[str, object], ts: float) -> Encoded:
+        """The Kafka message of a record; its headers follow from its kind and rule."""
         key: object = None if self._key == "none" else record[self._key]
+        kind, rule = record["kind"], record["rule"]
         return Encoded(
-            topic=self.event_topic or self._default_topic,
+            topic=topic,
             key=None if key is None else str(key).encode(),
             value=orjson.dumps(record),
-            timestamp_ms=int(event.ts * 1000),
+            timestamp_ms=int(ts * 1000),
+            headers=message_headers(str(kind), rule if isinstance(rule, str) else None),
         )
 
     def encode_capture(self, capture: Capture) -> Encoded | None:

@@ -4,11 +4,19 @@ for records Kafka could not take, kept until a replay has them delivered.
 On disk, under ``spill.directory``: one ``slot-<n>`` directory per running
 process (a process holds an exclusive ``flock`` on its slot's ``lock`` file, so
 ``hypercorn --workers N`` processes never share one), each holding segment
-files ``segment-<20-digit sequence>.log``. Each record is ``length (u32) |
-crc32 (u32) | timestamp_ms (i64) | topic length (u16) | key length (i32, -1
-for none) | topic | key | value``, big-endian, where ``length`` counts every
-byte after the CRC and the CRC covers them all. A torn or corrupt tail is
-detected by length and checksum; everything before it is kept.
+files ``segment-<20-digit sequence>.log``. Each record is one frame,
+big-endian: ``marker (u32) | length (u32) | crc32 (u32) | timestamp_ms (i64)
+| topic length (u16) | key length (i32, -1 for none) | headers length (u32) |
+topic | key | headers | value``, where the headers are, each, ``name length
+(u16) | value length (u32) | name | value``. ``length`` counts every byte
+after the CRC, and the CRC covers every byte of the frame but itself. The
+marker is ``0x80000002``: format 2. Format 1, written before headers, is
+``length (u32) | crc32 (u32)`` and the same fields without the headers; its
+``length`` is below 2**31, which is how a reader tells the two apart, and its
+CRC covers what follows it. Both are read; a format-1 record gets the headers
+its value implies (``hits.headers_of_value``). A torn or corrupt tail (or a
+frame of an unknown format) is detected by marker, length and checksum;
+everything before it is kept.
 
 Methods are thread-safe: records are appended from worker threads and from
 librdkafka's delivery-report thread. Nothing here touches Trio.
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from .hits import Encoded
+from .hits import Encoded, MessageHeaders, headers_of_value
 from .ledger import Ledger
 from .logs import RateLimitedLog
 
@@ -37,8 +45,14 @@ log = logging.getLogger(__name__)
 
 FsyncPolicy = Literal["always", "interval", "never"]
 
-_HEADER = struct.Struct(">II")  # length, crc32
-_FIELDS = struct.Struct(">qHi")  # timestamp_ms, topic length, key length (-1: no key)
+_MARKER = 0x8000_0002  # format 2; a format-1 frame starts with its length, below 2**31
+_HEADER = struct.Struct(">III")  # marker, length, crc32
+# timestamp_ms, topic length, key length (-1: no key), headers length
+_FIELDS = struct.Struct(">qHiI")
+_ONE_HEADER = struct.Struct(">HI")  # a message header's name length, value length
+_V1_HEADER = struct.Struct(">II")  # format 1: length, crc32
+_V1_FIELDS = struct.Struct(">qHi")  # format 1: timestamp_ms, topic length, key length
+_WORD = struct.Struct(">I")
 _PREFIX, _SUFFIX = "segment-", ".log"
 _SLOT = "slot-"
 CORRUPT_SUFFIX = ".corrupt"
@@ -65,23 +79,89 @@ class SegmentRead:
 
 
 def _frame(record: Encoded) -> bytes:
+    """The record as a format-2 frame."""
     key, topic = record.key, record.topic.encode()
-    body = _FIELDS.pack(record.timestamp_ms, len(topic), -1 if key is None else len(key))
-    body += topic + (key or b"") + record.value
-    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+    parts: list[bytes] = []
+    for name, value in record.headers:
+        encoded = name.encode()
+        parts += (_ONE_HEADER.pack(len(encoded), len(value)), encoded, value)
+    headers = b"".join(parts)
+    body = _FIELDS.pack(
+        record.timestamp_ms, len(topic), -1 if key is None else len(key), len(headers)
+    )
+    body += topic + (key or b"") + headers + record.value
+    marked = _WORD.pack(_MARKER) + _WORD.pack(len(body))
+    return marked + _WORD.pack(zlib.crc32(body, zlib.crc32(marked))) + body
 
 
 def _unframe(body: bytes) -> Encoded | None:
-    """The record in an intact body, or None if its lengths do not add up."""
-    timestamp_ms, topic_length, key_length = _FIELDS.unpack_from(body)
+    """The record in an intact format-2 body, or None if its lengths do not add up."""
+    timestamp_ms, topic_length, key_length, headers_length = _FIELDS.unpack_from(body)
     start = _FIELDS.size + topic_length
+    key_end = start + max(key_length, 0)
+    headers_end = key_end + headers_length
+    if headers_end > len(body):
+        return None
+    headers: MessageHeaders = []
+    offset = key_end
+    while offset < headers_end:
+        if offset + _ONE_HEADER.size > headers_end:
+            return None
+        name_length, value_length = _ONE_HEADER.unpack_from(body, offset)
+        name_end = offset + _ONE_HEADER.size + name_length
+        if name_end + value_length > headers_end:
+            return None
+        name = body[offset + _ONE_HEADER.size : name_end].decode("utf-8", "replace")
+        headers.append((name, body[name_end : name_end + value_length]))
+        offset = name_end + value_length
+    topic = body[_FIELDS.size : start].decode("utf-8", "replace")
+    key = None if key_length < 0 else body[start:key_end]
+    return Encoded(topic, key, body[headers_end:], timestamp_ms, headers)
+
+
+def _unframe_v1(body: bytes) -> Encoded | None:
+    """The record in an intact format-1 body (headers from its value), or None
+    if its lengths do not add up."""
+    timestamp_ms, topic_length, key_length = _V1_FIELDS.unpack_from(body)
+    start = _V1_FIELDS.size + topic_length
     if start + max(key_length, 0) > len(body):
         return None
-    topic = body[_FIELDS.size : start].decode("utf-8", "replace")
-    if key_length < 0:
-        return Encoded(topic, None, body[start:], timestamp_ms)
-    end = start + key_length
-    return Encoded(topic, body[start:end], body[end:], timestamp_ms)
+    topic = body[_V1_FIELDS.size : start].decode("utf-8", "replace")
+    end = start + max(key_length, 0)
+    key = None if key_length < 0 else body[start:end]
+    return Encoded(topic, key, body[end:], timestamp_ms, headers_of_value(body[end:]))
+
+
+def _read_frame(data: bytes, offset: int) -> tuple[Encoded, int] | None:
+    """The record of the frame at ``offset`` and the offset after the frame,
+    or None if the frame is torn, corrupt or of an unknown format."""
+    if offset + _WORD.size > len(data):
+        return None
+    (first,) = _WORD.unpack_from(data, offset)
+    if first == _MARKER:
+        if offset + _HEADER.size > len(data):
+            return None
+        _, length, crc = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        body = data[start : start + length]
+        marked = data[offset : offset + 2 * _WORD.size]
+        if len(body) != length or length < _FIELDS.size:
+            return None
+        if zlib.crc32(body, zlib.crc32(marked)) != crc:
+            return None
+        record = _unframe(body)
+    elif first < 0x8000_0000:  # format 1: the word is the length
+        if offset + _V1_HEADER.size > len(data):
+            return None
+        length, crc = _V1_HEADER.unpack_from(data, offset)
+        start = offset + _V1_HEADER.size
+        body = data[start : start + length]
+        if len(body) != length or length < _V1_FIELDS.size or zlib.crc32(body) != crc:
+            return None
+        record = _unframe_v1(body)
+    else:
+        return None
+    return None if record is None else (record, start + length)
 
 
 def _number(path: Path) -> int:
@@ -103,20 +183,12 @@ class SegmentReader:
     def __iter__(self) -> Iterator[Encoded]:
         data, offset = self._data, 0
         while offset < len(data):
-            if offset + _HEADER.size > len(data):
-                break
-            length, crc = _HEADER.unpack_from(data, offset)
-            body = data[offset + _HEADER.size : offset + _HEADER.size + length]
-            if len(body) != length or length < _FIELDS.size or zlib.crc32(body) != crc:
-                break
-            record = _unframe(body)
-            if record is None:
-                break
+            read = _read_frame(data, offset)
+            if read is None:
+                self.corrupt_at = offset
+                return
+            record, offset = read
             yield record
-            offset += _HEADER.size + length
-        else:
-            return
-        self.corrupt_at = offset
 
 
 def read_segment(path: Path) -> SegmentRead:
