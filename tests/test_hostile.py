@@ -249,7 +249,7 @@ class Sent:
         """The record docs/records.md describes for this request."""
         agent = _text(self.user_agent)
         record: dict[str, object] = {
-            "v": 1,
+            "v": 2,
             "id": hit_id,
             "method": self.method,
             "scheme": "http",

@@ -22,7 +22,7 @@ from .bots import BotDetector
 from .config import RecordsSettings, Rule, ServerSettings
 from .rules import query_pairs
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # docs/records.md, "Schema versions"
 
 # Longest text kept per field (characters); longer values are cut and the
 # field is named in the record's "truncated" list. Keeps a record well under
