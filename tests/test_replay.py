@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -270,3 +271,7 @@ async def test_records_the_service_journaled_are_replayed_with_their_headers(
         for hit_id, target in sent.items()
     }
     assert {read.key for read in messages} == {b"127.0.0.1"}
+    # Failed delivery reports carry no timestamp (-1): the request time is restored.
+    for read in messages:
+        stamp = datetime.fromisoformat(read.record["ts"]).timestamp()
+        assert read.timestamp_ms == round(stamp * 1000) > 1_700_000_000_000

@@ -7,6 +7,7 @@ serialization happen in ``Enricher.encode``, which runs in the worker pool.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import math
@@ -107,17 +108,33 @@ def message_headers(kind: str, rule: str | None, version: int = SCHEMA_VERSION) 
 
 
 def headers_of_value(value: bytes) -> MessageHeaders:
-    """The headers of the record a message value holds, for a message whose
-    headers were not kept (librdkafka's delivery reports do not carry them;
-    journal frames written before headers existed). Records older than
-    ``kind`` get the kind their ``location`` implies. A value that is not a
-    record gets none: []."""
+    """The headers of the record a message value holds (see ``restored``)."""
+    return _restore(value)[0]
+
+
+def restored(topic: str, key: bytes | None, value: bytes) -> Encoded:
+    """The message of a record whose headers and timestamp were not kept:
+    librdkafka's failed delivery reports carry neither (the timestamp is -1).
+    Both follow from the record: its ``v``, ``kind`` and ``rule`` give the
+    headers (records older than ``kind`` get the kind their ``location``
+    implies), its ``ts`` the timestamp. A value that is not a record gets no
+    headers and the timestamp 0 (the broker's "now")."""
+    headers, timestamp_ms = _restore(value)
+    return Encoded(topic, key, value, timestamp_ms, headers)
+
+
+def _restore(value: bytes) -> tuple[MessageHeaders, int]:
     try:
         record = orjson.loads(value)
     except orjson.JSONDecodeError:
-        return []
+        return [], 0
     if not isinstance(record, dict):
-        return []
+        return [], 0
+    timestamp_ms = 0
+    ts = record.get("ts")
+    if isinstance(ts, str):
+        with contextlib.suppress(ValueError):
+            timestamp_ms = round(datetime.fromisoformat(ts).timestamp() * 1000)
     version, kind, rule = record.get("v"), record.get("kind"), record.get("rule")
     if kind is None and "location" in record:
         kind = "miss" if record["location"] is None else "redirect"
@@ -126,8 +143,8 @@ def headers_of_value(value: bytes) -> MessageHeaders:
         or not isinstance(kind, str)
         or not (rule is None or isinstance(rule, str))
     ):
-        return []
-    return message_headers(kind, rule, version)
+        return [], timestamp_ms
+    return message_headers(kind, rule, version), timestamp_ms
 
 
 @functools.lru_cache(maxsize=4)

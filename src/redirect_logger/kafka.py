@@ -19,7 +19,7 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from .config import ConfigError, KafkaValue
-from .hits import Encoded, headers_of_value
+from .hits import Encoded, restored
 from .logs import RateLimitedLog, Throttle
 
 log = logging.getLogger(__name__)
@@ -122,14 +122,8 @@ class KafkaSink:
                 self._reported += 1
             self._reports.delivered(message.latency())
             return
-        value = message.value() or b""
-        record = Encoded(  # reports carry no headers: they follow from the value
-            message.topic() or "",
-            message.key(),
-            value,
-            message.timestamp()[1],
-            headers_of_value(value),
-        )
+        # A failed report carries neither headers nor the timestamp: the value has both.
+        record = restored(message.topic() or "", message.key(), message.value() or b"")
         with self._count_lock:
             self._pending.append((record, error))
 
