@@ -17,7 +17,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from brokers import Broker
-from redirect_logger.collect import MAX_DEPTH, Rejected, parse_events, position
+from redirect_logger.collect import (
+    ENVELOPE_BYTES,
+    MAX_DEPTH,
+    Rejected,
+    parse_events,
+    position,
+    written,
+)
 from redirect_logger.config import RecordsSettings
 from redirect_logger.hits import Capture
 from redirect_logger.ledger import Ledger
@@ -453,29 +460,50 @@ async def test_cors_preflight_and_response_headers(broker: Broker) -> None:
     assert service.ledger_snapshot() == ledger_counts(received=1, delivered=1)
 
 
-async def test_any_origin_is_echoed_with_a_star(broker: Broker) -> None:
-    config = collect_config(broker.bootstrap, unique_topic(), cors_origins=["*"])
+async def test_a_star_allows_any_origin_without_credentials(broker: Broker) -> None:
+    """ "*" answers Access-Control-Allow-Origin: * and never allows credentials
+    (echoing any origin with credentials would let every site post as the user);
+    a listed origin is named, with credentials."""
+    config = collect_config(
+        broker.bootstrap, unique_topic(), cors_origins=["*", "https://listed.example"]
+    )
     stop = trio.Event()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             service, codes = await start_service(nursery, config, stop)
             async with httpx.AsyncClient(base_url=service.binds[0]) as client:
                 answers = []
-                for origin in ("http://a.example", "https://b.example:8443", "null"):
+                origins = ("http://a.example", "https://b.example:8443", "null")
+                for origin in (*origins, "https://listed.example"):
                     response = await client.post(
                         "/collect", content=b"{}", headers={"content-type": JSON, "origin": origin}
                     )
                     answers.append(
-                        (response.status_code, response.headers.get("access-control-allow-origin"))
+                        (
+                            response.status_code,
+                            response.headers.get("access-control-allow-origin"),
+                            response.headers.get("access-control-allow-credentials"),
+                        )
                     )
+                preflight = await client.options(
+                    "/collect",
+                    headers={"origin": "http://a.example", "access-control-request-method": "POST"},
+                )
             stop.set()
     assert codes == [0]
     assert answers == [
-        (202, "http://a.example"),
-        (202, "https://b.example:8443"),
-        (403, None),
+        (202, "*", None),
+        (202, "*", None),
+        (403, None, None),
+        (202, "https://listed.example", "true"),
     ]
-    assert service.ledger_snapshot() == ledger_counts(received=2, delivered=2)
+    assert preflight.status_code == 204
+    assert "content-length" not in preflight.headers  # a 204 has none
+    assert (
+        preflight.headers["access-control-allow-origin"],
+        preflight.headers.get("access-control-allow-credentials"),
+    ) == ("*", None)
+    assert service.ledger_snapshot() == ledger_counts(received=3, delivered=3)
 
 
 async def test_collect_path_wins_over_rules_for_every_method_and_is_off_by_default(
@@ -776,3 +804,56 @@ async def test_over_http2_a_refused_body_ends_its_stream_only(broker: Broker) ->
     ]
     assert rejections(service) == {"body_too_large": 1, "malformed": 1}
     assert service.ledger_snapshot() == ledger_counts(received=2, delivered=2)
+
+
+def test_written_events_are_checked_for_depth_and_size() -> None:
+    deepest = {"a": orjson.loads(b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1))}
+    assert written([{"type": "t"}, deepest], 10_000) == [
+        b'{"type":"t"}',
+        orjson.dumps(deepest),
+    ]
+    too_deep = {"a": orjson.loads(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)}
+    with pytest.raises(Rejected) as caught:
+        written([{}, too_deep], 10_000)
+    assert (caught.value.status, caught.value.reason, caught.value.body) == (
+        400,
+        "too_deep",
+        {"error": f"event 1 is nested deeper than {MAX_DEPTH}", "event": 1},
+    )
+    # What is written can be longer than what was sent: 1e15 is 1000000000000000.0.
+    grown = parse_events(b'{"n": [' + b",".join([b"1e15"] * 100) + b"]}", JSON, 10)
+    assert len(orjson.dumps(grown[0])) == 1_907
+    assert len(written(grown, 1_907)[0]) == 1_907
+    with pytest.raises(Rejected) as caught:
+        written(grown, 1_906)
+    assert (caught.value.status, caught.value.reason, caught.value.body) == (
+        413,
+        "event_too_large",
+        {"error": "event 0 is larger than 1906 bytes as JSON", "event": 0},
+    )
+
+
+async def test_an_event_too_large_for_a_kafka_message_is_refused(broker: Broker) -> None:
+    config = collect_config(broker.bootstrap, unique_topic(), max_body_bytes=65_536)
+    config["kafka"]["message.max.bytes"] = ENVELOPE_BYTES + 20_000
+    small = orjson.dumps({"type": "t", "n": [1] * 9_000})  # 18 kB as written
+    grown = b'{"type": "t", "n": [' + b",".join([b"1e15"] * 2_000) + b"]}"  # 10 kB -> 36 kB
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                answers = []
+                for body in (small, grown):
+                    response = await client.post(
+                        "/collect", content=body, headers={"content-type": JSON}
+                    )
+                    answers.append((response.status_code, response.json()))
+            stop.set()
+    assert codes == [0]
+    assert answers == [
+        (202, {"accepted": 1}),
+        (413, {"error": "event 0 is larger than 20000 bytes as JSON", "event": 0}),
+    ]
+    assert rejections(service) == {"event_too_large": 1}
+    assert service.ledger_snapshot() == ledger_counts(received=1, delivered=1)

@@ -848,3 +848,34 @@ def test_check_rejects_a_property_value_of_the_wrong_type(tmp_path: Path) -> Non
     assert result.returncode == 2, result.stderr
     assert f"error: {path}: kafka: " in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_reloaded_rules_are_checked_against_the_tables_in_use() -> None:
+    running = parse_settings(config(collect={"enabled": True}, rules=[rule()]))
+    # The new file turns collect off and puts a rule on its path: the running
+    # collect endpoint would shadow that rule, so the reload is refused.
+    reloaded = parse_settings(config(rules=[rule(), rule(name="c", path="/collect")]))
+    with pytest.raises(ConfigError) as caught:
+        running.with_rules_of(reloaded)
+    assert str(caught.value) == (
+        "the rules with the settings in use: rules.1.path: "
+        "'/collect' is collect.path: the collect endpoint answers it"
+    )
+    fine = parse_settings(
+        config(rules=[rule(name="n", path="/n")], redirects={"no_track_param": "nt"})
+    )
+    merged = running.with_rules_of(fine)
+    assert [r.name for r in merged.rules] == ["n"]
+    assert merged.redirects.no_track_param == "nt"
+    assert merged.collect == running.collect and merged.kafka == running.kafka
+
+
+def test_collect_body_timeout_must_fit_in_the_graceful_timeout() -> None:
+    data = config(collect={"enabled": True, "body_timeout": 6.0})
+    assert config_error(data) == (
+        "config: collect.body_timeout: 6.0 s is longer than server.graceful_timeout (5.0 s): "
+        "a request still sending its body would be cut off at shutdown"
+    )
+    data["server"] = {"graceful_timeout": 6.0}
+    assert parse_settings(data).collect.body_timeout == 6.0
+    assert parse_settings(config(collect={"body_timeout": 60.0})).collect.enabled is False

@@ -112,15 +112,14 @@ class Frontend:
         service = self._service
         rules = service.rules
         host = None
-        if rules.by_host:  # only then is the Host header looked up
-            host = next((value for name, value in scope["headers"] if name == b"host"), None)
+        if rules.by_host:  # only then is the Host header looked up; the last one, as recorded
+            host = next((v for k, v in reversed(scope["headers"]) if k == b"host"), None)
         target, remainder = rules.match(scope["path"], host)
         location = target.location(remainder, scope["query_string"])
         status = target.status
         pipeline = service.pipeline
-        if pipeline is None:  # not started: nothing can be recorded, and it is counted
-            service.ledger.received += 1
-            service.ledger.shed += 1
+        if pipeline is None:
+            service.shed_unstarted(1)
             admission = Admission.SHED
         else:
             admission = await pipeline.intake.submit(

@@ -95,6 +95,7 @@ async def _reload(service: Service, path: Path) -> None:
     rules in use, and the log says why."""
     try:
         settings = await trio.to_thread.run_sync(load_settings, path)
+        service.settings.with_rules_of(settings)  # e.g. no rule on the collect path in use
     except ConfigError as exc:
         log.error("SIGHUP: reload refused, the rules in use stay: %s", exc)
         return

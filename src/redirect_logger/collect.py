@@ -11,14 +11,14 @@ why (docs/operations.md#the-collect-endpoint).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
 from uuid_utils import uuid7
 
-from .config import NDJSON_TYPES, CollectSettings
+from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, CollectSettings
 from .hits import Event
 from .pipeline import Admission
 
@@ -26,9 +26,13 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .service import Service
 
-# Deepest nesting of objects and arrays in one event (the event itself is 1).
-# orjson serializes at most 254 levels; a record must never fail there.
-MAX_DEPTH = 64
+# Deepest nesting of objects and arrays in one event (the event itself is 1):
+# as deep as orjson writes. An event is written once, on the request path,
+# and its record embeds those bytes, so the record never fails there.
+MAX_DEPTH = 254
+# Bytes of a record besides its data, at most: the text fields at their
+# limits (hits.FIELD_LIMITS), each character up to 4 bytes, and the rest.
+ENVELOPE_BYTES = 48 * 1024
 
 _JSON_TYPES = frozenset({"application/json"})
 _WHITESPACE = " \t\r"
@@ -102,14 +106,9 @@ def parse_events(
         events = _ndjson(text, max_events)
     if len(events) > max_events:
         raise _too_many(max_events)
-    deep = text.count("{") + text.count("[") > MAX_DEPTH  # else no event can be too deep
     for index, event in enumerate(events):
         if not isinstance(event, dict):
             raise Rejected(400, "not_an_object", f"event {index} is not a JSON object", event=index)
-        if deep and _deeper_than(event, MAX_DEPTH):
-            raise Rejected(
-                400, "too_deep", f"event {index} is nested deeper than {MAX_DEPTH}", event=index
-            )
         for field in required:
             if field not in event:
                 raise Rejected(
@@ -185,17 +184,27 @@ def _document(text: str) -> list[Any]:
     return events
 
 
-def _deeper_than(value: dict[str, Any] | list[Any], limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children: Iterable[Any] = item.values() if isinstance(item, dict) else item
-        for child in children:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-    return False
+def written(events: list[dict[str, Any]], max_bytes: int) -> list[bytes]:
+    """Each event as the JSON its record will hold (orjson's writing of what
+    was read). Raises ``Rejected``: 400 for an event nested deeper than
+    ``MAX_DEPTH``, 413 for one whose JSON is longer than ``max_bytes``."""
+    found = []
+    for index, event in enumerate(events):
+        try:
+            data = orjson.dumps(event)
+        except orjson.JSONEncodeError:  # what was read can only fail on depth
+            raise Rejected(
+                400, "too_deep", f"event {index} is nested deeper than {MAX_DEPTH}", event=index
+            ) from None
+        if len(data) > max_bytes:
+            raise Rejected(
+                413,
+                "event_too_large",
+                f"event {index} is larger than {max_bytes} bytes as JSON",
+                event=index,
+            )
+        found.append(data)
+    return found
 
 
 class _Gone(Exception):
@@ -217,6 +226,9 @@ class Collector:
         self._max_age = str(settings.cors_max_age).encode()
         self._rejected = metrics.collect_rejected
         self._events = metrics.collect_events
+        # An event's record must fit in one Kafka message.
+        message_max = service.settings.kafka.get("message.max.bytes", MESSAGE_MAX_BYTES)
+        self._max_event = max(int(str(message_max)) - ENVELOPE_BYTES, 1)
 
     def _allowed(self, origin: bytes) -> bool:
         return origin in self._origins or (self._any_origin and origin != b"null")
@@ -235,11 +247,13 @@ class Collector:
             elif name == b"content-length":
                 length = value
         headers: Headers = [(b"vary", b"Origin"), (b"cache-control", b"no-store")]
-        if origin is not None and self._allowed(origin):
+        if origin is not None and origin in self._origins:  # listed: credentials too
             headers += [
                 (b"access-control-allow-origin", origin),
                 (b"access-control-allow-credentials", b"true"),
             ]
+        elif origin is not None and self._allowed(origin):  # by "*": never credentials
+            headers.append((b"access-control-allow-origin", b"*"))
         try:
             if scope["method"] == "OPTIONS":
                 await self._preflight(scope, origin, headers, receive, send, deadline)
@@ -270,11 +284,12 @@ class Collector:
         content_type: bytes | None,
         length: bytes | None,
         deadline: float,
-    ) -> list[dict[str, Any]]:
+    ) -> list[bytes]:
+        """The request's events, each as the JSON its record will hold."""
         if scope["method"] != "POST":
             raise Rejected(405, "method", "use POST", [(b"allow", _ALLOW)])
         if origin is not None and not self._allowed(origin):
-            raise Rejected(403, "origin", "this origin may not post events")
+            raise _forbidden()
         media_type = (
             ""
             if content_type is None
@@ -290,7 +305,8 @@ class Collector:
             raise _body_too_large(self._max_body)
         body = await self._read_body(receive, deadline)
         try:
-            return parse_events(body, media_type, self._max_events, self._required)
+            events = parse_events(body, media_type, self._max_events, self._required)
+            return written(events, self._max_event)
         except Rejected as rejected:
             rejected.body_read = True
             raise
@@ -337,7 +353,7 @@ class Collector:
             )
             return
         if not self._allowed(origin):
-            raise Rejected(403, "origin", "this origin may not post events")
+            raise _forbidden()
         headers = [
             (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
             *headers[1:],
@@ -351,7 +367,7 @@ class Collector:
         self,
         scope: dict[str, Any],
         now: float,
-        objects: list[dict[str, Any]],
+        objects: list[bytes],
         headers: Headers,
         send: Any,
     ) -> None:
@@ -366,9 +382,8 @@ class Collector:
         ]
         count = len(events)
         pipeline = service.pipeline
-        if pipeline is None:  # not started: nothing can be recorded, and it is counted
-            service.ledger.received += count
-            service.ledger.shed += count
+        if pipeline is None:
+            service.shed_unstarted(count)
             accepted, admission = 0, Admission.SHED
         else:
             accepted, admission = await pipeline.intake.submit_all(events)
@@ -387,6 +402,10 @@ class Collector:
         await _respond(send, 202, headers, body)
 
 
+def _forbidden() -> Rejected:
+    return Rejected(403, "origin", "this origin may not post events")
+
+
 def _body_too_large(limit: int) -> Rejected:
     return Rejected(413, "body_too_large", f"the body is larger than {limit} bytes")
 
@@ -402,7 +421,8 @@ async def _respond(
 ) -> None:
     """Send the answer; with ``more``, the stream stays open for a last empty body."""
     content = b"" if body is None else orjson.dumps(body)
-    headers = [*headers, (b"content-length", str(len(content)).encode())]
+    if status != 204:  # a 204 has no Content-Length (RFC 9110, 8.6)
+        headers = [*headers, (b"content-length", str(len(content)).encode())]
     if content:
         headers.append((b"content-type", b"application/json"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -38,6 +38,9 @@ KAFKA_ALIASES = {
     "message.timeout.ms": "delivery.timeout.ms",
 }
 
+# librdkafka's default message.max.bytes: the largest message produce() takes.
+MESSAGE_MAX_BYTES = 1_000_000
+
 # librdkafka's default message.timeout.ms (0 means no limit).
 LIBRDKAFKA_MESSAGE_TIMEOUT_MS = 300_000
 
@@ -492,6 +495,16 @@ class Settings(_Section):
         _check_shutdown_budget(self)
         return self
 
+    def with_rules_of(self, other: Settings) -> Settings:
+        """These settings with ``other``'s ``[[rules]]``, ``[fallback]`` and
+        ``[redirects]`` (what a reload applies), checked as a whole: raises
+        ConfigError when those contradict the tables in use (a rule on the
+        running ``collect.path``, say)."""
+        data = self.model_dump(mode="json")
+        for name in ("rules", "fallback", "redirects"):
+            data[name] = other.model_dump(mode="json")[name]
+        return parse_settings(data, "the rules with the settings in use")
+
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, with secret Kafka properties masked."""
         data = self.model_dump(mode="json")
@@ -591,6 +604,13 @@ def _cross_check_collect(settings: Settings) -> None:
                 f"rules.{index}.path",
                 f"{rule.path!r} is collect.path: the collect endpoint answers it",
             )
+    graceful = settings.server.graceful_timeout
+    if collect.body_timeout > graceful:
+        raise _KeyError(
+            "collect.body_timeout",
+            f"{collect.body_timeout} s is longer than server.graceful_timeout ({graceful} s): "
+            "a request still sending its body would be cut off at shutdown",
+        )
     queue_size = settings.records.queue_size
     if collect.max_events > queue_size:
         raise _KeyError(

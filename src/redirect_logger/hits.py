@@ -72,7 +72,7 @@ class Event(NamedTuple):
     query: bytes
     headers: Headers
     client: tuple[str, int] | None
-    data: dict[str, object]  # the event object, as the client sent it
+    data: bytes  # the event object as JSON, written on the request path (collect.written)
 
 
 # What the channel carries: a hit, or an event of a collect request.
@@ -383,7 +383,7 @@ class Enricher:
         if record is None:
             return None
         record["kind"] = "event"
-        record["data"] = event.data
+        record["data"] = orjson.Fragment(event.data)  # embedded as it is
         return self._message(self.event_topic or self._default_topic, record, event.ts)
 
     def _message(self, topic: str, record: dict[str, object], ts: float) -> Encoded:

@@ -29,6 +29,7 @@ COLLECT_REJECTIONS = (
     "too_deep",
     "missing_field",
     "too_many_events",
+    "event_too_large",
     "overloaded",
 )
 COLLECT_EVENT_OUTCOMES = ("accepted", "dropped", "shed")

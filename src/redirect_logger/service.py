@@ -144,6 +144,12 @@ class Service:
     def in_flight(self) -> int:
         return self.pipeline.in_flight() if self.pipeline is not None else 0
 
+    def shed_unstarted(self, count: int) -> None:
+        """Count ``count`` hits or events that arrived before the pipeline ran:
+        nothing can be recorded, and they are answered 503."""
+        self.ledger.received += count
+        self.ledger.shed += count
+
     def ledger_snapshot(self) -> dict[str, int]:
         return self.ledger.snapshot(self.in_flight())
 
