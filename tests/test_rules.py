@@ -806,3 +806,25 @@ def test_a_rule_host_matches_in_any_case_with_any_port(
     )
     assert request_host(header.encode()) == f"{label}.example.com"
     assert table.match("/", header.encode())[0].name == "h"
+
+
+def test_case_insensitive_folds_ascii_letters_only_and_keeps_the_remainder_whole() -> None:
+    rules = [
+        {
+            "name": "city",
+            "path": "/İstanbul/*",
+            "target": "https://x.example/t/",
+            "case_insensitive": True,
+            "forward_path": True,
+        },
+        {"name": "cafe", "path": "/Café", "target": "https://x.example/", "case_insensitive": True},
+    ]
+    table = build_table(rules=rules)
+    # "İ".lower() is two characters: folding it would cut the remainder wrong.
+    target, location = resolve(table, "/İSTANBUL/Page")
+    assert (target.name, location) == ("city", "https://x.example/t/Page")
+    assert names(table, [(None, "/i̇stanbul/page"), (None, "/CAFé"), (None, "/CAFÉ")]) == [
+        None,
+        "cafe",
+        None,
+    ]

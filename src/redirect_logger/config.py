@@ -180,7 +180,7 @@ class Rule(_Target):
     # The request Host this rule answers: "go.example.com", or "*.example.com"
     # for any name below example.com; None: any host. Compared without port.
     host: str | None = Field(None, max_length=253)
-    case_insensitive: bool = False  # compare the path in lower case
+    case_insensitive: bool = False  # compare the path's ASCII letters without case
     trailing_slash: bool = False  # "/a" also answers "/a/", and "/a/" also "/a"
 
     @field_validator("host")

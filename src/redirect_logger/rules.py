@@ -159,11 +159,19 @@ def _slashless(path: str) -> str:
 # How a tolerant exact rule compares paths: (case_insensitive, trailing_slash).
 _Mode = tuple[bool, bool]
 
+# Case-insensitive means ASCII letters only: folding keeps every index, so
+# what "*" matched can be cut from the request's path as it is.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _lower(path: str) -> str:
+    return path.translate(_ASCII_LOWER)
+
 
 def _fold(path: str, mode: _Mode) -> str:
     case_insensitive, trailing_slash = mode
     if case_insensitive:
-        path = path.lower()
+        path = _lower(path)
     return _slashless(path) if trailing_slash else path
 
 
@@ -183,8 +191,8 @@ class _HostRules:
             prefix = rule.path[:-1]  # keeps the trailing "/"
             bare = prefix[:-1] or "/"
             if rule.case_insensitive:
-                self.prefixes.append((prefix.lower(), True, target))
-                self.bare_folded.setdefault(bare.lower(), target)
+                self.prefixes.append((_lower(prefix), True, target))
+                self.bare_folded.setdefault(_lower(bare), target)
             else:
                 self.prefixes.append((prefix, False, target))
                 self.bare.setdefault(bare, target)
@@ -211,13 +219,13 @@ class _HostRules:
                 return found[1], ""
         target = self.bare.get(path)
         if target is None and self.bare_folded:
-            target = self.bare_folded.get(path.lower())
+            target = self.bare_folded.get(_lower(path))
         if target is not None:
             return target, ""
         lowered = None
         for prefix, case_insensitive, target in self.prefixes:
             if case_insensitive:
-                lowered = path.lower() if lowered is None else lowered
+                lowered = _lower(path) if lowered is None else lowered
                 if lowered.startswith(prefix):
                     return target, path[len(prefix) :]
             elif path.startswith(prefix):
