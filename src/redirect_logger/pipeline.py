@@ -93,37 +93,16 @@ class Intake:
         received, and, when it is not accepted, as dropped or shed.
         Cancellation while waiting counts it as dropped.
         """
-        ledger = self._ledger
-        ledger.received += 1
+        self._ledger.received += 1
         try:
             self._send.send_nowait(hit)
             return Admission.ACCEPTED
         except trio.WouldBlock:
             pass
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            ledger.add_dropped()
+            self._ledger.add_dropped()
             return Admission.DROPPED
-        if self._policy == "shed":
-            ledger.shed += 1
-            return Admission.SHED
-        if self._policy == "spill":
-            try:
-                self._overflow.send_nowait(hit)
-                return Admission.ACCEPTED
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
-        elif self._policy == "block":
-            try:
-                with trio.move_on_after(self._max_block):
-                    await self._send.send(hit)
-                    return Admission.ACCEPTED
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
-            except BaseException:  # cancelled while waiting: still counted
-                ledger.add_dropped()
-                raise
-        ledger.add_dropped()
-        return Admission.DROPPED
+        return (await self._when_full((hit,), 0))[1]
 
     async def submit_all(self, items: Sequence[Capture]) -> tuple[int, Admission]:
         """Hand the events of one collect request to the workers, in order.
@@ -142,20 +121,27 @@ class Intake:
 
         Cancellation while waiting counts the items not yet taken as dropped.
         """
-        ledger = self._ledger
-        count = len(items)
-        ledger.received += count
-        send = self._send
+        self._ledger.received += len(items)
         if self._policy == "shed":
-            stats = send.statistics()
+            stats = self._send.statistics()
             room = stats.max_buffer_size - stats.current_buffer_used + stats.tasks_waiting_receive
-            if room < count:
-                ledger.shed += count
-                return 0, Admission.SHED
-        taken = self._offer(send, items, 0)
-        if taken < count and self._policy == "spill":
+            if room < len(items):
+                return await self._when_full(items, 0)
+        return await self._when_full(items, self._offer(self._send, items, 0))
+
+    async def _when_full(self, items: Sequence[Capture], taken: int) -> tuple[int, Admission]:
+        """``records.when_full`` for ``items[taken:]``, which found no room (or
+        a closed channel): how many are taken in all, and the admission. Counts
+        those not taken as shed (``shed``, when none was taken) or dropped."""
+        ledger, count, send = self._ledger, len(items), self._send
+        if taken == count:
+            return taken, Admission.ACCEPTED
+        if self._policy == "shed" and taken == 0:
+            ledger.shed += count
+            return 0, Admission.SHED
+        if self._policy == "spill":
             taken = self._offer(self._overflow, items, taken)
-        elif taken < count and self._policy == "block":
+        elif self._policy == "block":
             try:
                 with trio.move_on_after(self._max_block):
                     for item in items[taken:]:
