@@ -23,10 +23,12 @@ def write_config(
     records: str = "",
     kafka: str = "",
     shutdown: str = "",
+    collect: str = "",
 ) -> Path:
     """The benchmarks' service config: the ``docs`` rule (``/docs/*`` → 301 to
     ``https://docs.example.com/`` with the path and query forwarded), plus
-    extra TOML lines per table."""
+    extra TOML lines per table (``[collect]`` is off unless ``collect`` says
+    ``enabled = true``)."""
     path.write_text(
         f"""[server]
 bind = ["127.0.0.1:0"]
@@ -47,6 +49,8 @@ topic = "{topic}"
 directory = "{spill}"
 [shutdown]
 {shutdown}
+[collect]
+{collect}
 """
     )
     return path

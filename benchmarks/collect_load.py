@@ -1,0 +1,389 @@
+"""The collect endpoint under load: events/s by batch size, against redirects/s.
+
+    python benchmarks/collect_load.py [--bootstrap HOST:PORT] [--seconds 10]
+        [--rounds 3] [--connections 64] [--batches 1 10 100]
+
+Every run starts ``redirect-logger serve`` (the real CLI) afresh with
+``[collect] enabled = true`` (``max_events = 1000``, the events in a topic of
+their own) and loads it with ``wrk -t1 --latency`` (keep-alive, loopback) for
+--seconds: either ``POST /collect`` with ``{"events": [...]}`` of N events
+(one case per --batches entry), or ``GET /docs/a?x=1``, the redirect, on the
+same config. The cases are interleaved, in a rotating order, round after
+round. Before SIGTERM it reads the service's peak RSS (``VmHWM``) and its
+``/metrics``; after, the ledger it logs at exit. Every run must add up: every
+answer the expected status (202 without ``dropped``, or 301), no socket
+errors, ledger received = delivered, events in Kafka = events accepted, hits
+in Kafka = the other records received. The script exits 1 if one does not.
+Without --bootstrap it starts Apache Kafka itself (tests/brokers.py, through
+compare.py). Bounded: every run stops after --seconds; broker, service and
+wrk are stopped on the way out, also on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from compare import _broker, _ms, _peak_rss, _records
+from served import Served, write_config
+
+REDIRECT = "/docs/a?x=1"
+LOCATION = "https://docs.example.com/a?x=1"
+COLLECT = "/collect"
+MAX_EVENTS = 1000  # collect.max_events: above the largest batch asked for by default
+
+# Counts every answer by status, and 202s whose body says some events were dropped.
+LUA = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {}; dropped = 0 end
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  if body and string.find(body, "dropped", 1, true) then dropped = dropped + 1 end
+end
+function done(summary, latency, requests)
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do
+      io.write(string.format("status %d %d\\n", status, n))
+    end
+    io.write(string.format("dropped %d\\n", thread:get("dropped")))
+  end
+end
+"""
+
+
+@dataclass
+class Run:
+    batch: int  # events per request; 0: the redirect
+    rps: float
+    p50: float  # ms
+    p99: float
+    answered: int  # wrk's count; the check request before wrk is one more
+    statuses: dict[int, int]  # wrk's answers by status
+    dropped: int  # 202 answers that said some events were dropped
+    socket_errors: str  # wrk's line, "" if none
+    peak_rss: float  # MiB
+    accepted: int  # events, from /metrics before SIGTERM
+    received: int  # records, from /metrics before SIGTERM
+    ledger: dict[str, int]
+    hits_in_kafka: int
+    events_in_kafka: int
+
+    @property
+    def case(self) -> str:
+        return "redirect" if self.batch == 0 else f"batch {self.batch}"
+
+    @property
+    def events_per_s(self) -> float:
+        """Records/s: events for a batch, one per redirect."""
+        return self.rps * max(self.batch, 1)
+
+    def checks(self, connections: int) -> list[tuple[str, bool]]:
+        expected = 301 if self.batch == 0 else 202
+        ledger = self.ledger
+        checks = [
+            (
+                f"every answer {expected}: {self.statuses}",
+                set(self.statuses) <= {expected}
+                and sum(self.statuses.values()) == self.answered
+                and not self.dropped,
+            ),
+            (f"no socket errors {self.socket_errors}".strip(), not self.socket_errors),
+            (
+                f"ledger received {ledger['received']:,} = delivered {ledger['delivered']:,}",
+                ledger["received"] == ledger["delivered"],
+            ),
+            (
+                f"/metrics before SIGTERM: received {self.received:,} = ledger at exit",
+                self.received == ledger["received"],
+            ),
+            (
+                f"events in Kafka {self.events_in_kafka:,} = accepted {self.accepted:,}",
+                self.events_in_kafka == self.accepted,
+            ),
+            (
+                f"hits in Kafka {self.hits_in_kafka:,} = received - accepted "
+                f"{ledger['received'] - self.accepted:,}",
+                self.hits_in_kafka == ledger["received"] - self.accepted,
+            ),
+        ]
+        if self.batch:
+            # Whole requests only. wrk leaves out those in flight when it stops.
+            requests, left = divmod(self.accepted, self.batch)
+            requests -= 1  # the check request
+            checks.append(
+                (
+                    f"accepted = {self.batch} x (1 + {requests:,}) requests "
+                    f"({self.answered:,} answered to wrk)",
+                    not left and 0 <= requests - self.answered <= connections,
+                )
+            )
+        else:
+            checks.append(
+                (
+                    f"received {ledger['received']:,} = 1 + answered {self.answered:,} "
+                    "+ those in flight",
+                    0 <= ledger["received"] - 1 - self.answered <= connections,
+                )
+            )
+        return checks
+
+
+def _body(batch: int) -> str:
+    """``{"events": [...]}`` with ``batch`` beacon-like events (about 110 bytes each)."""
+    session = uuid.uuid4().hex[:16]
+    events = [
+        {
+            "type": "click",
+            "page": "/pricing",
+            "target": "signup",
+            "session": session,
+            "seq": seq,
+            "props": {"variant": "b", "viewport": [1280, 720]},
+        }
+        for seq in range(batch)
+    ]
+    return json.dumps({"events": events}, separators=(",", ":"))
+
+
+def _script(path: Path, batch: int) -> Path:
+    lines = [LUA]
+    if batch:
+        body = _body(batch)
+        assert "]==]" not in body
+        lines += [
+            'wrk.method = "POST"',
+            'wrk.headers["Content-Type"] = "application/json"',
+            f"wrk.body = [==[{body}]==]",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _request(url: str, method: str, path: str, body: str | None = None) -> tuple[int, str, str]:
+    """Status, Location and body of one request (no redirect followed)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        connection.request(method, path, body, headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Location", ""), response.read().decode()
+    finally:
+        connection.close()
+
+
+def _check(url: str, batch: int) -> None:
+    if batch == 0:
+        status, location, _ = _request(url, "GET", REDIRECT)
+        if (status, location) != (301, LOCATION):
+            raise RuntimeError(f"GET {REDIRECT} answered {status} {location!r}")
+        return
+    status, _, text = _request(url, "POST", COLLECT, _body(batch))
+    if status != 202 or json.loads(text) != {"accepted": batch}:
+        raise RuntimeError(f"POST {COLLECT} with {batch} events answered {status} {text}")
+
+
+def _counts(url: str) -> tuple[int, int]:
+    """Events accepted and records received, from the service's /metrics."""
+    status, _, text = _request(url, "GET", "/metrics")
+    counts = []
+    for line in (
+        r'redirect_logger_collect_events_total\{outcome="accepted"\}',
+        r'redirect_logger_records_total\{outcome="received"\}',
+    ):
+        found = re.search(rf"^{line} (\S+)$", text, re.M)
+        if status != 200 or found is None:
+            raise RuntimeError(f"no {line} in /metrics ({status})")
+        counts.append(int(float(found.group(1))))
+    return counts[0], counts[1]
+
+
+def _settled_counts(url: str) -> tuple[int, int]:
+    """``_counts`` once they stop moving: the requests wrk left in flight when it
+    stopped are still read and answered after it exits."""
+    counts = _counts(url)
+    for _ in range(40):
+        time.sleep(0.25)
+        counts, before = _counts(url), counts
+        if counts == before:
+            break
+    return counts
+
+
+def _wrk(
+    target: str, script: Path, connections: int, seconds: int
+) -> tuple[float, float, float, int, dict[int, int], int, str]:
+    """req/s, p50 and p99 (ms), answers, answers by status, 202s with
+    ``dropped``, and wrk's socket errors line ("" if none)."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    report = subprocess.run(
+        [*command, "-s", str(script), target],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", report)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", report)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", report)
+    count = re.search(r"(\d+) requests in", report)
+    if not (rps and p50 and p99 and count):
+        raise RuntimeError(f"cannot read wrk's report:\n{report}")
+    statuses = {int(s): int(n) for s, n in re.findall(r"^status (\d+) (\d+)$", report, re.M)}
+    dropped = sum(int(n) for n in re.findall(r"^dropped (\d+)$", report, re.M))
+    errors = re.search(r"Socket errors:.*", report)
+    return (
+        float(rps.group(1)),
+        _ms(*p50.groups()),
+        _ms(*p99.groups()),
+        int(count.group(1)),
+        statuses,
+        dropped,
+        errors.group(0) if errors else "",
+    )
+
+
+def measure(batch: int, connections: int, seconds: int, bootstrap: str, work: Path) -> Run:
+    """One run of one case on a fresh service; the service is gone when it returns."""
+    topic = f"bench-collect-{batch}-{uuid.uuid4().hex[:8]}"
+    config = write_config(
+        work / f"{topic}.toml",
+        bootstrap,
+        topic,
+        work / "spill" / topic,
+        collect=f'enabled = true\nmax_events = {MAX_EVENTS}\ntopic = "{topic}-events"',
+    )
+    server = Served(config)
+    try:
+        _check(server.url, batch)
+        script = _script(work / f"{topic}.lua", batch)
+        target = server.url + (COLLECT if batch else REDIRECT)
+        rps, p50, p99, answered, statuses, dropped, errors = _wrk(
+            target, script, connections, seconds
+        )
+        accepted, received = _settled_counts(server.url)
+        rss = _peak_rss([server.pid])
+        ledger = server.stop()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
+    return Run(
+        batch,
+        rps,
+        p50,
+        p99,
+        answered,
+        statuses,
+        dropped,
+        errors,
+        rss,
+        accepted,
+        received,
+        ledger,
+        _records(bootstrap, topic),
+        _records(bootstrap, f"{topic}-events"),
+    )
+
+
+def report(runs: list[Run], batches: list[int], connections: int) -> str:
+    def median(mine: list[Run], field: str) -> float:
+        return statistics.median(getattr(run, field) for run in mine)
+
+    redirects = median([r for r in runs if r.batch == 0], "rps")
+    lines = [
+        f"{connections} connections, medians of {len(runs) // (len(batches) + 1)} rounds",
+        "",
+        "| case | req/s | events/s | p50 ms | p99 ms | events/s ÷ redirects/s | peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for batch in [0, *batches]:
+        mine = [r for r in runs if r.batch == batch]
+        events = median(mine, "events_per_s")
+        lines.append(
+            f"| {mine[0].case} | {median(mine, 'rps'):,.0f} | {events:,.0f} "
+            f"| {median(mine, 'p50'):.2f} | {median(mine, 'p99'):.2f} "
+            f"| {events / redirects:.2f} | {median(mine, 'peak_rss'):.1f} |"
+        )
+    lines += [
+        "",
+        "| round | case | answered (wrk) | ledger received / delivered | events accepted "
+        "/ in Kafka | hits in Kafka | peak RSS MiB | checks |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    per_round = len(batches) + 1
+    for index, run in enumerate(runs):
+        ledger = run.ledger
+        bad = [text for text, ok in run.checks(connections) if not ok]
+        lines.append(
+            f"| {index // per_round + 1} | {run.case} | {run.answered:,} "
+            f"| {ledger['received']:,} / {ledger['delivered']:,} "
+            f"| {run.accepted:,} / {run.events_in_kafka:,} | {run.hits_in_kafka:,} "
+            f"| {run.peak_rss:.1f} | {'; '.join(bad) if bad else 'ok'} |"
+        )
+    return "\n".join(lines)
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop everything
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap", help="an existing broker (default: start Apache Kafka)")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100])
+    args = parser.parse_args()
+    if not all(0 < batch <= MAX_EVENTS for batch in args.batches):
+        parser.error(f"--batches: 1 to {MAX_EVENTS} events")
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminated)
+    work = Path(tempfile.mkdtemp(prefix="collect-load-"))
+    runs: list[Run] = []
+    failed = False
+    try:
+        with _broker(args.bootstrap, work) as bootstrap:
+            order = [0, *args.batches]
+            for round_number in range(args.rounds):
+                for batch in order:
+                    run = measure(batch, args.connections, args.seconds, bootstrap, work)
+                    runs.append(run)
+                    checks = run.checks(args.connections)
+                    bad = [text for text, ok in checks if not ok]
+                    failed = failed or bool(bad)
+                    print(
+                        f"round {round_number + 1} {run.case}: {run.rps:,.0f} req/s, "
+                        f"{run.events_per_s:,.0f} events/s, p99 {run.p99:.1f} ms, "
+                        f"peak RSS {run.peak_rss:.1f} MiB; ledger {run.ledger}",
+                        file=sys.stderr,
+                    )
+                    for text, ok in checks:
+                        print(f"  {'ok  ' if ok else 'FAIL'} {text}", file=sys.stderr)
+                order = order[1:] + order[:1]  # rotate who goes first
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(report(runs, args.batches, args.connections))
+    print()
+    print("checks: " + ("FAILED (see above)" if failed else f"all {len(runs)} runs add up"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
