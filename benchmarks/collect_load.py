@@ -28,7 +28,6 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from compare import _broker, _ms, _peak_rss, _records
+from compare import _broker, _peak_rss, _records, run_wrk, wrk_figures
 from served import Served, write_config
 
 REDIRECT = "/docs/a?x=1"
@@ -229,31 +228,12 @@ def _wrk(
 ) -> tuple[float, float, float, int, dict[int, int], int, str]:
     """req/s, p50 and p99 (ms), answers, answers by status, 202s with
     ``dropped``, and wrk's socket errors line ("" if none)."""
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    report = subprocess.run(
-        [*command, "-s", str(script), target],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-    ).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", report)
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", report)
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", report)
-    count = re.search(r"(\d+) requests in", report)
-    if not (rps and p50 and p99 and count):
-        raise RuntimeError(f"cannot read wrk's report:\n{report}")
+    report = run_wrk(["-s", str(script), target], connections, seconds)
+    rps, p50, p99, count = wrk_figures(report)
     statuses = {int(s): int(n) for s, n in re.findall(r"^status (\d+) (\d+)$", report, re.M)}
     dropped = sum(int(n) for n in re.findall(r"^dropped (\d+)$", report, re.M))
     errors = re.search(r"Socket errors:.*", report)
-    return (
-        float(rps.group(1)),
-        _ms(*p50.groups()),
-        _ms(*p99.groups()),
-        int(count.group(1)),
-        statuses,
-        dropped,
-        errors.group(0) if errors else "",
-    )
+    return rps, p50, p99, count, statuses, dropped, errors.group(0) if errors else ""
 
 
 def measure(batch: int, connections: int, seconds: int, bootstrap: str, work: Path) -> Run:

@@ -118,26 +118,34 @@ def _ms(value: str, unit: str) -> float:
 
 
 def _wrk(url: str, connections: int, seconds: int) -> tuple[float, float, float, float, int]:
-    report = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url + PATH],
+    """req/s, p50, p99 and max latency (ms), and answers of one wrk run."""
+    report = run_wrk([url + PATH], connections, seconds)
+    peak = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", report)
+    if not peak:
+        raise RuntimeError(f"cannot read wrk's report:\n{report}")
+    rps, p50, p99, count = wrk_figures(report)
+    return rps, p50, p99, _ms(*peak.groups()), count
+
+
+def run_wrk(arguments: list[str], connections: int, seconds: int) -> str:
+    """wrk's report of one bounded run (``arguments``: a script and the URL)."""
+    return subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *arguments],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
     ).stdout
+
+
+def wrk_figures(report: str) -> tuple[float, float, float, int]:
+    """req/s, p50 and p99 latency (ms) and answers, from a wrk --latency report."""
     rps = re.search(r"Requests/sec:\s+([\d.]+)", report)
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", report)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", report)
-    peak = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", report)
     count = re.search(r"(\d+) requests in", report)
-    if not (rps and p50 and p99 and peak and count):
+    if not (rps and p50 and p99 and count):
         raise RuntimeError(f"cannot read wrk's report:\n{report}")
-    return (
-        float(rps.group(1)),
-        _ms(*p50.groups()),
-        _ms(*p99.groups()),
-        _ms(*peak.groups()),
-        int(count.group(1)),
-    )
+    return float(rps.group(1)), _ms(*p50.groups()), _ms(*p99.groups()), int(count.group(1))
 
 
 def _records(bootstrap: str, topic: str) -> int:

@@ -89,6 +89,9 @@ def service_config(bootstrap: str, topic: str, **tables: Mapping[str, Any]) -> d
     return config
 
 
+UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
 RECORD_SCHEMA = json.loads((ROOT / "docs" / "record.schema.json").read_text())
 
 

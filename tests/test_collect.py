@@ -32,6 +32,8 @@ from redirect_logger.metrics import COLLECT_EVENT_OUTCOMES, COLLECT_REJECTIONS
 from redirect_logger.pipeline import Admission, Intake
 from redirect_logger.service import Service
 from support import (
+    RFC3339_MS,
+    UUID7,
     check_record_schema,
     ledger_counts,
     read_messages,
@@ -42,8 +44,6 @@ from support import (
     unreachable_config,
 )
 
-UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 PAGE_ORIGIN = "https://shop.example"
 JSON = "application/json"
 NDJSON = "application/x-ndjson"

@@ -18,6 +18,8 @@ from brokers import Broker
 from redirect_logger.service import Service
 from redirect_logger.spill import read_segment
 from support import (
+    RFC3339_MS,
+    UUID7,
     check_record_schema,
     ledger_counts,
     read_messages,
@@ -28,8 +30,6 @@ from support import (
     unreachable_config,
 )
 
-UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 # User-Agents sent, and whether a GET with each is a bot hit (a HEAD always is)
 AGENT_IS_BOT = {
     "ua/1": False,
