@@ -26,7 +26,7 @@ from redirect_logger.collect import (
     written,
 )
 from redirect_logger.config import RecordsSettings
-from redirect_logger.hits import Capture
+from redirect_logger.hits import Hit
 from redirect_logger.ledger import Ledger
 from redirect_logger.metrics import COLLECT_EVENT_OUTCOMES, COLLECT_REJECTIONS
 from redirect_logger.pipeline import Admission, Intake
@@ -606,9 +606,9 @@ async def test_a_multi_event_request_meets_a_full_channel(policy: str) -> None:
         assert event_outcomes(service) == {"accepted": 6, "dropped": 2, "shed": 0}
 
 
-def block_intake(capacity: int) -> tuple[Intake, trio.MemoryReceiveChannel[Capture], Ledger]:
-    send, receive = trio.open_memory_channel[Capture](capacity)
-    overflow, _ = trio.open_memory_channel[Capture](0)
+def block_intake(capacity: int) -> tuple[Intake, trio.MemoryReceiveChannel[Hit], Ledger]:
+    send, receive = trio.open_memory_channel[Hit](capacity)
+    overflow, _ = trio.open_memory_channel[Hit](0)
     ledger = Ledger()
     records = RecordsSettings(queue_size=capacity, when_full="block", max_block=1.0)
     return Intake(send, overflow, records, ledger), receive, ledger

@@ -95,11 +95,9 @@ async def _reload(service: Service, path: Path) -> None:
     rules in use, and the log says why."""
     try:
         settings = await trio.to_thread.run_sync(load_settings, path)
-        service.settings.with_rules_of(settings)  # e.g. no rule on the collect path in use
+        service.use_rules(settings)
     except ConfigError as exc:
         log.error("SIGHUP: reload refused, the rules in use stay: %s", exc)
-        return
-    service.use_rules(settings)
 
 
 async def serve_service(

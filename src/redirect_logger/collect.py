@@ -19,7 +19,7 @@ import trio
 from uuid_utils import uuid7
 
 from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, CollectSettings
-from .hits import Event
+from .hits import Hit
 from .pipeline import Admission
 
 if TYPE_CHECKING:
@@ -376,10 +376,9 @@ class Collector:
         method, scheme, path = scope["method"], scope["scheme"], scope["path"]
         query, request_headers = scope["query_string"], scope["headers"]
         client = scope.get("client")
-        events = [
-            Event(str(uuid7()), now, method, scheme, path, query, request_headers, client, data)
-            for data in objects
-        ]
+        # Each event a hit answered 202, without a location or rule, with its data.
+        request = (method, scheme, path, query, request_headers, client, 202, None, None)
+        events = [Hit(str(uuid7()), now, *request, data) for data in objects]
         count = len(events)
         pipeline = service.pipeline
         if pipeline is None:

@@ -45,7 +45,8 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Hit(NamedTuple):
-    """What the request path captures: no I/O, no parsing, no JSON."""
+    """What the request path captures: no I/O, no parsing, no JSON. Also one
+    event of a collect request (collect.py), which has ``data``."""
 
     id: str
     ts: float  # request time, seconds since the epoch
@@ -58,27 +59,9 @@ class Hit(NamedTuple):
     status: int  # status answered
     location: str | None
     rule: str | None  # rule name; None for the fallback
-
-
-class Event(NamedTuple):
-    """One event of a collect request (collect.py): the request's raw fields and
-    the event object as parsed. Its record is built in the workers too."""
-
-    id: str
-    ts: float  # request time, seconds since the epoch
-    method: str
-    scheme: str
-    path: str
-    query: bytes
-    headers: Headers
-    client: tuple[str, int] | None
-    data: bytes  # the event object as JSON, written on the request path (collect.written)
-
-
-# What the channel carries: a hit, or an event of a collect request.
-Capture = Hit | Event
-
-COLLECT_STATUS = 202  # the status a collect request is answered with
+    # An event: the event object as JSON, written on the request path
+    # (collect.written); None for a hit
+    data: bytes | None = None
 
 
 class Encoded(NamedTuple):
@@ -215,9 +198,11 @@ class Enricher:
         rules: list[Rule] | None = None,
         fallback_topic: str | None = None,
         no_track_param: str | None = None,
+        event_topic: str | None = None,
     ) -> None:
         self._key = records.key
         self._default_topic = records.topic
+        self._event_topic = event_topic or records.topic  # collect.topic
         self.use_rules(rules or [], fallback_topic, no_track_param)
         self._ip = records.ip
         self._user_agent = records.user_agent
@@ -306,6 +291,7 @@ class Enricher:
             client_ip, remote = anonymized(client_ip), anonymized(peer)
         elif self._ip == "none":
             client_ip = remote = None
+        kind = "event" if hit.data is not None else "miss" if hit.location is None else "redirect"
         agent = _text(user_agent)
         bot = None
         if self._bots is not None:  # the agent as recorded: cut to its limit
@@ -322,7 +308,7 @@ class Enricher:
             "status": hit.status,
             "location": hit.location,
             "rule": hit.rule,
-            "kind": "miss" if hit.location is None else "redirect",
+            "kind": kind,
             "client_ip": client_ip,
             "remote_address": remote,
             "user_agent": agent if self._user_agent else None,
@@ -341,6 +327,8 @@ class Enricher:
             record["truncated"] = truncated
         if self._no_track is not None and self._untracked(hit.query):
             record["tracked"] = False
+        if hit.data is not None:
+            record["data"] = orjson.Fragment(hit.data)  # embedded as it is
         return record
 
     def _untracked(self, query: bytes) -> bool:
@@ -351,55 +339,20 @@ class Enricher:
         return any(key == self._no_track for key, _ in query_pairs(query))
 
     def encode(self, hit: Hit) -> Encoded | None:
-        """The Kafka message of a hit, or None when its client is excluded."""
+        """The Kafka message of a hit or an event, or None when its client is
+        excluded. Its headers follow from its kind and rule."""
         record = self.record(hit)
         if record is None:
             return None
-        topic = self._topics.get(hit.rule, self._default_topic)
-        return self._message(topic, record, hit.ts)
-
-    # The events' topic (collect.topic); None: records.topic.
-    event_topic: str | None = None
-
-    def encode_event(self, event: Event) -> Encoded | None:
-        """The Kafka message of a collect event: the envelope of a hit record
-        (``record``), with ``kind`` "event", ``status`` 202, no location or rule,
-        and the event object under ``data``; None when its client is excluded."""
-        record = self.record(
-            Hit(
-                event.id,
-                event.ts,
-                event.method,
-                event.scheme,
-                event.path,
-                event.query,
-                event.headers,
-                event.client,
-                COLLECT_STATUS,
-                None,
-                None,
-            )
-        )
-        if record is None:
-            return None
-        record["kind"] = "event"
-        record["data"] = orjson.Fragment(event.data)  # embedded as it is
-        return self._message(self.event_topic or self._default_topic, record, event.ts)
-
-    def _message(self, topic: str, record: dict[str, object], ts: float) -> Encoded:
-        """The Kafka message of a record; its headers follow from its kind and rule."""
         key: object = None if self._key == "none" else record[self._key]
-        kind, rule = record["kind"], record["rule"]
+        if hit.data is None:
+            topic = self._topics.get(hit.rule, self._default_topic)
+        else:
+            topic = self._event_topic
         return Encoded(
             topic=topic,
             key=None if key is None else str(key).encode(),
             value=orjson.dumps(record),
-            timestamp_ms=int(ts * 1000),
-            headers=message_headers(str(kind), rule if isinstance(rule, str) else None),
+            timestamp_ms=int(hit.ts * 1000),
+            headers=message_headers(str(record["kind"]), hit.rule),
         )
-
-    def encode_capture(self, capture: Capture) -> Encoded | None:
-        """``encode`` for a hit, ``encode_event`` for an event."""
-        if isinstance(capture, Event):
-            return self.encode_event(capture)
-        return self.encode(capture)

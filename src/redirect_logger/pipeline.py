@@ -22,7 +22,7 @@ from typing import Protocol
 import trio
 
 from .config import RecordsSettings
-from .hits import Capture, Encoded
+from .hits import Encoded, Hit
 from .ledger import Ledger
 from .spill import Spill
 
@@ -73,8 +73,8 @@ class Intake:
 
     def __init__(
         self,
-        send: trio.MemorySendChannel[Capture],
-        overflow: trio.MemorySendChannel[Capture],
+        send: trio.MemorySendChannel[Hit],
+        overflow: trio.MemorySendChannel[Hit],
         records: RecordsSettings,
         ledger: Ledger,
     ) -> None:
@@ -84,7 +84,7 @@ class Intake:
         self._max_block = records.max_block
         self._ledger = ledger
 
-    async def submit(self, hit: Capture) -> Admission:
+    async def submit(self, hit: Hit) -> Admission:
         """Hand a hit to the workers; O(1) unless the channel is full.
 
         Under ``block`` this waits at most ``max_block`` s for room; under
@@ -104,7 +104,7 @@ class Intake:
             return Admission.DROPPED
         return (await self._when_full((hit,), 0))[1]
 
-    async def submit_all(self, items: Sequence[Capture]) -> tuple[int, Admission]:
+    async def submit_all(self, items: Sequence[Hit]) -> tuple[int, Admission]:
         """Hand the events of one collect request to the workers, in order.
 
         Returns how many were accepted (always the first ones) and ``ACCEPTED``,
@@ -129,7 +129,7 @@ class Intake:
                 return await self._when_full(items, 0)
         return await self._when_full(items, self._offer(self._send, items, 0))
 
-    async def _when_full(self, items: Sequence[Capture], taken: int) -> tuple[int, Admission]:
+    async def _when_full(self, items: Sequence[Hit], taken: int) -> tuple[int, Admission]:
         """``records.when_full`` for ``items[taken:]``, which found no room (or
         a closed channel): how many are taken in all, and the admission. Counts
         those not taken as shed (``shed``, when none was taken) or dropped."""
@@ -158,9 +158,7 @@ class Intake:
         return taken, Admission.DROPPED
 
     @staticmethod
-    def _offer(
-        channel: trio.MemorySendChannel[Capture], items: Sequence[Capture], taken: int
-    ) -> int:
+    def _offer(channel: trio.MemorySendChannel[Hit], items: Sequence[Hit], taken: int) -> int:
         """Put items from ``taken`` on into ``channel`` while it has room; the new count."""
         try:
             for item in items[taken:]:
@@ -179,13 +177,13 @@ class Pipeline:
         records: RecordsSettings,
         sink: Sink,
         spill: Spill,
-        encode: Callable[[Capture], Encoded | None],
+        encode: Callable[[Hit], Encoded | None],
         ledger: Ledger,
         observe_batch: Callable[[int], None],
         spill_after: float | None,
     ) -> None:
-        self.send, self.receive = trio.open_memory_channel[Capture](records.queue_size)
-        self.overflow_send, self.overflow_receive = trio.open_memory_channel[Capture](
+        self.send, self.receive = trio.open_memory_channel[Hit](records.queue_size)
+        self.overflow_send, self.overflow_receive = trio.open_memory_channel[Hit](
             records.queue_size if records.when_full == "spill" else 0
         )
         self.intake = Intake(self.send, self.overflow_send, records, ledger)
@@ -213,7 +211,7 @@ class Pipeline:
         """Records in the channels, in workers' batches, or in librdkafka's queue."""
         return self.queue_depth() + self.held + self._sink.queued()
 
-    def _take(self, hit: Capture, batch: list[Encoded]) -> None:
+    def _take(self, hit: Hit, batch: list[Encoded]) -> None:
         """Enrich and serialize a hit into the batch. One from an excluded client
         (``encode`` returns None) is counted as excluded; one that cannot be
         encoded, as failed."""
@@ -229,9 +227,7 @@ class Pipeline:
         self.held += 1
         batch.append(encoded)
 
-    async def collect(
-        self, receive: trio.MemoryReceiveChannel[Capture], batch: list[Encoded]
-    ) -> bool:
+    async def collect(self, receive: trio.MemoryReceiveChannel[Hit], batch: list[Encoded]) -> bool:
         """Wait for a hit, then gather more into ``batch`` until ``batch_size``
         or ``batch_linger``. Returns whether the channel has ended.
 
@@ -290,16 +286,16 @@ class Pipeline:
         self.held -= len(batch)
         batch.clear()
 
-    async def run_worker(self, receive: trio.MemoryReceiveChannel[Capture]) -> None:
+    async def run_worker(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
         await self._run(receive, self.ship)
 
-    async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Capture]) -> None:
+    async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
         """Under ``when_full = "spill"``: journal the hits that found the channel full."""
         await self._run(receive, partial(self.keep, why="the channel was full (when_full = spill)"))
 
     async def _run(
         self,
-        receive: trio.MemoryReceiveChannel[Capture],
+        receive: trio.MemoryReceiveChannel[Hit],
         handle: Callable[[list[Encoded]], Awaitable[None]],
     ) -> None:
         """Collect batches until the channel ends; ``handle`` empties each one."""
@@ -370,7 +366,7 @@ async def open_pipeline(
     flush_timeout: float,
     sink: Sink,
     spill: Spill,
-    encode: Callable[[Capture], Encoded | None],
+    encode: Callable[[Hit], Encoded | None],
     ledger: Ledger,
     *,
     observe_batch: Callable[[int], None] = lambda size: None,

@@ -67,8 +67,8 @@ class Service:
             settings.rules,
             settings.fallback.topic,
             settings.redirects.no_track_param,
+            settings.collect.topic,
         )
-        self.enricher.event_topic = settings.collect.topic
         self.metrics = Metrics(self.ledger, self._gauges)
         self.pipeline: Pipeline | None = None
         self.sink: KafkaSink | None = None
@@ -85,13 +85,16 @@ class Service:
         """Swap in the ``[[rules]]``, ``[fallback]`` and ``[redirects]`` of newly
         loaded settings: one assignment for the request path, so a request sees
         the old table or the new one, never a mix. The other tables need a
-        restart; a change to them is logged and not applied."""
-        table = RuleTable.from_settings(settings)
+        restart; a change to them is logged and not applied. Raises ConfigError,
+        changing nothing, when the new rules contradict the tables in use (a
+        rule on the collect path in use, say)."""
+        old = self.settings
+        merged = old.with_rules_of(settings)
+        table = RuleTable.from_settings(merged)
         self.enricher.use_rules(
-            settings.rules, settings.fallback.topic, settings.redirects.no_track_param
+            merged.rules, merged.fallback.topic, merged.redirects.no_track_param
         )
         self.rules = table
-        old = self.settings
         restart = [
             name
             for name in type(old).model_fields
@@ -103,13 +106,7 @@ class Service:
             and old.server.model_copy(update={"bind": settings.server.bind}) == settings.server
         ):
             restart.remove("server")  # only bind differs, e.g. serve --bind
-        self.settings = old.model_copy(
-            update={
-                "rules": settings.rules,
-                "fallback": settings.fallback,
-                "redirects": settings.redirects,
-            }
-        )
+        self.settings = merged
         log.info("rules reloaded: %d rules", len(settings.rules))
         if restart:
             log.warning("changed, but applied only at the next start: [%s]", "], [".join(restart))
@@ -219,7 +216,7 @@ class Service:
                 settings.shutdown.flush_timeout,
                 sink,
                 self.spill,
-                self.enricher.encode_capture,
+                self.enricher.encode,
                 self.ledger,
                 observe_batch=self.metrics.batch_size.observe,
                 spill_after=settings.spill.queue_full_timeout if settings.spill.enabled else None,
