@@ -20,7 +20,7 @@ from redirect_logger.config import RecordsSettings
 from redirect_logger.hits import Encoded, Hit
 from redirect_logger.ledger import OUTCOMES, Ledger
 from redirect_logger.pipeline import Admission, Pipeline, open_pipeline
-from redirect_logger.spill import Journal, Spill, read_segment
+from redirect_logger.spill import Journal, PartialWrite, Spill, read_segment
 
 
 class MemorySink:
@@ -28,6 +28,7 @@ class MemorySink:
 
     def __init__(self, ledger: Ledger, *, open: bool = True) -> None:
         self.ledger = ledger
+        self.reachable = True
         self.fatal_error: str | None = None
         self.rebuilt = 0
         self.open = threading.Event()
@@ -35,7 +36,7 @@ class MemorySink:
             self.open.set()
         self.values: list[bytes] = []
 
-    def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
+    def produce_batch(self, batch: Sequence[Encoded], window: float, tag: object = None) -> int:
         # Real time: the virtual clock jumps meanwhile. No wait for a 0 s window.
         if not (self.open.wait(0.5) if window else self.open.is_set()):
             return 0
@@ -365,3 +366,107 @@ async def test_an_excluded_hit_is_counted_excluded_not_shipped(
             await pipeline.intake.submit(hit(n))
     assert sink.values == [b"id-0000", b"id-0002"]
     assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=3, delivered=2, excluded=1)
+
+
+# --- records.durability = "journal": answered once written ahead ---
+
+
+def journal_values(directory: Path) -> set[bytes]:
+    """Every record value in the journal's segment files, sealed or not."""
+    return {
+        record.value
+        for path in sorted(directory.glob("segment-*.log"))
+        for record in read_segment(path).records
+    }
+
+
+async def test_under_journal_each_answer_waits_for_its_batch_written_in_one_write(
+    virtual_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger)
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**5)
+    writes: list[int] = []
+    write_ahead = journal.write_ahead
+
+    def counted(batch: Sequence[Encoded]) -> tuple[Path | None, int]:
+        writes.append(len(batch))
+        return write_ahead(batch)
+
+    journal.write_ahead = counted  # type: ignore[method-assign]
+    answered: list[int] = []
+    async with pipeline_of(records(durability="journal"), 10.0, sink, journal=journal) as pipeline:
+
+        async def request(n: int) -> None:
+            assert await pipeline.intake.submit(hit(n)) is Admission.ACCEPTED
+            assert b"id-%04d" % n in journal_values(tmp_path)  # on disk before the answer
+            answered.append(n)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(25):
+                nursery.start_soon(request, n)
+    # One write per batch (batch_size 10), shared by the requests waiting on it;
+    # no linger: a batch closes when the channel is empty.
+    assert (writes, sorted(answered)) == ([10, 10, 5], list(range(25)))
+    assert sorted(sink.values) == [b"id-%04d" % n for n in range(25)]
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(
+        received=25, delivered=25, journaled=25
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "answer", "field"),
+    [("shed", Admission.SHED, "shed"), ("drop", Admission.DROPPED, "dropped")],
+)
+async def test_under_journal_a_full_journal_answers_by_when_full_and_records_nothing(
+    virtual_clock: trio.testing.MockClock,
+    tmp_path: Path,
+    policy: str,
+    answer: Admission,
+    field: str,
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger)
+    # Room for two records (a frame here is 12+18+4+7 = 41 bytes).
+    journal = Journal(tmp_path, max_bytes=90, segment_bytes=90)
+    outcomes: dict[int, Admission] = {}
+    async with pipeline_of(
+        records(durability="journal", when_full=policy), 10.0, sink, journal=journal
+    ) as pipeline:
+
+        async def request(n: int) -> None:
+            outcomes[n] = await pipeline.intake.submit(hit(n))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(5):
+                nursery.start_soon(request, n)
+    accepted = sorted(n for n, outcome in outcomes.items() if outcome is Admission.ACCEPTED)
+    assert sorted(outcomes.values(), key=str) == sorted(
+        [Admission.ACCEPTED] * 2 + [answer] * 3, key=str
+    )
+    assert sorted(sink.values) == [b"id-%04d" % n for n in accepted]
+    assert journal_values(tmp_path) == set(sink.values)
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(
+        received=5, delivered=2, journaled=2, **{field: 3}
+    )
+
+
+async def test_under_journal_an_unwritable_journal_claims_no_durability(
+    virtual_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger()
+    sink = MemorySink(ledger)
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**5)
+
+    def refuse(batch: Sequence[Encoded]) -> tuple[Path | None, int]:
+        raise PartialWrite(0, OSError(28, "No space left on device"))
+
+    journal.write_ahead = refuse  # type: ignore[method-assign]
+    async with pipeline_of(
+        records(durability="journal", when_full="shed"), 10.0, sink, journal=journal
+    ) as pipeline:
+        assert await pipeline.intake.submit(hit(1)) is Admission.SHED
+        count, admission = await pipeline.intake.submit_all([hit(2), hit(3)])
+        assert (count, admission) == (0, Admission.SHED)
+    assert sink.values == []
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=3, shed=3)

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 
 from redirect_logger.hits import Encoded
 from redirect_logger.ledger import Ledger
-from redirect_logger.spill import Journal, JournalError, SegmentRead, Spill, read_segment
+from redirect_logger.spill import (
+    Journal,
+    JournalError,
+    PartialWrite,
+    SegmentRead,
+    Spill,
+    read_segment,
+)
 from support import v1_frame
 
 encoded = st.builds(
@@ -117,7 +124,8 @@ def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path: Path) -> None:
     assert read.corrupt_at == 4 * frame
 
 
-@pytest.mark.parametrize(("policy", "syncs"), [("always", 3), ("never", 0), ("interval", 0)])
+# "always": one per append, and one of the directory for the new segment's name.
+@pytest.mark.parametrize(("policy", "syncs"), [("always", 4), ("never", 0), ("interval", 0)])
 def test_fsync_policy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, syncs: int
 ) -> None:
@@ -317,3 +325,116 @@ def test_a_frame_of_an_unknown_format_ends_the_intact_records(tmp_path: Path) ->
     path.write_bytes(data[:frame] + marked + struct.pack(">I", zlib.crc32(marked + body)) + body)
     read = read_segment(path)
     assert (read.records, read.corrupt_at) == (records(1), frame)
+
+
+# --- writing ahead, acknowledgement marks, settlement ---
+
+
+def hit_records(count: int, first: int = 0) -> list[Encoded]:
+    """Records whose values are records, so that their ids can be read."""
+    return [
+        Encoded("hits", None, b'{"v":2,"id":"id-%04d","path":"/"}' % n, 0, HEADERS)
+        for n in range(first, first + count)
+    ]
+
+
+def ids(count: int, first: int = 0) -> list[bytes]:
+    return [b"id-%04d" % n for n in range(first, first + count)]
+
+
+def test_a_batch_written_ahead_goes_whole_into_one_segment(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=300)
+    first, written = journal.write_ahead(hit_records(4))
+    assert written == 4
+    # It would take the segment past segment_bytes: a new one starts, and takes it whole.
+    second, written = journal.write_ahead(hit_records(20, 4))
+    assert (written, first != second) == (20, True)
+    assert [len(read_segment(p).records) for p in (first, second)] == [4, 20]
+    assert second.stat().st_size > 300
+
+
+def test_write_ahead_takes_what_fits_under_the_cap(tmp_path: Path) -> None:
+    frame = len(
+        Journal(tmp_path / "probe", max_bytes=10**6, segment_bytes=10**6)
+        .write_ahead(hit_records(1))[0]
+        .read_bytes()  # type: ignore[union-attr]
+    )
+    journal = Journal(tmp_path / "j", max_bytes=3 * frame + 1, segment_bytes=10**6)
+    path, written = journal.write_ahead(hit_records(5))
+    assert written == 3
+    assert path is not None and [r.value for r in read_segment(path).records] == [
+        r.value for r in hit_records(3)
+    ]
+    assert journal.write_ahead(hit_records(1, 9)) == (None, 0)
+
+
+def test_a_refused_write_ahead_leaves_nothing_of_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    path, _ = journal.write_ahead(hit_records(2))
+    assert path is not None
+    size = path.stat().st_size
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    journal._fsync = "always"  # the write is made, its fsync fails
+    with pytest.raises(PartialWrite) as caught:
+        journal.write_ahead(hit_records(3, 2))
+    assert caught.value.written == 0
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert path.stat().st_size == size  # cut back to before the batch
+    assert [r.value for r in read_segment(path).records] == [r.value for r in hit_records(2)]
+
+
+def test_settled_records_are_marked_and_a_sealed_settled_segment_is_deleted(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    path, _ = journal.write_ahead(hit_records(3))
+    assert path is not None
+    journal.settle(path, ids(2), live=True)
+    journal.flush_marks()
+    assert path.with_suffix(".acked").read_bytes() == b"id-0000\nid-0001\n"
+    assert journal.settled_ids(path) == frozenset(ids(2))
+    assert journal.replayable() == []  # the third record is still live
+    journal.settle(path, ids(1, 2), live=True)
+    assert path.exists()  # settled, but still the active segment
+    journal.seal()
+    assert not path.exists() and not path.with_suffix(".acked").exists()
+    assert journal.size == 0
+
+
+def test_released_records_are_replayable_once_none_is_live(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    path, _ = journal.write_ahead(hit_records(4))
+    assert path is not None
+    journal.release(path, 1)  # undelivered: waits for a replay
+    assert not journal.has_replayable()  # three are still with the pipeline
+    journal.settle(path, ids(3), live=True)
+    assert journal.has_replayable()
+    assert journal.replayable() == [path]  # the active segment was sealed for it
+    assert journal.settled_ids(path) == frozenset(ids(3))
+    later, _ = journal.write_ahead(hit_records(1, 4))
+    assert later != path
+
+
+def test_a_torn_mark_and_the_segments_of_an_earlier_process(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    path, _ = journal.write_ahead(hit_records(3))
+    assert path is not None
+    journal.settle(path, ids(1), live=True)
+    journal.close()  # as a kill would leave it, but for a mark cut short:
+    with path.with_suffix(".acked").open("ab") as marks:
+        marks.write(b"id-00")
+    again = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
+    assert again.has_replayable()
+    assert again.replayable() == [path]
+    assert again.settled_ids(path) == frozenset(ids(1))
+    again.settle(path, ids(2, 1), live=False)  # a replay: the segment stays until deleted
+    assert path.exists()
+    again.delete(path)
+    assert not path.exists() and not path.with_suffix(".acked").exists()

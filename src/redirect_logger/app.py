@@ -56,7 +56,11 @@ class Frontend:
         self._service = service
         self._own_lifecycle = own_lifecycle
         collect = service.settings.collect
-        self._collector = Collector(collect, service, service.metrics) if collect.enabled else None
+        self._collector = (
+            Collector(collect, service.settings.kafka, service.admit_all, service.metrics)
+            if collect.enabled
+            else None
+        )
         self._collect_path = collect.path if collect.enabled else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -106,7 +110,8 @@ class Frontend:
             await send({"type": "http.response.body", "body": b""})
 
     async def _hit(self, scope: Scope, send: Any) -> None:
-        """Answer at once: match, build the response, hand the hit to the channel."""
+        """Match, build the response, hand the hit to the channel, answer: at
+        once, or once its record is durable (``records.durability``)."""
         now = time.time()
         hit_id = str(uuid7())
         service = self._service
@@ -117,26 +122,9 @@ class Frontend:
         target, remainder = rules.match(scope["path"], host)
         location = target.location(remainder, scope["query_string"])
         status = target.status
-        pipeline = service.pipeline
-        if pipeline is None:
-            service.shed_unstarted(1)
-            admission = Admission.SHED
-        else:
-            admission = await pipeline.intake.submit(
-                Hit(
-                    hit_id,
-                    now,
-                    scope["method"],
-                    scope["scheme"],
-                    scope["path"],
-                    scope["query_string"],
-                    scope["headers"],
-                    scope.get("client"),
-                    status,
-                    location,
-                    target.name,
-                )
-            )
+        admission = await service.admit(
+            Hit.from_scope(scope, hit_id, now, status, location, target.name)
+        )
         headers = [(b"x-hit-id", hit_id.encode())]
         if admission is Admission.SHED:
             status, body = 503, _OVERLOADED

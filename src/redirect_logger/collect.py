@@ -11,20 +11,19 @@ why (docs/operations.md#the-collect-endpoint).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
 from uuid_utils import uuid7
 
-from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, CollectSettings
+from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, CollectSettings, KafkaValue
 from .hits import Hit
 from .pipeline import Admission
 
 if TYPE_CHECKING:
     from .metrics import Metrics
-    from .service import Service
 
 # Deepest nesting of objects and arrays in one event (the event itself is 1):
 # as deep as orjson writes. An event is written once, on the request path,
@@ -214,8 +213,14 @@ class _Gone(Exception):
 class Collector:
     """Answers every request for ``collect.path`` (all methods)."""
 
-    def __init__(self, settings: CollectSettings, service: Service, metrics: Metrics) -> None:
-        self._service = service
+    def __init__(
+        self,
+        settings: CollectSettings,
+        kafka: Mapping[str, KafkaValue],
+        admit_all: Callable[[Sequence[Hit]], Awaitable[tuple[int, Admission]]],
+        metrics: Metrics,
+    ) -> None:
+        self._admit_all = admit_all
         self._max_body = settings.max_body_bytes
         self._max_events = settings.max_events
         self._types = frozenset(settings.content_types)
@@ -227,7 +232,7 @@ class Collector:
         self._rejected = metrics.collect_rejected
         self._events = metrics.collect_events
         # An event's record must fit in one Kafka message.
-        message_max = service.settings.kafka.get("message.max.bytes", MESSAGE_MAX_BYTES)
+        message_max = kafka.get("message.max.bytes", MESSAGE_MAX_BYTES)
         self._max_event = max(int(str(message_max)) - ENVELOPE_BYTES, 1)
 
     def _allowed(self, origin: bytes) -> bool:
@@ -371,27 +376,18 @@ class Collector:
         headers: Headers,
         send: Any,
     ) -> None:
-        """Hand the events to the channel and answer 202, or 503 when shed."""
-        service = self._service
-        method, scheme, path = scope["method"], scope["scheme"], scope["path"]
-        query, request_headers = scope["query_string"], scope["headers"]
-        client = scope.get("client")
-        # Each event a hit answered 202, without a location or rule, with its data.
-        request = (method, scheme, path, query, request_headers, client, 202, None, None)
-        events = [Hit(str(uuid7()), now, *request, data) for data in objects]
+        """Hand the events to the channel and answer 202, or 503 when shed
+        (``accepted`` says how many are recorded all the same: under
+        ``records.durability``, those made durable before the rest could not be)."""
+        events = [Hit.from_scope(scope, str(uuid7()), now, 202, data=data) for data in objects]
         count = len(events)
-        pipeline = service.pipeline
-        if pipeline is None:
-            service.shed_unstarted(count)
-            accepted, admission = 0, Admission.SHED
-        else:
-            accepted, admission = await pipeline.intake.submit_all(events)
+        accepted, admission = await self._admit_all(events)
         if accepted:
             self._events.labels("accepted").inc(accepted)
         if admission is Admission.SHED:
-            self._events.labels("shed").inc(count)
+            self._events.labels("shed").inc(count - accepted)
             self._rejected.labels("overloaded").inc()
-            body: dict[str, object] = {"error": "overloaded, retry later", "accepted": 0}
+            body: dict[str, object] = {"error": "overloaded, retry later", "accepted": accepted}
             await _respond(send, 503, [*headers, (b"retry-after", b"1")], body)
             return
         body = {"accepted": accepted}

@@ -286,6 +286,11 @@ class RecordsSettings(_Section):
     bot_detection: bool = True
     # Clients (by client_ip) whose hits are redirected but not recorded: counted "excluded"
     exclude_ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    # What must hold before a hit's response is sent: nothing ("memory"), its
+    # record written to the journal ("journal"), or acknowledged by Kafka ("kafka")
+    durability: Literal["memory", "journal", "kafka"] = "memory"
+    # s a response may wait for Kafka under "kafka" before the record is journaled instead
+    ack_timeout: float = Field(2.0, gt=0, le=60)
     # s of broker outage to ride through without loss when spilling is off
     # (librdkafka's message.timeout.ms must be at least this long)
     outage_tolerance: float = Field(300.0, ge=0, le=86_400)
@@ -492,6 +497,7 @@ class Settings(_Section):
             raise _KeyError(
                 "records.when_full", '"spill" needs the spill journal: spill.enabled is false'
             )
+        _cross_check_durability(self)
         _check_shutdown_budget(self)
         return self
 
@@ -617,6 +623,29 @@ def _cross_check_collect(settings: Settings) -> None:
             "collect.max_events",
             f"{collect.max_events} is larger than records.queue_size ({queue_size}): "
             "a request's events could never all fit in the channel",
+        )
+
+
+def _cross_check_durability(settings: Settings) -> None:
+    records, graceful = settings.records, settings.server.graceful_timeout
+    if records.durability == "journal" and not settings.spill.enabled:
+        raise _KeyError(
+            "records.durability",
+            '"journal" writes every record to the spill journal before answering: '
+            "spill.enabled is false",
+        )
+    if records.durability != "kafka":
+        return
+    wait = records.ack_timeout
+    parts = f"records.ack_timeout ({records.ack_timeout} s)"
+    if records.when_full == "block":
+        wait += records.max_block
+        parts += f" + records.max_block ({records.max_block} s)"
+    if wait >= graceful:
+        raise _KeyError(
+            "records.ack_timeout",
+            f"{parts} is not shorter than server.graceful_timeout ({graceful} s): a request "
+            "waiting for Kafka would be cut off at shutdown, unanswered",
         )
 
 

@@ -15,11 +15,12 @@ import os
 import socket
 import time
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
 from .bots import BotDetector
+from .commit import Commit
 from .config import RecordsSettings, Rule, ServerSettings
 from .rules import query_pairs
 
@@ -62,6 +63,37 @@ class Hit(NamedTuple):
     # An event: the event object as JSON, written on the request path
     # (collect.written); None for a hit
     data: bytes | None = None
+    # The group commit its request awaits (records.durability "journal" or
+    # "kafka"); set by the intake, None under "memory"
+    commit: Commit | None = None
+
+    @classmethod
+    def from_scope(
+        cls,
+        scope: dict[str, Any],
+        hit_id: str,
+        ts: float,
+        status: int,
+        location: str | None = None,
+        rule: str | None = None,
+        data: bytes | None = None,
+    ) -> Hit:
+        """The hit of an ASGI HTTP request, answered ``status``: the one place
+        a hit (or a collect event) is built from a request."""
+        return cls(
+            hit_id,
+            ts,
+            scope["method"],
+            scope["scheme"],
+            scope["path"],
+            scope["query_string"],
+            scope["headers"],
+            scope.get("client"),
+            status,
+            location,
+            rule,
+            data,
+        )
 
 
 class Encoded(NamedTuple):
@@ -128,6 +160,26 @@ def _restore(value: bytes) -> tuple[MessageHeaders, int]:
     ):
         return [], timestamp_ms
     return message_headers(kind, rule, version), timestamp_ms
+
+
+_ID_FIRST = b'{"v":%d,"id":"' % SCHEMA_VERSION  # how every record this version writes begins
+
+
+def record_id(value: bytes) -> bytes | None:
+    """The ``id`` of the record a message value holds, as its UTF-8 bytes;
+    None for a value without one. Quick for the records this version writes,
+    whose id comes right after ``v``: the acknowledgement marks of the journal
+    name records by it (spill.py)."""
+    if value.startswith(_ID_FIRST):
+        end = value.find(b'"', len(_ID_FIRST))
+        if end >= 0:
+            return value[len(_ID_FIRST) : end]
+    try:
+        record = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    found = record.get("id") if isinstance(record, dict) else None
+    return found.encode() if isinstance(found, str) else None
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import orjson
@@ -46,16 +47,23 @@ _librdkafka_log.addFilter(_RepeatFilter())
 
 class Reports(Protocol):
     """What becomes of records once librdkafka reports on them. Called in the
-    reporting thread (the poller, a flush, a purge), never on the Trio thread."""
+    reporting thread (the poller, a flush, a purge), never on the Trio thread.
 
-    def delivered(self, latency: float | None) -> None:
-        """One record acknowledged; ``latency`` s from produce to acknowledgement."""
+    ``tag`` is what the batch was produced with (``produce_batch``): None, or
+    what the records' owner needs to settle them (a journal placement, say).
+    """
 
-    def undelivered(self, records: list[Encoded], why: str) -> None:
+    def delivered(self, message: Message, tag: object) -> None:
+        """One record acknowledged (``message.latency()``: s from produce)."""
+
+    def undelivered(self, records: list[Encoded], why: str, tag: object) -> None:
         """Records Kafka could not take this time (outage, timeout, purge)."""
 
-    def refused(self, records: list[Encoded], why: str) -> None:
+    def refused(self, records: list[Encoded], why: str, tag: object) -> None:
         """Records no retry can deliver (e.g. larger than the broker accepts)."""
+
+    def served(self) -> None:
+        """The reports of one poll have all been handed over."""
 
 
 # Errors that no retry, now or after a replay, can fix.
@@ -95,8 +103,9 @@ class KafkaSink:
         self._count_lock = threading.Lock()
         self._produced = 0
         self._reported = 0
-        self._pending: list[tuple[Encoded, KafkaError]] = []
-        self._carry: list[Encoded] | None = None  # during a rebuild: records to produce again
+        self._pending: list[tuple[Encoded, KafkaError, object]] = []  # with the batch's tag
+        # During a rebuild: records to produce again, with their tags.
+        self._carry: list[tuple[Encoded, object]] | None = None
         self._conf: dict[str, Any] = {
             **config,
             "on_delivery": self._on_delivery,
@@ -117,35 +126,44 @@ class KafkaSink:
     # -- callbacks: run in the polling thread -------------------------------
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        self._report(None, error, message)
+
+    def _report(self, tag: object, error: KafkaError | None, message: Message) -> None:
         if error is None:
             with self._count_lock:
                 self._reported += 1
-            self._reports.delivered(message.latency())
+            self._reports.delivered(message, tag)
             return
         # A failed report carries neither headers nor the timestamp: the value has both.
         record = restored(message.topic() or "", message.key(), message.value() or b"")
         with self._count_lock:
-            self._pending.append((record, error))
+            self._pending.append((record, error, tag))
 
     def _settle(self) -> None:
-        """Hand the error reports served by the last poll to ``reports``."""
+        """Hand the error reports served by the last poll to ``reports``, a
+        call per tag and kind."""
         with self._count_lock:
             pending, self._pending = self._pending, []
-        if not pending:
-            return
-        retry = [record for record, error in pending if error.code() not in _PERMANENT]
-        refused = [record for record, error in pending if error.code() in _PERMANENT]
-        if retry and self._carry is not None:  # rebuilding: they go to the new producer
-            self._carry.extend(retry)
-            retry = []
-        if retry:
-            why = next(error for _, error in pending if error.code() not in _PERMANENT).str()
-            self._reports.undelivered(retry, f"delivery failed: {why}")
-        if refused:
-            why = next(error for _, error in pending if error.code() in _PERMANENT).str()
-            self._reports.refused(refused, f"delivery refused: {why}")
-        with self._count_lock:
-            self._reported += len(pending)
+        if pending:
+            retry: dict[object, list[Encoded]] = {}
+            refused: dict[object, list[Encoded]] = {}
+            why: dict[bool, str] = {}  # the first error of each kind
+            for record, error, tag in pending:
+                permanent = error.code() in _PERMANENT
+                (refused if permanent else retry).setdefault(tag, []).append(record)
+                why.setdefault(permanent, error.str())
+            if retry and self._carry is not None:  # rebuilding: they go to the new producer
+                self._carry.extend(
+                    (record, tag) for tag, records in retry.items() for record in records
+                )
+                retry = {}
+            for tag, records in retry.items():
+                self._reports.undelivered(records, f"delivery failed: {why[False]}", tag)
+            for tag, records in refused.items():
+                self._reports.refused(records, f"delivery refused: {why[True]}", tag)
+            with self._count_lock:
+                self._reported += len(pending)
+        self._reports.served()
 
     def _on_stats(self, stats_json: str) -> None:
         brokers = orjson.loads(stats_json).get("brokers", {})
@@ -162,21 +180,23 @@ class KafkaSink:
 
     # -- the Sink protocol (pipeline.Sink) ------------------------------------
 
-    def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
+    def produce_batch(self, batch: Sequence[Encoded], window: float, tag: object = None) -> int:
         producer = self._producer
         # Untyped: its stub wants list[tuple[str, str | bytes | None]] (lists are invariant).
         produce: Callable[..., None] = producer.produce
+        # A tagged batch's reports carry its tag: one callback for the batch.
+        report = None if tag is None else partial(self._report, tag)
         # Arguments by position, as confluent-kafka parses them faster than by
         # keyword (0.3-0.4 us a record): topic, value, key, partition (-1: the
-        # partitioner's choice), callback and on_delivery (None: the config's
-        # on_delivery), timestamp, headers.
+        # partitioner's choice), callback (None: the config's on_delivery),
+        # on_delivery, timestamp, headers.
         give_up = time.monotonic() + window
         produced = 0
         try:
             for index, (topic, key, value, timestamp_ms, headers) in enumerate(batch):
                 while True:
                     try:
-                        produce(topic, value, key, -1, None, None, timestamp_ms, headers)
+                        produce(topic, value, key, -1, report, None, timestamp_ms, headers)
                         produced += 1
                         break
                     except BufferError:  # queue full: backpressure, not loss
@@ -184,10 +204,12 @@ class KafkaSink:
                     except KafkaException as exc:
                         error = exc.args[0]
                         if error.code() in _REFUSED_AT_ONCE:  # this record can never go
-                            self._reports.refused([batch[index]], f"refused: {error.str()}")
+                            self._reports.refused([batch[index]], f"refused: {error.str()}", tag)
                             break
                         if error.code() != KafkaError._FATAL:  # e.g. an unknown topic: later
-                            self._reports.undelivered([batch[index]], f"refused: {error.str()}")
+                            self._reports.undelivered(
+                                [batch[index]], f"refused: {error.str()}", tag
+                            )
                             break
                         # the producer awaits its rebuild: wait, as for a full queue
                     if time.monotonic() >= give_up or producer is not self._producer:
@@ -228,11 +250,11 @@ class KafkaSink:
         """Replace a producer that had a fatal error with a new one.
 
         The records the old one held are purged and produced again into the
-        new one; those that do not fit within a second go to ``undelivered``.
-        Raises ConfigError if the new producer cannot be created.
+        new one, with their tags; those that do not fit within a second go to
+        ``undelivered``. Raises ConfigError if the new producer cannot be created.
         """
         old = self._producer
-        carry: list[Encoded] = []
+        carry: list[tuple[Encoded, object]] = []
         self._carry = carry
         try:
             old.purge(in_queue=True, in_flight=True, blocking=True)
@@ -243,9 +265,16 @@ class KafkaSink:
         self._producer = self._create()
         self.fatal_error = None
         self.rebuilds += 1
-        taken = self.produce_batch(carry, _PURGE_REPORTS_WAIT) if carry else 0
-        if taken < len(carry):
-            self._reports.undelivered(carry[taken:], "not taken by the rebuilt producer")
+        taken = 0
+        give_up = time.monotonic() + _PURGE_REPORTS_WAIT
+        for tag, records in _by_tag(carry):
+            produced = self.produce_batch(records, max(0.0, give_up - time.monotonic()), tag)
+            taken += produced
+            if produced < len(records):
+                self._reports.undelivered(
+                    records[produced:], "not taken by the rebuilt producer", tag
+                )
+        self._reports.served()
         log.warning(
             "%s rebuilt after a fatal error (%d so far); %d records it held produced again",
             self.name,
@@ -258,3 +287,11 @@ class KafkaSink:
         while self.queued() and time.monotonic() < give_up:
             producer.poll(0.05)
             self._settle()
+
+
+def _by_tag(tagged: list[tuple[Encoded, object]]) -> list[tuple[object, list[Encoded]]]:
+    """Records grouped by tag, each group in order."""
+    groups: dict[object, list[Encoded]] = {}
+    for record, tag in tagged:
+        groups.setdefault(tag, []).append(record)
+    return list(groups.items())

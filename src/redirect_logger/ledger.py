@@ -4,7 +4,9 @@
 
 ``replayed`` stands apart: records from the spill journal (this process's or
 an earlier one's) that a replay got delivered. A spilled record stays counted
-as spilled when it is later replayed.
+as spilled when it is later replayed. So does ``journaled``: records written
+to the journal ahead of their answer (``records.durability``), which then
+reach one of the outcomes above like any other.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ OUTCOMES = (
     "shed",
     "excluded",
     "replayed",
+    "journaled",
 )
 
 
 class Ledger:
     """Per-process record counters; monotonically increasing.
 
-    ``received`` and ``shed`` are written by the Trio thread only; the others
-    also from worker threads and librdkafka's callback thread, under a lock.
+    ``received`` is written by the Trio thread only; the others also from
+    worker threads and librdkafka's callback thread, under a lock.
     """
 
     def __init__(self) -> None:
@@ -39,6 +42,7 @@ class Ledger:
         self.dropped = 0
         self.replayed = 0
         self.excluded = 0  # from records.exclude_ips: redirected, not recorded
+        self.journaled = 0  # written ahead of their answer (records.durability)
         self._lock = threading.Lock()
 
     def add_delivered(self, count: int = 1) -> None:
@@ -52,6 +56,14 @@ class Ledger:
     def add_failed(self, count: int = 1) -> None:
         with self._lock:
             self.failed += count
+
+    def add_shed(self, count: int = 1) -> None:
+        with self._lock:
+            self.shed += count
+
+    def add_journaled(self, count: int = 1) -> None:
+        with self._lock:
+            self.journaled += count
 
     def add_dropped(self, count: int = 1) -> None:
         with self._lock:

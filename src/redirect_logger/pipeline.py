@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -21,10 +22,12 @@ from typing import Protocol
 
 import trio
 
+from .commit import Commit
 from .config import RecordsSettings
+from .durable import Flight, Unrecorded
 from .hits import Encoded, Hit
 from .ledger import Ledger
-from .spill import Spill
+from .spill import PartialWrite, Placement, Spill
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 PRODUCE_WINDOW = 0.25  # s
 _CHECKPOINT_EVERY = 256  # hits encoded from a backlog between checkpoints (~4 ms)
 _FATAL_CHECK = 0.2  # s between looks at the producer's fatal-error flag
+_WATCH_EVERY = 0.05  # s between looks at broker reachability while a flight waits
 
 
 class Sink(Protocol):
@@ -40,10 +44,13 @@ class Sink(Protocol):
 
     fatal_error: str | None  # set by librdkafka's error callback; cleared by rebuild()
 
-    def produce_batch(self, batch: Sequence[Encoded], window: float) -> int:
+    reachable: bool  # some broker connection is up
+
+    def produce_batch(self, batch: Sequence[Encoded], window: float, tag: object = None) -> int:
         """Take a prefix of ``batch``; return its length. Waits at most ``window`` s
-        for queue room. Each record taken ends in exactly one delivery report, or,
-        if the producer refuses it outright, is counted as failed at once."""
+        for queue room. Each record taken ends in exactly one delivery report,
+        which carries ``tag``, or, if the producer refuses it outright, is
+        reported at once."""
 
     def queued(self) -> int:
         """Records enqueued whose delivery report has not been served yet."""
@@ -63,13 +70,15 @@ class Sink(Protocol):
 
 
 class Admission(enum.Enum):
-    ACCEPTED = "accepted"  # in the channel
+    ACCEPTED = "accepted"  # in the channel (and, under durability, its record durable)
     DROPPED = "dropped"  # answered, record counted as dropped
     SHED = "shed"  # answer 503, record counted as shed
 
 
 class Intake:
-    """The request path's end of the channel, with the ``when_full`` policy."""
+    """The request path's end of the channel, with the ``when_full`` policy
+    and, under ``records.durability`` "journal" or "kafka", the wait for
+    durable records."""
 
     def __init__(
         self,
@@ -81,19 +90,25 @@ class Intake:
         self._send = send
         self._overflow = overflow  # to the spill writer, under when_full = "spill"
         self._policy = records.when_full
+        self._on_full = _WHEN_FULL[records.when_full]
         self._max_block = records.max_block
         self._ledger = ledger
+        # The open group commit; None under durability "memory".
+        self._commit = Commit() if records.durability != "memory" else None
 
     async def submit(self, hit: Hit) -> Admission:
-        """Hand a hit to the workers; O(1) unless the channel is full.
+        """Hand a hit to the workers; O(1) unless the channel is full (or
+        ``records.durability`` asks to wait for its record).
 
         Under ``block`` this waits at most ``max_block`` s for room; under
         ``spill`` a hit that finds the channel full goes to the spill writer's
         channel (accepted) unless that is full too. The hit is counted as
         received, and, when it is not accepted, as dropped or shed.
-        Cancellation while waiting counts it as dropped.
+        Cancellation while waiting for room counts it as dropped.
         """
         self._ledger.received += 1
+        if self._commit is not None:
+            return (await self._admit_durably((hit,)))[1]
         try:
             self._send.send_nowait(hit)
             return Admission.ACCEPTED
@@ -107,9 +122,9 @@ class Intake:
     async def submit_all(self, items: Sequence[Hit]) -> tuple[int, Admission]:
         """Hand the events of one collect request to the workers, in order.
 
-        Returns how many were accepted (always the first ones) and ``ACCEPTED``,
-        ``DROPPED`` when some were dropped, or ``SHED``. Each item is counted as
-        received, and each one not accepted as dropped or shed:
+        Returns how many were accepted and ``ACCEPTED``, ``DROPPED`` when
+        some were dropped, or ``SHED``. Each item is counted as received, and
+        each one not accepted as dropped or shed:
 
         - ``shed``: all or nothing. Unless the channel has room for every item
           now, none is taken and all are shed (a retry creates no duplicates).
@@ -119,43 +134,78 @@ class Intake:
         - ``block``: waits at most ``max_block`` s in all for room, then drops
           the rest.
 
-        Cancellation while waiting counts the items not yet taken as dropped.
+        Cancellation while waiting for room counts the items not yet taken as
+        dropped.
         """
         self._ledger.received += len(items)
-        if self._policy == "shed":
-            stats = self._send.statistics()
-            room = stats.max_buffer_size - stats.current_buffer_used + stats.tasks_waiting_receive
-            if room < len(items):
-                return await self._when_full(items, 0)
+        if self._commit is not None:
+            return await self._admit_durably(items)
+        if self._policy == "shed" and not self._room_for(len(items)):
+            return await self._when_full(items, 0)
         return await self._when_full(items, self._offer(self._send, items, 0))
+
+    async def _admit_durably(self, items: Sequence[Hit]) -> tuple[int, Admission]:
+        """Enqueue ``items`` under the open group commit, then wait until each
+        one's record is durable or cannot be made so (the workers count those
+        shed or dropped). Items that find no room follow ``when_full`` under a
+        commit of their own, as the open one may close while they wait.
+        Returns how many are durable, and ``SHED`` (under ``shed``) or
+        ``DROPPED`` when some are not."""
+        assert self._commit is not None
+        commit = self._commit
+        tagged = [item._replace(commit=commit) for item in items]
+        shed_all = self._policy == "shed" and not self._room_for(len(items))
+        taken = 0 if shed_all else self._offer(self._send, tagged, 0)
+        commit.join(taken)
+        groups = [(commit, tagged[:taken])] if taken else []
+        admission = Admission.ACCEPTED
+        if taken < len(items):
+            own = Commit()
+            rest = [item._replace(commit=own) for item in items[taken:]]
+            own.join(len(rest))
+            own.close()
+            more, admission = await self._when_full(rest, 0)
+            own.leave(len(rest) - more)
+            if more:
+                groups.append((own, rest[:more]))
+            taken += more
+        lost = 0
+        for group, hits in groups:
+            await group.wait()
+            if group.undurable:
+                lost += sum(hit.id in group.undurable for hit in hits)
+        if lost:
+            admission = Admission.SHED if self._policy == "shed" else Admission.DROPPED
+        return taken - lost, admission
+
+    def close_commit(self) -> None:
+        """A worker has closed a batch: so is the open group commit, and a new
+        one opens. Its requests are answered once its hits are settled."""
+        commit = self._commit
+        if commit is not None and commit.used:
+            commit.close()
+            self._commit = Commit()
+
+    def _room_for(self, count: int) -> bool:
+        stats = self._send.statistics()
+        room = stats.max_buffer_size - stats.current_buffer_used + stats.tasks_waiting_receive
+        return room >= count
 
     async def _when_full(self, items: Sequence[Hit], taken: int) -> tuple[int, Admission]:
         """``records.when_full`` for ``items[taken:]``, which found no room (or
         a closed channel): how many are taken in all, and the admission. Counts
         those not taken as shed (``shed``, when none was taken) or dropped."""
-        ledger, count, send = self._ledger, len(items), self._send
+        count = len(items)
         if taken == count:
             return taken, Admission.ACCEPTED
-        if self._policy == "shed" and taken == 0:
-            ledger.shed += count
+        after = await self._on_full(self, items, taken)
+        if after is None:
+            self._ledger.add_shed(count)
             return 0, Admission.SHED
-        if self._policy == "spill":
-            taken = self._offer(self._overflow, items, taken)
-        elif self._policy == "block":
-            try:
-                with trio.move_on_after(self._max_block):
-                    for item in items[taken:]:
-                        await send.send(item)
-                        taken += 1
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
-            except BaseException:  # cancelled from outside while waiting: still counted
-                ledger.add_dropped(count - taken)
-                raise
-        if taken == count:
-            return taken, Admission.ACCEPTED
-        ledger.add_dropped(count - taken)
-        return taken, Admission.DROPPED
+        if after == count:
+            return after, Admission.ACCEPTED
+        self._ledger.add_dropped(count - after)
+        return after, Admission.DROPPED
 
     @staticmethod
     def _offer(channel: trio.MemorySendChannel[Hit], items: Sequence[Hit], taken: int) -> int:
@@ -167,6 +217,59 @@ class Intake:
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         return taken
+
+
+# The when_full policies: given items of which the first ``taken`` are in the
+# channel, each returns how many are taken in the end, or None to shed them all.
+
+
+async def _shed(intake: Intake, items: Sequence[Hit], taken: int) -> int | None:
+    return None if taken == 0 else taken
+
+
+async def _drop(intake: Intake, items: Sequence[Hit], taken: int) -> int | None:
+    return taken
+
+
+async def _spill(intake: Intake, items: Sequence[Hit], taken: int) -> int | None:
+    return intake._offer(intake._overflow, items, taken)
+
+
+async def _block(intake: Intake, items: Sequence[Hit], taken: int) -> int | None:
+    """Waits at most ``max_block`` s in all; cancelled meanwhile, the items not
+    taken are counted dropped."""
+    try:
+        with trio.move_on_after(intake._max_block):
+            for item in items[taken:]:
+                await intake._send.send(item)
+                taken += 1
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+    except BaseException:  # cancelled from outside while waiting: still counted
+        intake._ledger.add_dropped(len(items) - taken)
+        raise
+    return taken
+
+
+_WHEN_FULL: dict[str, Callable[[Intake, Sequence[Hit], int], Awaitable[int | None]]] = {
+    "block": _block,
+    "drop": _drop,
+    "shed": _shed,
+    "spill": _spill,
+}
+
+
+class _Batch:
+    """A worker's batch: the records for Kafka, the durable hits they answer
+    (in the same order), and the tag their delivery reports carry: None, the
+    ``Placement`` they were written ahead to, or their ``Flight``."""
+
+    __slots__ = ("hits", "records", "tag")
+
+    def __init__(self) -> None:
+        self.records: list[Encoded] = []
+        self.hits: list[Hit] = []
+        self.tag: Placement | Flight | None = None
 
 
 class Pipeline:
@@ -190,6 +293,7 @@ class Pipeline:
         self.ledger = ledger
         self.workers = records.workers
         self.spill = spill
+        self.unrecorded = Unrecorded(ledger, records.when_full)
         self._records = records
         self._sink = sink
         self._encode = encode
@@ -199,7 +303,16 @@ class Pipeline:
         self._limiter = trio.CapacityLimiter(records.workers)
         self._disk = trio.CapacityLimiter(1)
         self.held = 0  # records taken from a channel, not yet in librdkafka or the journal
-        self._in_hand: list[list[Encoded]] = []  # each worker's current batch
+        self._in_hand: list[_Batch] = []  # each worker's current batch
+        # Group commit: a durable batch closes as soon as the channel is empty.
+        self._group_commit = records.durability != "memory"
+        self.deliver = {
+            "memory": self.ship,
+            "journal": self._journal_then_ship,
+            "kafka": self._ship_acknowledged,
+        }[records.durability]
+        self.flights: deque[Flight] = deque()  # under "kafka", oldest first
+        self._flown = trio.Event()  # set when a flight is added
 
     def queue_depth(self) -> int:
         return (
@@ -208,50 +321,62 @@ class Pipeline:
         )
 
     def in_flight(self) -> int:
-        """Records in the channels, in workers' batches, or in librdkafka's queue."""
-        return self.queue_depth() + self.held + self._sink.queued()
+        """Records in the channels, in workers' batches, or in librdkafka's
+        queue (but those already counted as given up)."""
+        return self.queue_depth() + self.held + self._sink.queued() - self.unrecorded.given_up
 
-    def _take(self, hit: Hit, batch: list[Encoded]) -> None:
+    def _take(self, hit: Hit, batch: _Batch) -> None:
         """Enrich and serialize a hit into the batch. One from an excluded client
         (``encode`` returns None) is counted as excluded; one that cannot be
-        encoded, as failed."""
+        encoded, as failed. Either way its request (if it waits) is answered:
+        as recorded, and by ``when_full``."""
         try:
             encoded = self._encode(hit)
         except Exception:
             self.ledger.add_failed()
             log.exception("record %s could not be encoded; counted as failed", hit.id)
+            if hit.commit is not None:
+                hit.commit.settle(hit.id, False)
             return
         if encoded is None:
             self.ledger.add_excluded()
+            if hit.commit is not None:
+                hit.commit.settle(hit.id, True)
             return
         self.held += 1
-        batch.append(encoded)
+        batch.records.append(encoded)
+        if hit.commit is not None:
+            batch.hits.append(hit)
 
-    async def collect(self, receive: trio.MemoryReceiveChannel[Hit], batch: list[Encoded]) -> bool:
+    async def collect(self, receive: trio.MemoryReceiveChannel[Hit], batch: _Batch) -> bool:
         """Wait for a hit, then gather more into ``batch`` until ``batch_size``
-        or ``batch_linger``. Returns whether the channel has ended.
+        or ``batch_linger`` (under durability: until the channel is empty, as
+        a linger would delay every answer). Returns whether the channel has ended.
 
         Encoding runs here, on the Trio thread: it is pure-Python CPU work,
         which in a thread would hold the GIL just the same and add hand-offs.
         A checkpoint every ``_CHECKPOINT_EVERY`` hits bounds how long a backlog
         delays redirects.
         """
+        records = batch.records
         try:
             self._take(await receive.receive(), batch)
             with trio.move_on_after(self._records.batch_linger):
-                while len(batch) < self._records.batch_size:
+                while len(records) < self._records.batch_size:
                     try:
                         hit = receive.receive_nowait()
                     except trio.WouldBlock:
+                        if self._group_commit:
+                            break
                         hit = await receive.receive()
                     self._take(hit, batch)
-                    if len(batch) % _CHECKPOINT_EVERY == 0:
+                    if len(records) % _CHECKPOINT_EVERY == 0:
                         await trio.lowlevel.checkpoint()
         except trio.EndOfChannel:
             return True
         return False
 
-    async def ship(self, batch: list[Encoded]) -> None:
+    async def ship(self, batch: _Batch) -> None:
         """Hand a batch to the sink across the thread boundary, retrying while
         librdkafka's queue is full; past ``spill.queue_full_timeout`` the rest
         goes to the spill journal instead. Empties ``batch``.
@@ -260,34 +385,133 @@ class Pipeline:
         they take what fits at once and spill the rest, until one fits whole.
         On cancellation the unshipped rest stays in ``batch``, counted in ``held``.
         """
-        self._observe_batch(len(batch))
+        self._observe_batch(len(batch.records))
         started = trio.current_time()
-        while batch:
+        while batch.records:
             if self._spill_after is not None and (
                 self._backed_up or trio.current_time() - started >= self._spill_after
             ):
                 await self._produce(batch, 0.0)
-                self._backed_up = bool(batch)
-                if batch:
+                self._backed_up = bool(batch.records)
+                if batch.records:
                     await self.keep(batch, "librdkafka's queue stayed full")
-                return
+                break
             await self._produce(batch, PRODUCE_WINDOW)
+        batch.tag = None
 
-    async def _produce(self, batch: list[Encoded], window: float) -> None:
+    async def _produce(self, batch: _Batch, window: float) -> None:
         accepted = await trio.to_thread.run_sync(
-            self._sink.produce_batch, batch, window, limiter=self._limiter
+            self._sink.produce_batch, batch.records, window, batch.tag, limiter=self._limiter
         )
         self.held -= accepted
-        del batch[:accepted]
+        del batch.records[:accepted]
 
-    async def keep(self, batch: list[Encoded], why: str) -> None:
-        """Spill ``batch`` (in a thread) and empty it."""
-        await trio.to_thread.run_sync(self.spill.keep, list(batch), why, limiter=self._disk)
-        self.held -= len(batch)
-        batch.clear()
+    async def keep(self, batch: _Batch, why: str) -> None:
+        """Journal what is left of ``batch`` (in a thread) and empty it.
+
+        Records written ahead are in the journal already: they wait there for
+        a replay. A flight's go through the flight (its hits await them).
+        Otherwise they are spilled, and the hits waiting on them answered by
+        whether they were written.
+        """
+        records, tag = list(batch.records), batch.tag
+        if isinstance(tag, Placement):
+            self.ledger.add_spilled(len(records))
+            await trio.to_thread.run_sync(
+                tag.journal.release, tag.segment, len(records), limiter=self._disk
+            )
+        elif isinstance(tag, Flight):
+            await trio.to_thread.run_sync(tag.undelivered, records, why, limiter=self._disk)
+        else:
+            written = await trio.to_thread.run_sync(
+                self.spill.keep, records, why, limiter=self._disk
+            )
+            for index, hit in enumerate(batch.hits):
+                if hit.commit is not None:
+                    hit.commit.settle(hit.id, index < written)
+        batch.hits.clear()
+        self.held -= len(records)
+        batch.records.clear()
+
+    async def _write_ahead(self, batch: _Batch) -> None:
+        """Write ``batch`` to the journal before its answers go out (one write
+        in a thread: a group commit), then settle its hits. Records the
+        journal cannot take are not recorded (``Unrecorded``: shed or dropped,
+        by ``when_full``); the batch keeps the rest, tagged with where they are."""
+        journal, segment, written = self.spill.journal, None, 0
+        reason = "spill disabled"
+        if journal is not None:
+            try:
+                segment, written = await trio.to_thread.run_sync(
+                    journal.write_ahead, batch.records, limiter=self._disk
+                )
+                reason = "the spill journal is full (spill.max_bytes)"
+            except PartialWrite as exc:
+                reason = f"cannot write the spill journal: {exc}"
+        self.ledger.add_journaled(written)
+        lost = len(batch.records) - written
+        if lost:
+            self.unrecorded(lost, reason)
+            self.held -= lost
+            del batch.records[written:]
+        for index, hit in enumerate(batch.hits):
+            if hit.commit is not None:
+                hit.commit.settle(hit.id, index < written)
+        batch.hits.clear()
+        if journal is not None and segment is not None:
+            batch.tag = Placement(journal, segment)
+
+    async def _journal_then_ship(self, batch: _Batch) -> None:
+        await self._write_ahead(batch)
+        if batch.records:
+            await self.ship(batch)
+
+    async def _ship_acknowledged(self, batch: _Batch) -> None:
+        """Under durability "kafka": ship the batch as a ``Flight`` whose hits
+        await Kafka's acknowledgements (``watch_flights`` journals it at
+        ``ack_timeout``). While no broker is reachable, no hit waits for one:
+        the batch is written ahead at once."""
+        if not self._sink.reachable:
+            await self._journal_then_ship(batch)
+            return
+        flight = Flight(
+            batch.hits,
+            list(batch.records),
+            trio.current_time() + self._records.ack_timeout,
+            self.spill,
+            self.ledger,
+            self.unrecorded,
+        )
+        batch.hits = []
+        batch.tag = flight
+        self.flights.append(flight)
+        self._flown.set()
+        await self.ship(batch)
+
+    async def watch_flights(self) -> None:
+        """Under durability "kafka": journal each flight's unacknowledged
+        records at its deadline, or at once while no broker is reachable.
+        Flights are taken oldest first, as their deadlines come."""
+        flights, sink = self.flights, self._sink
+        while True:
+            if not flights:
+                self._flown = trio.Event()
+                await self._flown.wait()
+                continue
+            flight = flights[0]
+            while (
+                not flight.done.is_set()
+                and sink.reachable
+                and trio.current_time() < flight.deadline
+            ):
+                with trio.move_on_at(min(flight.deadline, trio.current_time() + _WATCH_EVERY)):
+                    await flight.done.wait()
+            if not flight.done.is_set():
+                await trio.to_thread.run_sync(flight.journal_rest, limiter=self._disk)
+            flights.popleft()
 
     async def run_worker(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
-        await self._run(receive, self.ship)
+        await self._run(receive, self.deliver)
 
     async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
         """Under ``when_full = "spill"``: journal the hits that found the channel full."""
@@ -296,35 +520,35 @@ class Pipeline:
     async def _run(
         self,
         receive: trio.MemoryReceiveChannel[Hit],
-        handle: Callable[[list[Encoded]], Awaitable[None]],
+        handle: Callable[[_Batch], Awaitable[None]],
     ) -> None:
         """Collect batches until the channel ends; ``handle`` empties each one."""
-        batch: list[Encoded] = []
+        batch = _Batch()
         self._in_hand.append(batch)
         async with receive:
             done = False
             while not done:
                 done = await self.collect(receive, batch)
-                if batch:
+                self.intake.close_commit()
+                if batch.records:
                     await handle(batch)
 
     async def spill_leftovers(self) -> None:
         """After the drain deadline: journal every record still in a worker's
         batch or in a channel. Must run shielded."""
-        leftovers = [record for batch in self._in_hand for record in batch]
-        for batch in self._in_hand:
-            batch.clear()
+        leftovers = _Batch()
         for receive in (self.receive, self.overflow_receive):
             while True:
                 try:
                     self._take(receive.receive_nowait(), leftovers)
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-        if leftovers:
-            log.error(
-                "%d records not handed to Kafka within flush_timeout: spilling", len(leftovers)
-            )
-            await self.keep(leftovers, "not handed to Kafka within flush_timeout")
+        count = len(leftovers.records) + sum(len(batch.records) for batch in self._in_hand)
+        if count:
+            log.error("%d records not handed to Kafka within flush_timeout: spilling", count)
+        for batch in [*self._in_hand, leftovers]:
+            if batch.records:
+                await self.keep(batch, "not handed to Kafka within flush_timeout")
 
 
 async def _serve_reports(sink: Sink, stop: threading.Event) -> None:
@@ -375,7 +599,8 @@ async def open_pipeline(
     stopping: threading.Event | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Run the worker pool, the one delivery-report poller, the fatal-error
-    watcher and the ``background`` tasks (the replayer) around the body;
+    watcher, under durability "kafka" the flight watcher, and the
+    ``background`` tasks (the replayer) around the body;
     ``stopping`` is set first on exit, for background work in threads.
 
     The workers are shielded from the caller's cancellation: on exit, whatever
@@ -395,6 +620,8 @@ async def open_pipeline(
         nursery.start_soon(_run_workers, pipeline, drain, stop_polling)
         async with trio.open_nursery() as tasks:
             tasks.start_soon(_rebuild_on_fatal, sink)
+            if records.durability == "kafka":
+                tasks.start_soon(pipeline.watch_flights)
             for task in background:
                 tasks.start_soon(task)
             try:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from confluent_kafka import Message
 
 from .config import KafkaValue, SpillSettings
-from .hits import Encoded
+from .hits import Encoded, record_id
 from .kafka import KafkaSink
 from .ledger import Ledger
 from .logs import RateLimitedLog
@@ -50,38 +51,54 @@ def journal_options(spill: SpillSettings) -> dict[str, Any]:
 
 class _SegmentReports:
     """The replay producer's reports (kafka.Reports), counted per segment:
-    delivered (and in the ledger as ``replayed``), undelivered (the segment is
+    delivered (marked settled in the journal as they come, and in the ledger
+    as ``replayed`` when the segment is done), undelivered (the segment is
     kept), or refused for good (set aside, never replayed again)."""
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
         self._lock = threading.Lock()
-        self.reset()
+        self._journal: Journal | None = None
+        self._path: Path | None = None
+        self._settled: list[bytes | None] = []  # ids to mark at the next served()
 
-    def reset(self) -> None:
+    def reset(self, journal: Journal, path: Path) -> None:
+        """Count for the segment ``path`` of ``journal`` from now on."""
         with self._lock:
+            self._journal, self._path = journal, path
             self.acknowledged = self.failed = 0
             self.rejected: list[Encoded] = []
             self.why = ""
 
-    def delivered(self, latency: float | None) -> None:
+    def delivered(self, message: Message, tag: object) -> None:
         with self._lock:
             self.acknowledged += 1
+            self._settled.append(record_id(message.value() or b""))
 
     def settled(self) -> None:
         """The segment is done: its acknowledged records count as ``replayed``
-        (a kept segment's do not: they will be produced again)."""
+        (a kept segment's do not: they are marked, and not produced again)."""
         self._ledger.add_replayed(self.acknowledged)
 
-    def undelivered(self, records: list[Encoded], why: str) -> None:
+    def undelivered(self, records: list[Encoded], why: str, tag: object) -> None:
         with self._lock:
             self.failed += len(records)
             self.why = why
 
-    def refused(self, records: list[Encoded], why: str) -> None:
+    def refused(self, records: list[Encoded], why: str, tag: object) -> None:
         with self._lock:
             self.rejected.extend(records)
+            self._settled.extend(record_id(record.value) for record in records)
             self.why = why
+
+    def served(self) -> None:
+        """Mark the records settled since the last call in the segment's journal."""
+        with self._lock:
+            settled, self._settled = self._settled, []
+            journal, path = self._journal, self._path
+        if settled and journal is not None and path is not None:
+            journal.settle(path, settled, live=False)
+            journal.flush_marks()
 
 
 class Replayer:
@@ -128,8 +145,9 @@ class Replayer:
         """Records waiting in the journals this replayer can reach (thread side)."""
         total = 0
         for journal in self.journals():
-            for path in journal.seal():
-                total += sum(1 for _ in SegmentReader(path))
+            for path in journal.replayable():
+                settled = journal.settled_ids(path)
+                total += sum(1 for r in SegmentReader(path) if record_id(r.value) not in settled)
         return total
 
     def wait_reachable(self, timeout: float) -> bool:
@@ -141,7 +159,7 @@ class Replayer:
 
     def pending(self) -> bool:
         """Whether anything waits for replay (in a thread: it reads directories)."""
-        if self._own is not None and self._own.size:
+        if self._own is not None and self._own.has_replayable():
             return True
         return any(journal.size for journal in Journal.unclaimed(self._root, **self._options))
 
@@ -155,7 +173,7 @@ class Replayer:
         ``healthy()`` (the broker is reachable). Returns whether all were."""
         whole = True
         for journal in self.journals():
-            for path in journal.seal():
+            for path in journal.replayable():
                 if self.stop.is_set():
                     return False
                 if not self.replay_segment(journal, path, progress):
@@ -167,12 +185,16 @@ class Replayer:
     def replay_segment(
         self, journal: Journal, path: Path, progress: Callable[[int], None] = lambda n: None
     ) -> bool:
-        """Produce one sealed segment's records; delete it (or set it aside if its
-        tail is bad) once every one is acknowledged. Returns whether it was."""
+        """Produce the records of one sealed segment that are not marked settled;
+        delete it (or set it aside if its tail is bad) once every one is
+        acknowledged. Each acknowledgement is marked as it comes, so records
+        delivered from a segment that is kept are not produced again. Returns
+        whether the segment was done."""
+        settled = journal.settled_ids(path)
         reader = SegmentReader(path)
-        records = iter(reader)
+        records = (r for r in reader if not settled or record_id(r.value) not in settled)
         segment, sink = self._segment, self.sink
-        segment.reset()
+        segment.reset(journal, path)
         started, sent, chunk = time.monotonic(), 0, list(islice(records, _CHUNK))
         while chunk and not self._interrupted():
             if self._rate is not None:
@@ -197,6 +219,16 @@ class Replayer:
             sink.flush(_STOP_FLUSH)
             if sink.queued():
                 sink.purge(wait=_STOP_FLUSH)
+        segment.settled()
+        if segment.rejected:
+            aside = journal.reject(segment.rejected)
+            log.error(
+                "replay of %s: Kafka refused %d records for good (%s); kept in %s",
+                path,
+                len(segment.rejected),
+                segment.why,
+                aside,
+            )
         if sink.fatal_error is not None:
             sink.rebuild()  # the segment is kept and tried again
             return False
@@ -210,16 +242,6 @@ class Replayer:
                     segment.why,
                 )
             return False
-        segment.settled()
-        if segment.rejected:
-            aside = journal.reject(segment.rejected)
-            log.error(
-                "replay of %s: Kafka refused %d records for good (%s); kept in %s",
-                path,
-                len(segment.rejected),
-                segment.why,
-                aside,
-            )
         if reader.corrupt_at is None:
             journal.delete(path)
             log.info("replayed %d records from %s", segment.acknowledged, path)

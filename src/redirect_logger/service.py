@@ -7,7 +7,7 @@ Both launch modes run the same lifecycle, ``Service.running()``: the CLI wraps
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -15,16 +15,18 @@ from typing import Any
 
 import orjson
 import trio
+from confluent_kafka import Message
 
 from .config import ADMIN_PATHS, ConfigError, Settings, port_of
-from .hits import Encoded, Enricher
+from .durable import Flight
+from .hits import Encoded, Enricher, Hit, record_id
 from .kafka import KafkaSink
 from .ledger import Ledger
 from .metrics import Metrics
-from .pipeline import Pipeline, open_pipeline
+from .pipeline import Admission, Pipeline, open_pipeline
 from .replay import Replayer, journal_options
 from .rules import RuleTable
-from .spill import Journal, JournalError, Spill
+from .spill import Journal, JournalError, Placement, Spill
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +36,49 @@ EXIT_RECORDS_LOST = 3
 
 class _LiveReports:
     """The live producer's reports: delivered into the ledger, undelivered to the
-    journal, refused counted failed. Runs in the reporting thread."""
+    journal, refused counted failed. Records written ahead (tagged with their
+    ``Placement``) are settled in the journal, or left there for a replay; a
+    ``Flight``'s go through the flight. Runs in the reporting thread."""
 
     def __init__(self, ledger: Ledger, spill: Spill, metrics: Metrics) -> None:
         self._ledger = ledger
         self._spill = spill
         self._observe_latency = metrics.delivery_latency.observe
 
-    def delivered(self, latency: float | None) -> None:
-        self._ledger.add_delivered()
+    def delivered(self, message: Message, tag: object) -> None:
+        latency = message.latency()
         if latency is not None:
             self._observe_latency(latency)
+        if isinstance(tag, Flight):
+            tag.delivered(message)
+            return
+        self._ledger.add_delivered()
+        if isinstance(tag, Placement):
+            key = record_id(message.value() or b"")
+            tag.journal.settle(tag.segment, [key], live=True)
 
-    def undelivered(self, records: list[Encoded], why: str) -> None:
-        self._spill.keep(records, why)
+    def undelivered(self, records: list[Encoded], why: str, tag: object) -> None:
+        if isinstance(tag, Flight):
+            tag.undelivered(records, why)
+        elif isinstance(tag, Placement):  # in the journal already: left for a replay
+            self._ledger.add_spilled(len(records))
+            tag.journal.release(tag.segment, len(records))
+        else:
+            self._spill.keep(records, why)
 
-    def refused(self, records: list[Encoded], why: str) -> None:
-        self._ledger.add_failed(len(records))
+    def refused(self, records: list[Encoded], why: str, tag: object) -> None:
         log.error("%d records failed: %s", len(records), why)
+        if isinstance(tag, Flight):
+            tag.refused(records)
+            return
+        self._ledger.add_failed(len(records))
+        if isinstance(tag, Placement):  # never to be replayed
+            keys = [record_id(record.value) for record in records]
+            tag.journal.settle(tag.segment, keys, live=True)
+
+    def served(self) -> None:
+        if self._spill.journal is not None:
+            self._spill.journal.flush_marks()
 
 
 class Service:
@@ -141,11 +168,28 @@ class Service:
     def in_flight(self) -> int:
         return self.pipeline.in_flight() if self.pipeline is not None else 0
 
-    def shed_unstarted(self, count: int) -> None:
-        """Count ``count`` hits or events that arrived before the pipeline ran:
-        nothing can be recorded, and they are answered 503."""
+    async def admit(self, hit: Hit) -> Admission:
+        """Hand a redirect's hit to the pipeline (``Intake.submit``): what to
+        answer, once ``records.durability`` holds. Before the pipeline runs,
+        nothing can be recorded: counted shed, answered 503."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            self._shed_unstarted(1)
+            return Admission.SHED
+        return await pipeline.intake.submit(hit)
+
+    async def admit_all(self, hits: Sequence[Hit]) -> tuple[int, Admission]:
+        """Hand a collect request's events to the pipeline (``Intake.submit_all``):
+        how many are recorded, and what to answer."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            self._shed_unstarted(len(hits))
+            return 0, Admission.SHED
+        return await pipeline.intake.submit_all(hits)
+
+    def _shed_unstarted(self, count: int) -> None:
         self.ledger.received += count
-        self.ledger.shed += count
+        self.ledger.add_shed(count)
 
     def ledger_snapshot(self) -> dict[str, int]:
         return self.ledger.snapshot(self.in_flight())

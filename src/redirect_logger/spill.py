@@ -32,10 +32,10 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, NamedTuple
 
 from .hits import Encoded, MessageHeaders, headers_of_value
 from .ledger import Ledger
@@ -54,6 +54,7 @@ _V1_HEADER = struct.Struct(">II")  # format 1: length, crc32
 _V1_FIELDS = struct.Struct(">qHi")  # format 1: timestamp_ms, topic length, key length
 _WORD = struct.Struct(">I")
 _PREFIX, _SUFFIX = "segment-", ".log"
+_ACKED = ".acked"  # a segment's acknowledgement marks: segment-<sequence>.acked
 _SLOT = "slot-"
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -164,6 +165,19 @@ def _read_frame(data: bytes, offset: int) -> tuple[Encoded, int] | None:
     return None if record is None else (record, start + length)
 
 
+def _acked_path(segment: Path) -> Path:
+    """The file of a segment's acknowledgement marks: one settled record id a line."""
+    return segment.with_suffix(_ACKED)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _number(path: Path) -> int:
     digits = path.name[len(_PREFIX) : len(_PREFIX) + 20]
     return int(digits) if digits.isdigit() else -1
@@ -198,10 +212,25 @@ def read_segment(path: Path) -> SegmentRead:
     return SegmentRead(records, reader.corrupt_at)
 
 
+@dataclass
+class _Tally:
+    """A segment this process wrote to: how many of its records are settled,
+    and how many are still with the pipeline."""
+
+    records: int = 0
+    settled: int = 0  # acknowledged by Kafka, or refused for good (marked on disk)
+    live: int = 0  # written ahead and still with the pipeline: not to be replayed
+
+
 class Journal:
     """Appends records to the active segment; sealed segments await replay.
 
-    ``max_bytes`` caps the segments of this directory together.
+    ``max_bytes`` caps the segments of this directory together. A record is
+    settled once Kafka has acknowledged it (or refused it for good): its id
+    is appended to the segment's ``.acked`` file, the replay skips it, and a
+    sealed segment whose every record is settled is deleted. Records written
+    ahead (``write_ahead``) are live until the pipeline settles or releases
+    them; a segment holding live records is not replayed.
     """
 
     def __init__(
@@ -223,6 +252,8 @@ class Journal:
         self._active_path: Path | None = None
         self._last_sync = time.monotonic()
         self._slot_lock: int | None = None  # fd holding the slot's flock
+        self._tallies: dict[Path, _Tally] = {}  # segments written by this process
+        self._marks: dict[Path, list[bytes]] = {}  # settled ids not yet on disk
         try:
             directory.mkdir(parents=True, exist_ok=True)
             existing = self._segment_paths()
@@ -263,6 +294,7 @@ class Journal:
                         self._cut_back(active)
                         raise
                     self._bytes += len(frame)
+                    self._tally().records += 1
                     written += 1
                 if written and self._active is not None:
                     self._sync(self._active)
@@ -270,9 +302,126 @@ class Journal:
                 raise PartialWrite(written, exc) from exc
         return written
 
-    def _cut_back(self, active: BinaryIO) -> None:
-        """After a failed write: drop the segment's unwritten tail, or at least
-        close it so the next record starts a fresh segment."""
+    def write_ahead(self, records: Sequence[Encoded]) -> tuple[Path | None, int]:
+        """Write a batch ahead of its delivery, in one write (and one fsync
+        under ``fsync = "always"``), whole in one segment: as many records as
+        fit under ``max_bytes`` (a prefix). Returns the segment and how many;
+        they are live until ``settle``d or ``release``d. Raises PartialWrite
+        (with ``written`` 0, the segment cut back) if the disk refuses the
+        write or its fsync: then none of them is in the journal.
+        """
+        frames = [_frame(record) for record in records]
+        with self._lock:
+            size = fit = 0
+            for frame in frames:
+                if self._bytes + size + len(frame) > self._max_bytes:
+                    break
+                size += len(frame)
+                fit += 1
+            if not fit:
+                return None, 0
+            active = self._writable(size)
+            path, start = self._active_path, active.tell()
+            assert path is not None
+            try:
+                active.write(b"".join(frames[:fit]))
+                active.flush()
+                self._sync(active)
+            except OSError as exc:
+                self._cut_back(active, start)
+                raise PartialWrite(0, exc) from exc
+            self._bytes += size
+            tally = self._tally()
+            tally.records += fit
+            tally.live += fit
+        return path, fit
+
+    def _tally(self) -> _Tally:
+        assert self._active_path is not None
+        tally = self._tallies.get(self._active_path)
+        if tally is None:
+            tally = self._tallies[self._active_path] = _Tally()
+        return tally
+
+    def settle(self, path: Path, ids: Sequence[bytes | None], *, live: bool) -> None:
+        """Records of ``path`` are acknowledged (or refused for good): mark them
+        (on disk at the next ``flush_marks``), and delete the segment once every
+        record in it is settled and it is sealed. ``live``: records written
+        ahead by this process, settled by its pipeline."""
+        with self._lock:
+            self._marks.setdefault(path, []).extend(i for i in ids if i is not None)
+            tally = self._tallies.get(path)
+            if tally is None:
+                return
+            tally.settled += len(ids)
+            if live:
+                tally.live -= len(ids)
+            if tally.settled >= tally.records and path != self._active_path:
+                self._delete(path)
+
+    def release(self, path: Path, count: int) -> None:
+        """``count`` live records of ``path`` could not be delivered now: they
+        wait in the journal for a replay."""
+        with self._lock:
+            tally = self._tallies.get(path)
+            if tally is not None:
+                tally.live -= count
+
+    def flush_marks(self) -> None:
+        """Append the settled ids gathered since the last call to their
+        segments' ``.acked`` files. Not fsynced: a mark lost to a power cut
+        only makes the replay send that record again."""
+        with self._lock:
+            marks, self._marks = self._marks, {}
+            for path, ids in marks.items():
+                if ids and path.exists():
+                    with _acked_path(path).open("ab") as file:
+                        file.write(b"".join(i + b"\n" for i in ids))
+
+    def settled_ids(self, path: Path) -> frozenset[bytes]:
+        """The ids marked settled in ``path``'s ``.acked`` file (with those not
+        written yet); a line cut short by a crash is left out."""
+        self.flush_marks()
+        try:
+            data = _acked_path(path).read_bytes()
+        except FileNotFoundError:
+            return frozenset()
+        lines = data.split(b"\n")
+        return frozenset(lines[:-1])  # the last is empty, or cut short
+
+    def replayable(self) -> list[Path]:
+        """Sealed segments the replay may take, oldest first: those of other
+        processes, and those of this one that hold records no longer live and
+        not settled. The active segment is sealed first if it holds such records."""
+        with self._lock:
+            active = self._active_path
+            if active is not None and self._waiting(self._tallies.get(active)):
+                self._close_active()
+            return [
+                path
+                for path in self._segment_paths()
+                if path != self._active_path
+                and (path not in self._tallies or self._waiting(self._tallies[path]))
+            ]
+
+    def has_replayable(self) -> bool:
+        """Whether ``replayable()`` would find anything (without sealing)."""
+        with self._lock:
+            return any(
+                path not in self._tallies or self._waiting(self._tallies[path])
+                for path in self._segment_paths()
+            )
+
+    @staticmethod
+    def _waiting(tally: _Tally | None) -> bool:
+        """Whether a segment of this process holds records for the replay: none
+        live, and some not settled."""
+        return tally is not None and tally.live == 0 and tally.settled < tally.records
+
+    def _cut_back(self, active: BinaryIO, to: int | None = None) -> None:
+        """After a failed write: drop the segment's unwritten tail (from ``to``,
+        or from its first bad frame), or at least close it so the next record
+        starts a fresh segment."""
         path = self._active_path
         self._active = None
         self._active_path = None
@@ -281,21 +430,25 @@ class Journal:
         if path is None:
             return
         try:
-            corrupt_at = read_segment(path).corrupt_at
+            corrupt_at = read_segment(path).corrupt_at if to is None else to
             if corrupt_at is not None:
                 os.truncate(path, corrupt_at)
         except OSError:
             pass
 
-    def _writable(self, frame_size: int) -> BinaryIO:
+    def _writable(self, size: int) -> BinaryIO:
+        """The active segment, or a new one if ``size`` more bytes would take
+        a non-empty active one past ``segment_bytes``."""
         active = self._active
-        if active is not None and active.tell() + frame_size > self._segment_bytes:
+        if active is not None and active.tell() > 0 and active.tell() + size > self._segment_bytes:
             self._close_active()
             active = None
         if active is None:
             self._active_path = self.directory / f"{_PREFIX}{self._next:020d}{_SUFFIX}"
             self._next += 1
             active = self._active = self._active_path.open("ab")
+            if self._fsync == "always":  # the new file's name survives a power cut too
+                _sync_directory(self.directory)
         return active
 
     def _sync(self, active: BinaryIO) -> None:
@@ -315,6 +468,7 @@ class Journal:
                 self._sync(self._active)
 
     def _close_active(self) -> None:
+        path = self._active_path
         if self._active is not None:
             self._active.flush()
             if self._fsync != "never":
@@ -322,6 +476,9 @@ class Journal:
             self._active.close()
             self._active = None
             self._active_path = None
+        tally = self._tallies.get(path) if path is not None else None
+        if path is not None and tally is not None and tally.settled >= tally.records:
+            self._delete(path)
 
     def seal(self) -> list[Path]:
         """Close the active segment; return every segment, oldest first."""
@@ -330,13 +487,22 @@ class Journal:
             return self._segment_paths()
 
     def delete(self, path: Path) -> None:
-        """Remove a sealed segment (once each of its records is delivered)."""
+        """Remove a sealed segment (once each of its records is delivered), if
+        settling its last record has not removed it already."""
         with self._lock:
             if path == self._active_path:
                 raise ValueError(f"{path} is the active segment")
-            size = path.stat().st_size
-            path.unlink()
-            self._bytes -= size
+            if path.exists():
+                self._delete(path)
+
+    def _delete(self, path: Path) -> None:
+        size = path.stat().st_size
+        path.unlink()
+        self._bytes -= size
+        self._tallies.pop(path, None)
+        self._marks.pop(path, None)
+        with contextlib.suppress(FileNotFoundError):
+            _acked_path(path).unlink()
 
     def set_aside(self, path: Path) -> Path:
         """Rename a sealed segment with a bad tail to ``*.corrupt``: kept for
@@ -344,10 +510,16 @@ class Journal:
         with self._lock:
             if path == self._active_path:
                 raise ValueError(f"{path} is the active segment")
-            size = path.stat().st_size
             target = path.with_name(path.name + CORRUPT_SUFFIX)
+            if not path.exists():  # its intact records were all settled: removed
+                return target
+            size = path.stat().st_size
             path.rename(target)
             self._bytes -= size
+            self._tallies.pop(path, None)
+            self._marks.pop(path, None)
+            with contextlib.suppress(FileNotFoundError):
+                _acked_path(path).unlink()
             return target
 
     def reject(self, records: Sequence[Encoded]) -> Path:
@@ -362,7 +534,9 @@ class Journal:
         return path
 
     def close(self) -> None:
-        """Close the active segment and release the slot, if this journal holds one."""
+        """Write the marks, close the active segment and release the slot, if
+        this journal holds one."""
+        self.flush_marks()
         with self._lock:
             self._close_active()
             if self._slot_lock is not None:
@@ -427,6 +601,13 @@ class Journal:
 _unusable_slot = RateLimitedLog(log, interval=300.0)
 
 
+class Placement(NamedTuple):
+    """Where records written ahead of their delivery are: a journal and its segment."""
+
+    journal: Journal
+    segment: Path
+
+
 class Spill:
     """Where a record goes when Kafka cannot take it: the journal, counted
     ``spilled``; past the journal's cap, ``dropped``; with no journal, or when
@@ -438,32 +619,50 @@ class Spill:
         self._ledger = ledger
         self._log = RateLimitedLog(log)
 
-    def keep(self, records: Sequence[Encoded], why: str) -> None:
+    def keep(
+        self,
+        records: Sequence[Encoded],
+        why: str,
+        unkept: Callable[[int, str], None] | None = None,
+    ) -> int:
+        """Journal ``records``; return how many were written (the first ones).
+
+        Those not written are counted by ``unkept(count, reason)`` when given
+        (their answers await them: records.durability), else as ``dropped``
+        past the cap and ``failed`` without a journal or on a disk error.
+        """
         count = len(records)
         if not count:
-            return
+            return 0
         if self.journal is None:
+            if unkept is not None:
+                unkept(count, "spill disabled")
+                return 0
             self._ledger.add_failed(count)
             self._log(logging.ERROR, "failed", f"{count} records lost ({why}; spill disabled)")
-            return
+            return 0
         try:
             written = self.journal.append(records)
         except PartialWrite as exc:
             self._ledger.add_spilled(exc.written)
-            self._ledger.add_failed(count - exc.written)
+            lost = count - exc.written
+            if unkept is not None:
+                unkept(lost, f"cannot write the spill journal: {exc}")
+                return exc.written
+            self._ledger.add_failed(lost)
             self._log(
                 logging.ERROR,
                 "disk",
-                f"{count - exc.written} records lost ({why}): cannot write the spill journal: "
-                f"{exc}",
+                f"{lost} records lost ({why}): cannot write the spill journal: {exc}",
             )
-            return
+            return exc.written
         self._ledger.add_spilled(written)
         self._log(logging.WARNING, "spilled", f"{written} records spilled to the journal ({why})")
         if written < count:
+            full = "the spill journal is full (spill.max_bytes)"
+            if unkept is not None:
+                unkept(count - written, full)
+                return written
             self._ledger.add_dropped(count - written)
-            self._log(
-                logging.ERROR,
-                "full",
-                f"{count - written} records dropped: the spill journal is full (spill.max_bytes)",
-            )
+            self._log(logging.ERROR, "full", f"{count - written} records dropped: {full}")
+        return written
