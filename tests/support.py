@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import struct
 import subprocess
@@ -229,7 +231,20 @@ BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
 class ServiceProcess:
     """A service subprocess (either launch mode) with its stderr collected."""
 
-    def __init__(self, command: list[str], env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        max_file_bytes: int | None = None,
+    ) -> None:
+        """``max_file_bytes``: RLIMIT_FSIZE, the largest file the process may
+        write (0: no file can be written to, as on a failing disk)."""
+
+        def limit() -> None:
+            if max_file_bytes is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -238,15 +253,22 @@ class ServiceProcess:
             cwd=ROOT,
             text=True,
             start_new_session=True,  # its own process group, as under a supervisor
+            preexec_fn=limit,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     @classmethod
-    def cli(cls, config: Path, *args: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
+    def cli(
+        cls,
+        config: Path,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        max_file_bytes: int | None = None,
+    ) -> ServiceProcess:
         command = [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)]
-        return cls([*command, *args], env=env)
+        return cls([*command, *args], env=env, max_file_bytes=max_file_bytes)
 
     @classmethod
     def hypercorn(
@@ -301,6 +323,27 @@ class ServiceProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+    def kill_group(self) -> None:
+        """SIGKILL the whole process group (Hypercorn's master and workers), as
+        a container runtime or the OOM killer ends a service."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def workers(self) -> list[int]:
+        """The pids of Hypercorn's worker processes: the master's children but
+        multiprocessing's resource tracker."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                command = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid and b"resource_tracker" not in command:
+                found.append(int(stat.parent.name))
+        return sorted(found)
 
     def ledgers(self) -> list[dict[str, int]]:
         return [json.loads(found) for found in LEDGER_RE.findall(self.output)]

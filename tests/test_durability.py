@@ -1,0 +1,443 @@
+"""``records.durability`` under SIGKILL, a failing disk and a broker outage.
+
+Each test drives the real service (the CLI or ``hypercorn``) against Apache
+Kafka, kills it under load, starts it again on the same config, and checks
+by record id that every answered hit reached the topic (``journal``,
+``kafka``), or that what was lost stays within the documented bound
+(``memory``). librdkafka's ``linger.ms`` is 200 ms here, so that a kill
+always finds records Kafka has not acknowledged yet.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+from confluent_kafka.admin import AdminClient
+
+from brokers import Broker, KafkaBroker
+from support import (
+    BIND_RE,
+    ServiceProcess,
+    read_topic,
+    service_config,
+    unique_topic,
+    write_config,
+)
+
+pytestmark = pytest.mark.faults
+
+CLIENTS = 12
+LINGER_MS = 200
+QUEUE_SIZE = 2_000
+KAFKA_QUEUE = 5_000  # queue.buffering.max.messages
+BATCH_SIZE = 200
+
+
+def _config(bootstrap: str, topic: str, tmp_path: Path, durability: str, **tables: Any) -> Path:
+    base: dict[str, Any] = {
+        "records": {
+            "durability": durability,
+            "queue_size": QUEUE_SIZE,
+            "batch_size": BATCH_SIZE,
+        },
+        "kafka": {"linger.ms": LINGER_MS, "queue.buffering.max.messages": KAFKA_QUEUE},
+        "spill": {"directory": str(tmp_path / "spill")},
+    }
+    for table, body in tables.items():
+        base[table] = {**base.get(table, {}), **body}
+    return write_config(tmp_path / "c.toml", service_config(bootstrap, topic, **base))
+
+
+async def _redirects(
+    urls: list[str],
+    answered: dict[str, float],
+    statuses: Counter[int] | None = None,
+    seconds: float = 60.0,
+) -> None:
+    """CLIENTS keep-alive clients request until the service is gone (or for
+    ``seconds``); each answer's X-Hit-Id is kept with its latency. Only 301s
+    are answers of a recorded hit; with ``statuses``, others are counted there
+    instead of failing the test."""
+
+    async def client(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            n = 0
+            while trio.current_time() < end:
+                n += 1
+                started = time.perf_counter()
+                try:
+                    response = await http.get(f"/docs/p{n}")
+                except httpx.TransportError:
+                    return  # killed or stopped
+                if statuses is not None:
+                    statuses[response.status_code] += 1
+                    if response.status_code != 301:
+                        continue
+                assert response.status_code == 301, response.text
+                answered[response.headers["x-hit-id"]] = time.perf_counter() - started
+
+    end = trio.current_time() + seconds
+    async with trio.open_nursery() as nursery:
+        for index in range(CLIENTS):
+            nursery.start_soon(client, urls[index % len(urls)])
+
+
+async def _ready(url: str) -> None:
+    """Until /readyz answers 200: a broker is known to be reachable (under
+    "kafka", requests wait for acknowledgements only from then on)."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        with trio.fail_after(30):
+            while (await http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+
+
+async def _kill_under_load(
+    service: ServiceProcess, urls: list[str], answered: dict[str, float], seconds: float = 3.0
+) -> None:
+    for url in urls:
+        await _ready(url)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_redirects, urls, answered)
+        await trio.sleep(seconds)
+        assert len(answered) > 50, "no load reached the service"
+        service.kill_group()
+
+
+def _ids(broker: Broker, topic: str, wanted: set[str], timeout: float = 120.0) -> list[str]:
+    """The ids in the topic, once it holds every id of ``wanted`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = [record["id"] for record in read_topic(broker.bootstrap, topic, timeout=60)]
+        if wanted <= set(ids) or time.monotonic() > deadline:
+            return ids
+        time.sleep(1.0)
+
+
+def _report(name: str, answered: dict[str, float], ids: list[str]) -> tuple[int, int]:
+    """Prints and returns (answered ids missing from the topic, duplicates)."""
+    missing = len(set(answered) - set(ids))
+    duplicates = len(ids) - len(set(ids))
+    latencies = sorted(answered.values())
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000
+    print(
+        f"{name}: answered {len(answered)} (p50 {statistics.median(latencies) * 1000:.1f} ms,"
+        f" p99 {p99:.1f} ms), in topic {len(ids)} ({len(set(ids))} distinct), missing"
+        f" {missing}, duplicates {duplicates}"
+    )
+    return missing, duplicates
+
+
+async def _restart_and_check(
+    launch: Any,
+    broker: Broker,
+    topic: str,
+    answered: dict[str, float],
+    processes: int,
+    name: str,
+    spill: Path,
+) -> tuple[int, list[dict[str, int]]]:
+    """Start the service again on the same config; once the topic holds every
+    answered id and the replay has emptied the journal, stop it. Returns the
+    duplicates in the topic then, and the ledgers."""
+    again: ServiceProcess = launch()
+    try:
+        await trio.to_thread.run_sync(lambda: again.wait_for(BIND_RE, processes, 60))
+        await trio.to_thread.run_sync(_ids, broker, topic, set(answered))
+        await trio.to_thread.run_sync(_until_replayed, spill)
+        code = await trio.to_thread.run_sync(again.terminate)
+    finally:
+        again.kill_group()
+    ids = await trio.to_thread.run_sync(_ids, broker, topic, set(answered))
+    missing, duplicates = _report(name, answered, ids)
+    assert missing == 0
+    assert code == 0, again.output
+    ledgers = again.ledgers()
+    assert len(ledgers) == processes, again.output
+    print("after the restart:", ledgers)
+    for ledger in ledgers:
+        assert ledger["failed"] == ledger["in_flight"] == 0, ledger
+    return duplicates, ledgers
+
+
+def _until_replayed(spill: Path, timeout: float = 60.0) -> None:
+    """Until no journal segment is left (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while list(spill.glob("slot-*/segment-*.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _journal_emptied(tmp_path: Path) -> None:
+    left = sorted((tmp_path / "spill").glob("slot-*/segment-*.log"))
+    assert not left, f"segments left after a clean stop: {left}"
+
+
+@pytest.mark.parametrize(
+    ("durability", "ack_timeout", "linger_ms"),
+    [
+        ("journal", 2.0, LINGER_MS),
+        ("kafka", 2.0, LINGER_MS),  # answered on Kafka's acknowledgement
+        # answered once journaled at ack_timeout, most of a second before the acknowledgement
+        ("kafka", 0.1, 1000),
+    ],
+)
+async def test_sigkill_under_load_loses_no_answered_hit(
+    kafka_broker: Broker, tmp_path: Path, durability: str, ack_timeout: float, linger_ms: int
+) -> None:
+    topic = unique_topic()
+    config = _config(
+        kafka_broker.bootstrap,
+        topic,
+        tmp_path,
+        durability,
+        records={"ack_timeout": ack_timeout},
+        kafka={"linger.ms": linger_ms},
+    )
+    first = ServiceProcess.cli(config)
+    answered: dict[str, float] = {}
+    try:
+        url = await trio.to_thread.run_sync(first.url)
+        await _kill_under_load(first, [url], answered)
+    finally:
+        first.kill_group()
+    assert not first.ledgers()  # killed: no ledger line
+    name = f"{durability}, ack_timeout {ack_timeout}"
+    duplicates, [ledger] = await _restart_and_check(
+        lambda: ServiceProcess.cli(config),
+        kafka_broker,
+        topic,
+        answered,
+        1,
+        name,
+        tmp_path / "spill",
+    )
+    if durability == "journal" or ack_timeout < linger_ms / 1000:
+        assert ledger["replayed"] > 0, ledger  # answered before Kafka acknowledged them
+    assert duplicates <= KAFKA_QUEUE
+    _journal_emptied(tmp_path)
+
+
+async def test_sigkill_under_memory_loses_at_most_what_memory_held(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """The loss durability "journal" and "kafka" prevent: under "memory" a kill
+    loses what the channel, the batches and librdkafka's queue held."""
+    topic = unique_topic()
+    config = _config(kafka_broker.bootstrap, topic, tmp_path, "memory")
+    first = ServiceProcess.cli(config)
+    answered: dict[str, float] = {}
+    try:
+        url = await trio.to_thread.run_sync(first.url)
+        await _kill_under_load(first, [url], answered)
+    finally:
+        first.kill_group()
+    await trio.sleep(2 * LINGER_MS / 1000)
+    ids = await trio.to_thread.run_sync(lambda: _ids(kafka_broker, topic, set(answered), 5.0))
+    missing, duplicates = _report("memory", answered, ids)
+    bound = QUEUE_SIZE + 2 * BATCH_SIZE + KAFKA_QUEUE  # docs/operations.md#durability
+    assert 0 < missing <= bound
+    assert duplicates == 0
+
+
+@pytest.mark.parametrize("kill", ["group", "one worker"])
+async def test_hypercorn_workers_sigkilled_under_journal_lose_no_answered_hit(
+    kafka_broker: Broker, tmp_path: Path, kill: str
+) -> None:
+    """SIGKILL of the whole process group, or of one worker (Hypercorn's
+    master then stops the other, which drains): the next start replays the
+    killed workers' journal slots."""
+    topic = unique_topic()
+    config = _config(kafka_broker.bootstrap, topic, tmp_path, "journal")
+    first = ServiceProcess.hypercorn(config, 2)
+    answered: dict[str, float] = {}
+    try:
+        urls = await trio.to_thread.run_sync(lambda: first.wait_for(BIND_RE, 2, 60))
+        await _ready(urls[0])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_redirects, urls, answered)
+            await trio.sleep(3.0)
+            assert len(answered) > 50, "no load reached the service"
+            if kill == "group":
+                first.kill_group()
+            else:
+                workers = first.workers()
+                assert len(workers) == 2, workers
+                os.kill(workers[0], signal.SIGKILL)
+                await trio.to_thread.run_sync(first.wait, 60.0)
+    finally:
+        first.kill_group()
+    if kill == "one worker":  # the other drained in order
+        assert len(first.ledgers()) == 1, first.output
+    await _restart_and_check(
+        lambda: ServiceProcess.hypercorn(config, 2),
+        kafka_broker,
+        topic,
+        answered,
+        2,
+        kill,
+        tmp_path / "spill",
+    )
+    _journal_emptied(tmp_path)
+
+
+async def _collect_load(
+    url: str, accepted: set[str], statuses: Counter[int], seconds: float = 60.0
+) -> None:
+    """CLIENTS clients post batches of 5 events, each with its own ``n``;
+    the ``n`` of every event a 202 accepted is kept."""
+
+    async def client() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            while trio.current_time() < end:
+                ns = [uuid.uuid4().hex for _ in range(5)]
+                body = b"\n".join(orjson.dumps({"n": n}) for n in ns)
+                try:
+                    response = await http.post(
+                        "/collect", content=body, headers={"content-type": "application/x-ndjson"}
+                    )
+                except httpx.TransportError:
+                    return
+                statuses[response.status_code] += 1
+                assert response.status_code == 202, response.text
+                assert response.json() == {"accepted": 5}
+                accepted.update(ns)
+
+    end = trio.current_time() + seconds
+    async with trio.open_nursery() as nursery:
+        for _ in range(CLIENTS):
+            nursery.start_soon(client)
+
+
+@pytest.mark.parametrize("durability", ["journal", "kafka"])
+async def test_collect_under_sigkill_keeps_every_accepted_event(
+    kafka_broker: Broker, tmp_path: Path, durability: str
+) -> None:
+    topic = unique_topic()
+    config = _config(kafka_broker.bootstrap, topic, tmp_path, durability, collect={"enabled": True})
+    first = ServiceProcess.cli(config)
+    accepted: set[str] = set()
+    statuses: Counter[int] = Counter()
+    try:
+        url = await trio.to_thread.run_sync(first.url)
+        await _ready(url)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_collect_load, url, accepted, statuses)
+            await trio.sleep(3.0)
+            assert len(accepted) > 50, "no load reached the service"
+            first.kill_group()
+    finally:
+        first.kill_group()
+    again = ServiceProcess.cli(config)
+    try:
+        await trio.to_thread.run_sync(again.url)
+
+        def events() -> list[str]:
+            deadline = time.monotonic() + 120
+            while True:
+                found = [r["data"]["n"] for r in read_topic(kafka_broker.bootstrap, topic)]
+                if accepted <= set(found) or time.monotonic() > deadline:
+                    return found
+                time.sleep(1.0)
+
+        found = await trio.to_thread.run_sync(events)
+        code = await trio.to_thread.run_sync(again.terminate)
+    finally:
+        again.kill_group()
+    missing = len(accepted - set(found))
+    print(
+        f"collect, {durability}: {dict(statuses)}; events accepted {len(accepted)}, in topic"
+        f" {len(found)} ({len(set(found))} distinct), missing {missing}"
+    )
+    assert missing == 0
+    assert code == 0, again.output
+    _journal_emptied(tmp_path)
+
+
+def _topic_size(bootstrap: str, topic: str) -> int:
+    """Records in the topic; 0 when it was never created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    if topic not in admin.list_topics(timeout=10).topics:
+        return 0
+    return len(read_topic(bootstrap, topic))
+
+
+@pytest.mark.parametrize(("policy", "status"), [("shed", 503), ("drop", 301)])
+async def test_an_unwritable_journal_claims_no_durability(
+    kafka_broker: Broker, tmp_path: Path, policy: str, status: int
+) -> None:
+    """Under "journal", with a disk that takes no write (RLIMIT_FSIZE 0:
+    every write fails with EFBIG), every answer follows when_full, the ledger
+    says exactly what the clients saw, and nothing reaches Kafka."""
+    topic = unique_topic()
+    config = _config(
+        kafka_broker.bootstrap, topic, tmp_path, "journal", records={"when_full": policy}
+    )
+    service = ServiceProcess.cli(config, max_file_bytes=0)
+    answered: dict[str, float] = {}
+    statuses: Counter[int] = Counter()
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _redirects([url], answered, statuses, seconds=2.0)
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill_group()
+    print(f"unwritable journal, {policy}: {dict(statuses)}", service.ledgers())
+    assert code == 0, service.output
+    assert set(statuses) == {status}, statuses
+    [ledger] = service.ledgers()
+    total = statuses[status]
+    field = "shed" if policy == "shed" else "dropped"
+    assert ledger["received"] == ledger[field] == total, ledger
+    assert ledger["journaled"] == ledger["delivered"] == ledger["failed"] == 0, ledger
+    assert "could be neither acknowledged nor journaled" in service.output
+    assert await trio.to_thread.run_sync(_topic_size, kafka_broker.bootstrap, topic) == 0
+
+
+@pytest.fixture
+def own_kafka(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """A broker of the test's own, formatted but not started."""
+    (tmp_path / "kafka").mkdir()
+    broker = KafkaBroker(tmp_path / "kafka", start=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def test_under_kafka_a_down_broker_delays_no_answer_and_everything_arrives(
+    own_kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    """No request waits ``ack_timeout`` for a broker known to be down: each is
+    journaled at once. Once the broker is up, every answered hit arrives."""
+    topic = unique_topic()
+    config = _config(own_kafka.bootstrap, topic, tmp_path, "kafka", records={"ack_timeout": 3.0})
+    service = ServiceProcess.cli(config)
+    answered: dict[str, float] = {}
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _redirects([url], answered, seconds=3.0)
+        assert len(answered) > 50
+        assert max(answered.values()) < 1.0, sorted(answered.values())[-5:]
+        await trio.to_thread.run_sync(own_kafka.start)
+        ids = await trio.to_thread.run_sync(_ids, own_kafka, topic, set(answered))
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill_group()
+    missing, duplicates = _report("kafka, broker down", answered, ids)
+    assert (missing, duplicates) == (0, 0)
+    assert code == 0, service.output
+    [ledger] = service.ledgers()
+    print(ledger)
+    assert ledger["journaled"] == len(answered), ledger
+    _journal_emptied(tmp_path)
