@@ -11,6 +11,9 @@ Systems (benchmarks/apps.py has B, C and E):
   E  the naive design: B plus a produce and poll per request, no flush at exit
   F  the service under `hypercorn -k trio --workers 1`   (only with --systems)
   G  the service under `hypercorn -k trio --workers 2`   (only with --systems)
+  J  A with records.durability = "journal" (spill.fsync "interval")   (only with --systems)
+  S  A with records.durability = "journal" and spill.fsync = "always" (only with --systems)
+  K  A with records.durability = "kafka"                              (only with --systems)
 
 Every run starts the system afresh, loads it with ``wrk -t1 --latency``
 (keep-alive, loopback) for --seconds at one connection count, and reads the
@@ -249,15 +252,32 @@ http {{
     )
 
 
-def _service_config(work: Path, bootstrap: str, topic: str) -> Path:
-    return write_config(work / f"service-{topic}.toml", bootstrap, topic, work / "spill" / topic)
+# The service's variants by records.durability (and spill.fsync): system -> TOML lines.
+DURABILITY = {
+    "A": ("", ""),
+    "J": ('durability = "journal"', 'fsync = "interval"'),
+    "S": ('durability = "journal"', 'fsync = "always"'),
+    "K": ('durability = "kafka"', ""),
+}
+
+
+def _service_config(work: Path, bootstrap: str, topic: str, system: str = "A") -> Path:
+    records, spill = DURABILITY.get(system, DURABILITY["A"])
+    return write_config(
+        work / f"service-{topic}.toml",
+        bootstrap,
+        topic,
+        work / "spill" / topic,
+        records=records,
+        spill_options=spill,
+    )
 
 
 def measure(system: str, connections: int, seconds: int, bootstrap: str, work: Path) -> Run:
     topic = f"bench-{system}-{uuid.uuid4().hex[:8]}"
     server: Served | _Process
-    if system == "A":
-        server = Served(_service_config(work, bootstrap, topic))
+    if system in DURABILITY:
+        server = Served(_service_config(work, bootstrap, topic, system))
     elif system == "D":
         server = _nginx(work)
     elif system in "FG":  # the service under hypercorn, 1 or 2 worker processes
@@ -286,7 +306,7 @@ def measure(system: str, connections: int, seconds: int, bootstrap: str, work: P
     if isinstance(server, Served):
         ledger = server.stop()
         if ledger["received"] != ledger["delivered"]:
-            raise RuntimeError(f"A did not deliver every record: {ledger}")
+            raise RuntimeError(f"{system} did not deliver every record: {ledger}")
         records = _records(bootstrap, topic)
         answered = ledger["received"]  # wrk leaves out answers still in flight at its end
     else:
@@ -381,6 +401,30 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
         cells = [f"{a / _median(of[s], 'rps'):.2f}" if of.get(s) else "-" for s in "BCDE"]
         p99 = f"{_median(of['A'], 'p99') / _median(of['B'], 'p99'):.2f}" if of.get("B") else "-"
         lines.append(f"| {connections} | " + " | ".join(cells) + f" | {p99} |")
+    variants = [s for s in "JSK" if s in systems]
+    if "A" in systems and variants:
+        lines += [
+            "",
+            "| conns | "
+            + " | ".join(f"{v}/A req/s | {v} p99 - A p99 ms | {v}/A CPU" for v in variants)
+            + " |",
+            "| --- |" + " --- | --- | --- |" * len(variants),
+        ]
+        for connections in connection_counts:
+            of = {
+                system: [r for r in runs if r.system == system and r.connections == connections]
+                for system in "A" + "".join(variants)
+            }
+            if not of["A"] or not all(of[v] for v in variants):
+                continue
+            a_rps, a_p99 = _median(of["A"], "rps"), _median(of["A"], "p99")
+            a_cpu = _median(of["A"], "cpu_per_1k")
+            cells = [
+                f"{_median(of[v], 'rps') / a_rps:.2f} | {_median(of[v], 'p99') - a_p99:+.1f} "
+                f"| {_median(of[v], 'cpu_per_1k') / a_cpu:.2f}"
+                for v in variants
+            ]
+            lines.append(f"| {connections} | " + " | ".join(cells) + " |")
     if "F" in systems and "G" in systems:
         lines += ["", "| conns | G/F req/s (2 workers / 1) |", "| --- | --- |"]
         for connections in connection_counts:
@@ -403,6 +447,9 @@ def plot(runs: list[Run], connection_counts: list[int], systems: str, path: Path
         "C": "C raw ASGI",
         "D": "D nginx",
         "E": "E naive",
+        "J": "A, durability journal",
+        "S": "A, journal, fsync always",
+        "K": "A, durability kafka",
     }
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for system in systems:

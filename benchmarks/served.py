@@ -24,6 +24,7 @@ def write_config(
     kafka: str = "",
     shutdown: str = "",
     collect: str = "",
+    spill_options: str = "",
 ) -> Path:
     """The benchmarks' service config: the ``docs`` rule (``/docs/*`` → 301 to
     ``https://docs.example.com/`` with the path and query forwarded), plus
@@ -47,6 +48,7 @@ topic = "{topic}"
 {kafka}
 [spill]
 directory = "{spill}"
+{spill_options}
 [shutdown]
 {shutdown}
 [collect]

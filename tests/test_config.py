@@ -381,6 +381,33 @@ INVALID = [
         id="spill-policy-without-a-journal",
     ),
     pytest.param(
+        config(records={"durability": "journal"}, spill={"enabled": False}),
+        "records.durability",
+        '"journal" writes every record to the spill journal before answering: '
+        "spill.enabled is false",
+        id="journal-durability-without-a-journal",
+    ),
+    pytest.param(
+        config(records={"durability": "kafka", "ack_timeout": 4.0}),
+        "records.ack_timeout",
+        "records.ack_timeout (4.0 s) + records.max_block (1.0 s) is not shorter than "
+        "server.graceful_timeout (5.0 s): a request waiting for Kafka would be cut off at "
+        "shutdown, unanswered",
+        id="ack-timeout-past-the-graceful-timeout",
+    ),
+    pytest.param(
+        config(records={"durability": "kafka", "when_full": "drop", "ack_timeout": 5.0}),
+        "records.ack_timeout",
+        "records.ack_timeout (5.0 s) is not shorter than server.graceful_timeout (5.0 s)",
+        id="ack-timeout-as-long-as-the-graceful-timeout",
+    ),
+    pytest.param(
+        config(records={"durability": "always"}),
+        "records.durability",
+        "Input should be 'memory', 'journal' or 'kafka'",
+        id="bad-durability",
+    ),
+    pytest.param(
         config(shutdown={"flush_timeout": 29.0}),
         "shutdown.flush_timeout",
         "29.0 s (+ 3.0 s for the drain's last steps) does not fit in "

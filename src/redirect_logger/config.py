@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 REDIRECT_STATUSES = (301, 302, 307, 308)
@@ -458,17 +466,22 @@ class Settings(_Section):
 
     @field_validator("kafka")
     @classmethod
-    def _check_kafka(cls, kafka: dict[str, KafkaValue]) -> dict[str, KafkaValue]:
+    def _check_kafka(
+        cls, kafka: dict[str, KafkaValue], info: ValidationInfo
+    ) -> dict[str, KafkaValue]:
         if not str(kafka.get("bootstrap.servers", "")).strip():
             raise ValueError('"bootstrap.servers" is required')
         for key in kafka:
             if key in ("on_delivery", "logger") or key.endswith("_cb"):
                 raise ValueError(f"{key!r} takes a callback and cannot be configured")
+        records = info.data.get("records")
         defaults = {
             key: value
             for key, value in KAFKA_DEFAULTS.items()
             if key not in kafka and KAFKA_ALIASES.get(key) not in kafka
         }
+        if "linger.ms" in defaults and getattr(records, "durability", None) == "kafka":
+            defaults["linger.ms"] = 0  # every answer waits out librdkafka's linger
         return {**defaults, **kafka}
 
     @model_validator(mode="after")

@@ -265,19 +265,21 @@ class Replayer:
     async def run(self, reachable: Callable[[], bool]) -> None:
         """Replay in the background whenever the broker is reachable and the
         journals hold records: at start-up and after an outage. Also fsyncs
-        this process's journal after a quiet spell. Never returns; cancel it
+        this process's journal under ``spill.fsync = "interval"``. Never returns; cancel it
         after setting ``stop`` (the pipeline does). An error is logged and
         retried later: it never stops the service."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._sync_quiet_journal)
+            nursery.start_soon(self._sync_journal)
             await self._replay_when_reachable(reachable)
 
-    async def _sync_quiet_journal(self) -> None:
+    async def _sync_journal(self) -> None:
+        """Under ``spill.fsync = "interval"``: fsync this process's journal every
+        ``spill.fsync_interval`` s, in a thread."""
         if self._own is None:
             return
         limiter = trio.CapacityLimiter(1)
         while True:
-            await trio.sleep(_IDLE)
+            await trio.sleep(self._options["fsync_interval"])
             try:
                 await trio.to_thread.run_sync(self._own.sync_if_due, limiter=limiter)
             except OSError as exc:

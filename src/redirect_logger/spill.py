@@ -452,20 +452,31 @@ class Journal:
         return active
 
     def _sync(self, active: BinaryIO) -> None:
+        """Hand the writes to the operating system; fsync them under ``"always"``
+        (``"interval"``: ``sync_if_due``, off the writers' path)."""
         active.flush()
-        now = time.monotonic()
-        if self._fsync == "always" or (
-            self._fsync == "interval" and now - self._last_sync >= self._fsync_interval
-        ):
+        if self._fsync == "always":
             os.fsync(active.fileno())
-            self._last_sync = now
 
     def sync_if_due(self) -> None:
-        """Under ``fsync = "interval"``: fsync writes older than the interval even
-        when no new record comes to trigger it (called once a second)."""
+        """Under ``fsync = "interval"``: fsync the active segment if
+        ``fsync_interval`` s have passed since the last time. Called
+        periodically in a thread; the fsync runs without the journal's lock,
+        so writers never wait for it."""
         with self._lock:
-            if self._active is not None and self._fsync == "interval":
-                self._sync(self._active)
+            now = time.monotonic()
+            active = self._active
+            if self._fsync != "interval" or active is None:
+                return
+            if now - self._last_sync < self._fsync_interval:
+                return
+            active.flush()
+            fd = os.dup(active.fileno())
+            self._last_sync = now
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _close_active(self) -> None:
         path = self._active_path
