@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Protocol
 
 import trio
@@ -385,7 +386,6 @@ class Pipeline:
         they take what fits at once and spill the rest, until one fits whole.
         On cancellation the unshipped rest stays in ``batch``, counted in ``held``.
         """
-        self._observe_batch(len(batch.records))
         started = trio.current_time()
         while batch.records:
             if self._spill_after is not None and (
@@ -433,38 +433,52 @@ class Pipeline:
         self.held -= len(records)
         batch.records.clear()
 
-    async def _write_ahead(self, batch: _Batch) -> None:
-        """Write ``batch`` to the journal before its answers go out (one write
-        in a thread: a group commit), then settle its hits. Records the
-        journal cannot take are not recorded (``Unrecorded``: shed or dropped,
-        by ``when_full``); the batch keeps the rest, tagged with where they are."""
-        journal, segment, written = self.spill.journal, None, 0
-        reason = "spill disabled"
-        if journal is not None:
-            try:
-                segment, written = await trio.to_thread.run_sync(
-                    journal.write_ahead, batch.records, limiter=self._disk
-                )
-                reason = "the spill journal is full (spill.max_bytes)"
-            except PartialWrite as exc:
-                reason = f"cannot write the spill journal: {exc}"
+    async def _journal_then_ship(self, batch: _Batch) -> None:
+        """Write ``batch`` to the journal before its answers go out, then ship it.
+
+        One thread hop does both: the write (a group commit: one write for the
+        batch), then, once the batch's requests are told (``_answer``, on the
+        Trio thread), a first attempt to hand the batch to librdkafka; ``ship``
+        takes what is left. Records the journal cannot take are not recorded
+        (``Unrecorded``: shed or dropped, by ``when_full``); the batch keeps
+        the rest, tagged with where they are.
+        """
+        journal, records = self.spill.journal, batch.records
+        hits, batch.hits = batch.hits, []
+        token = trio.lowlevel.current_trio_token()
+        backed_up = self._backed_up
+
+        def write_then_produce() -> tuple[Path | None, int, str, int]:
+            segment, written, reason = None, 0, "spill disabled"
+            if journal is not None:
+                try:
+                    segment, written = journal.write_ahead(records)
+                    reason = "the spill journal is full (spill.max_bytes)"
+                except PartialWrite as exc:
+                    reason = f"cannot write the spill journal: {exc}"
+            token.run_sync_soon(_answer, hits, written)
+            if not written or backed_up:
+                return segment, written, reason, 0
+            assert journal is not None and segment is not None
+            tag = Placement(journal, segment)
+            taken = self._sink.produce_batch(records[:written], PRODUCE_WINDOW, tag)
+            return segment, written, reason, taken
+
+        segment, written, reason, taken = await trio.to_thread.run_sync(
+            write_then_produce, limiter=self._limiter
+        )
         self.ledger.add_journaled(written)
-        lost = len(batch.records) - written
+        lost = len(records) - written
         if lost:
             self.unrecorded(lost, reason)
-            self.held -= lost
-            del batch.records[written:]
-        for index, hit in enumerate(batch.hits):
-            if hit.commit is not None:
-                hit.commit.settle(hit.id, index < written)
-        batch.hits.clear()
+            del records[written:]
+        del records[:taken]
+        self.held -= lost + taken
         if journal is not None and segment is not None:
             batch.tag = Placement(journal, segment)
-
-    async def _journal_then_ship(self, batch: _Batch) -> None:
-        await self._write_ahead(batch)
-        if batch.records:
+        if records:
             await self.ship(batch)
+        batch.tag = None
 
     async def _ship_acknowledged(self, batch: _Batch) -> None:
         """Under durability "kafka": ship the batch as a ``Flight`` whose hits
@@ -511,7 +525,11 @@ class Pipeline:
             flights.popleft()
 
     async def run_worker(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
-        await self._run(receive, self.deliver)
+        async def deliver(batch: _Batch) -> None:
+            self._observe_batch(len(batch.records))
+            await self.deliver(batch)
+
+        await self._run(receive, deliver)
 
     async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
         """Under ``when_full = "spill"``: journal the hits that found the channel full."""
@@ -641,3 +659,11 @@ async def open_pipeline(
         if left:
             log.error("%d records not acknowledged within flush_timeout: purging", left)
             await trio.to_thread.run_sync(sink.purge, limiter=flusher)
+
+
+def _answer(hits: list[Hit], durable: int) -> None:
+    """Settle the hits of a batch written ahead: the first ``durable`` are in
+    the journal, the others not. Runs on the Trio thread."""
+    for index, hit in enumerate(hits):
+        if hit.commit is not None:
+            hit.commit.settle(hit.id, index < durable)
