@@ -27,6 +27,7 @@ import trio
 from confluent_kafka.admin import AdminClient
 
 from brokers import Broker, KafkaBroker
+from redirect_logger.spill import read_segment
 from support import (
     BIND_RE,
     ServiceProcess,
@@ -402,6 +403,43 @@ async def test_an_unwritable_journal_claims_no_durability(
     assert ledger["journaled"] == ledger["delivered"] == ledger["failed"] == 0, ledger
     assert "could be neither acknowledged nor journaled" in service.output
     assert await trio.to_thread.run_sync(_topic_size, kafka_broker.bootstrap, topic) == 0
+
+
+async def test_a_full_journal_sheds_exactly_what_it_cannot_hold(tmp_path: Path) -> None:
+    """Under "journal" with no broker reachable, the journal fills up to
+    spill.max_bytes: each hit written answers 301, each one after that 503,
+    and the ledger matches the clients' count exactly."""
+    config = _config(
+        "127.0.0.1:9",  # nothing listens: no acknowledgement frees the journal
+        unique_topic(),
+        tmp_path,
+        "journal",
+        records={"when_full": "shed"},
+        spill={"max_bytes": 1 << 16, "segment_bytes": 1 << 16},
+        shutdown={"flush_timeout": 1.0},
+    )
+    service = ServiceProcess.cli(config)
+    answered: dict[str, float] = {}
+    statuses: Counter[int] = Counter()
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _redirects([url], answered, statuses, seconds=2.0)
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill_group()
+    [ledger] = service.ledgers()
+    print(f"full journal: {dict(statuses)}", ledger)
+    assert code == 0, service.output
+    assert set(statuses) == {301, 503} and statuses[301] > 50, statuses
+    assert ledger["journaled"] == ledger["spilled"] == statuses[301] == len(answered), ledger
+    assert ledger["shed"] == statuses[503], ledger
+    assert ledger["received"] == sum(statuses.values()), ledger
+    journaled = {
+        orjson.loads(record.value)["id"]
+        for path in sorted((tmp_path / "spill").glob("slot-*/segment-*.log"))
+        for record in read_segment(path).records
+    }
+    assert journaled == set(answered)
 
 
 @pytest.fixture
