@@ -87,8 +87,7 @@ class _SegmentReports:
 
     def refused(self, records: list[Encoded], why: str, tag: object) -> None:
         with self._lock:
-            self.rejected.extend(records)
-            self._settled.extend(record_id(record.value) for record in records)
+            self.rejected.extend(records)  # marked once kept in rejected.log
             self.why = why
 
     def served(self) -> None:
@@ -222,6 +221,8 @@ class Replayer:
         segment.settled()
         if segment.rejected:
             aside = journal.reject(segment.rejected)
+            journal.settle(path, [record_id(r.value) for r in segment.rejected], live=False)
+            journal.flush_marks()
             log.error(
                 "replay of %s: Kafka refused %d records for good (%s); kept in %s",
                 path,
