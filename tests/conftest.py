@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,18 @@ def kafka_broker(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> It
         yield broker
         return
     started = KafkaBroker(tmp_path_factory.mktemp("kafka"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def own_kafka(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """Apache Kafka of the test's own, formatted but not started: the test
+    starts, kills and restarts it (same ports, same data directory)."""
+    (tmp_path / "kafka").mkdir()
+    started = KafkaBroker(tmp_path / "kafka", start=False)
     try:
         yield started
     finally:

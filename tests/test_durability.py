@@ -16,7 +16,6 @@ import statistics
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +115,19 @@ async def _kill_under_load(
         service.kill_group()
 
 
+async def _killed_under_load(config: Path) -> dict[str, float]:
+    """``serve`` on ``config``, SIGKILLed after 3 s of load: the answered ids."""
+    service = ServiceProcess.cli(config)
+    answered: dict[str, float] = {}
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _kill_under_load(service, [url], answered)
+    finally:
+        service.kill_group()
+    assert not service.ledgers()  # killed: no ledger line
+    return answered
+
+
 def _ids(broker: Broker, topic: str, wanted: set[str], timeout: float = 120.0) -> list[str]:
     """The ids in the topic, once it holds every id of ``wanted`` (or at the timeout)."""
     deadline = time.monotonic() + timeout
@@ -205,14 +217,7 @@ async def test_sigkill_under_load_loses_no_answered_hit(
         records={"ack_timeout": ack_timeout},
         kafka={"linger.ms": linger_ms},
     )
-    first = ServiceProcess.cli(config)
-    answered: dict[str, float] = {}
-    try:
-        url = await trio.to_thread.run_sync(first.url)
-        await _kill_under_load(first, [url], answered)
-    finally:
-        first.kill_group()
-    assert not first.ledgers()  # killed: no ledger line
+    answered = await _killed_under_load(config)
     name = f"{durability}, ack_timeout {ack_timeout}"
     duplicates, [ledger] = await _restart_and_check(
         lambda: ServiceProcess.cli(config),
@@ -236,13 +241,7 @@ async def test_sigkill_under_memory_loses_at_most_what_memory_held(
     loses what the channel, the batches and librdkafka's queue held."""
     topic = unique_topic()
     config = _config(kafka_broker.bootstrap, topic, tmp_path, "memory")
-    first = ServiceProcess.cli(config)
-    answered: dict[str, float] = {}
-    try:
-        url = await trio.to_thread.run_sync(first.url)
-        await _kill_under_load(first, [url], answered)
-    finally:
-        first.kill_group()
+    answered = await _killed_under_load(config)
     await trio.sleep(2 * LINGER_MS / 1000)
     ids = await trio.to_thread.run_sync(lambda: _ids(kafka_broker, topic, set(answered), 5.0))
     missing, duplicates = _report("memory", answered, ids)
@@ -365,6 +364,23 @@ async def test_collect_under_sigkill_keeps_every_accepted_event(
     _journal_emptied(tmp_path)
 
 
+async def _serve_for(
+    config: Path, seconds: float, max_file_bytes: int | None = None
+) -> tuple[ServiceProcess, dict[str, float], Counter[int], int]:
+    """Run ``serve`` under load for ``seconds``, then SIGTERM it: the process,
+    the answered ids, the statuses seen and the exit code."""
+    service = ServiceProcess.cli(config, max_file_bytes=max_file_bytes)
+    answered: dict[str, float] = {}
+    statuses: Counter[int] = Counter()
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _redirects([url], answered, statuses, seconds=seconds)
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill_group()
+    return service, answered, statuses, code
+
+
 def _topic_size(bootstrap: str, topic: str) -> int:
     """Records in the topic; 0 when it was never created."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
@@ -384,15 +400,7 @@ async def test_an_unwritable_journal_claims_no_durability(
     config = _config(
         kafka_broker.bootstrap, topic, tmp_path, "journal", records={"when_full": policy}
     )
-    service = ServiceProcess.cli(config, max_file_bytes=0)
-    answered: dict[str, float] = {}
-    statuses: Counter[int] = Counter()
-    try:
-        url = await trio.to_thread.run_sync(service.url)
-        await _redirects([url], answered, statuses, seconds=2.0)
-        code = await trio.to_thread.run_sync(service.terminate)
-    finally:
-        service.kill_group()
+    service, _, statuses, code = await _serve_for(config, 2.0, max_file_bytes=0)
     print(f"unwritable journal, {policy}: {dict(statuses)}", service.ledgers())
     assert code == 0, service.output
     assert set(statuses) == {status}, statuses
@@ -418,15 +426,7 @@ async def test_a_full_journal_sheds_exactly_what_it_cannot_hold(tmp_path: Path) 
         spill={"max_bytes": 1 << 16, "segment_bytes": 1 << 16},
         shutdown={"flush_timeout": 1.0},
     )
-    service = ServiceProcess.cli(config)
-    answered: dict[str, float] = {}
-    statuses: Counter[int] = Counter()
-    try:
-        url = await trio.to_thread.run_sync(service.url)
-        await _redirects([url], answered, statuses, seconds=2.0)
-        code = await trio.to_thread.run_sync(service.terminate)
-    finally:
-        service.kill_group()
+    service, answered, statuses, code = await _serve_for(config, 2.0)
     [ledger] = service.ledgers()
     print(f"full journal: {dict(statuses)}", ledger)
     assert code == 0, service.output
@@ -440,17 +440,6 @@ async def test_a_full_journal_sheds_exactly_what_it_cannot_hold(tmp_path: Path) 
         for record in read_segment(path).records
     }
     assert journaled == set(answered)
-
-
-@pytest.fixture
-def own_kafka(tmp_path: Path) -> Iterator[KafkaBroker]:
-    """A broker of the test's own, formatted but not started."""
-    (tmp_path / "kafka").mkdir()
-    broker = KafkaBroker(tmp_path / "kafka", start=False)
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 async def test_under_kafka_a_down_broker_delays_no_answer_and_everything_arrives(

@@ -12,7 +12,6 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,29 +119,18 @@ async def _stop_after_delivery(
     return ledger
 
 
-@pytest.fixture
-def kafka(tmp_path: Path) -> Iterator[KafkaBroker]:
-    """A broker of the test's own, formatted but not started."""
-    (tmp_path / "kafka").mkdir()
-    broker = KafkaBroker(tmp_path / "kafka", start=False)
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
 async def test_broker_down_at_start_then_up_delivers_every_record_once(
-    kafka: KafkaBroker, tmp_path: Path
+    own_kafka: KafkaBroker, tmp_path: Path
 ) -> None:
     topic = unique_topic()
-    service = ServiceProcess.cli(_config(kafka.bootstrap, topic, tmp_path))
+    service = ServiceProcess.cli(_config(own_kafka.bootstrap, topic, tmp_path))
     answered: dict[str, float] = {}
     try:
         url = await trio.to_thread.run_sync(service.url)
         await _load([url], 4.0, answered)
         assert max(answered.values()) < SLOW, _latency(answered)
-        await trio.to_thread.run_sync(kafka.start)
-        ledger = await _stop_after_delivery(service, kafka, topic, answered)
+        await trio.to_thread.run_sync(own_kafka.start)
+        ledger = await _stop_after_delivery(service, own_kafka, topic, answered)
     finally:
         service.kill()
     assert ledger["spilled"] > 0, ledger  # the outage outgrew librdkafka's queue
@@ -150,32 +138,32 @@ async def test_broker_down_at_start_then_up_delivers_every_record_once(
 
 
 async def test_broker_killed_mid_load_and_restarted_loses_nothing(
-    kafka: KafkaBroker, tmp_path: Path
+    own_kafka: KafkaBroker, tmp_path: Path
 ) -> None:
     topic = unique_topic()
-    await trio.to_thread.run_sync(kafka.start)
-    service = ServiceProcess.cli(_config(kafka.bootstrap, topic, tmp_path))
+    await trio.to_thread.run_sync(own_kafka.start)
+    service = ServiceProcess.cli(_config(own_kafka.bootstrap, topic, tmp_path))
     answered: dict[str, float] = {}
     try:
         url = await trio.to_thread.run_sync(service.url)
         await _load([url], 2.0, answered)
-        kafka.kill()
+        own_kafka.kill()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_load, [url], 6.0, answered)
             await trio.sleep(2.0)
-            await trio.to_thread.run_sync(kafka.start)  # same ports, same data directory
+            await trio.to_thread.run_sync(own_kafka.start)  # same ports, same data directory
         assert max(answered.values()) < SLOW, _latency(answered)
-        await _stop_after_delivery(service, kafka, topic, answered)
+        await _stop_after_delivery(service, own_kafka, topic, answered)
     finally:
         service.kill()
 
 
 @pytest.mark.parametrize("mode", ["cli", "hypercorn-2"])
 async def test_sigterm_while_the_broker_is_down_journals_and_the_next_start_replays(
-    kafka: KafkaBroker, tmp_path: Path, mode: str
+    own_kafka: KafkaBroker, tmp_path: Path, mode: str
 ) -> None:
     topic = unique_topic()
-    config = _config(kafka.bootstrap, topic, tmp_path)
+    config = _config(own_kafka.bootstrap, topic, tmp_path)
     processes = 2 if mode == "hypercorn-2" else 1
 
     def launch() -> ServiceProcess:
@@ -183,14 +171,14 @@ async def test_sigterm_while_the_broker_is_down_journals_and_the_next_start_repl
             return ServiceProcess.cli(config)
         return ServiceProcess.hypercorn(config, 2)
 
-    await trio.to_thread.run_sync(kafka.start)
+    await trio.to_thread.run_sync(own_kafka.start)
     first = launch()
     answered: dict[str, float] = {}
     try:
         urls = await trio.to_thread.run_sync(lambda: first.wait_for(BIND_RE, processes, 60))
         await _load(urls, 1.5, answered)
         before_outage = len(answered)
-        await trio.to_thread.run_sync(kafka.stop)
+        await trio.to_thread.run_sync(own_kafka.stop)
         await _load(urls, 2.5, answered)
         assert len(answered) > before_outage
         signalled = time.monotonic()
@@ -205,11 +193,11 @@ async def test_sigterm_while_the_broker_is_down_journals_and_the_next_start_repl
     assert spilled > 0
     assert sum(ledger["received"] for ledger in first.ledgers()) == len(answered)
 
-    await trio.to_thread.run_sync(kafka.start)
+    await trio.to_thread.run_sync(own_kafka.start)
     second = launch()
     try:
         await trio.to_thread.run_sync(lambda: second.wait_for(BIND_RE, processes, 60))
-        await trio.to_thread.run_sync(_exactly_once, kafka, topic, answered)
+        await trio.to_thread.run_sync(_exactly_once, own_kafka, topic, answered)
         code = await trio.to_thread.run_sync(second.terminate)
     finally:
         second.kill()
