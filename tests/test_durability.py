@@ -468,3 +468,53 @@ async def test_under_kafka_a_down_broker_delays_no_answer_and_everything_arrives
     print(ledger)
     assert ledger["journaled"] == len(answered), ledger
     _journal_emptied(tmp_path)
+
+
+async def test_under_kafka_a_broker_killed_mid_load_delays_answers_only_until_known_down(
+    own_kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    """The broker is SIGKILLed under load: requests wait for it only until the
+    service knows it is down (far less than ``ack_timeout``), then are
+    journaled at once. Once it is back, every answered hit is in the topic."""
+    topic = unique_topic()
+    config = _config(
+        own_kafka.bootstrap,
+        topic,
+        tmp_path,
+        "kafka",
+        records={"ack_timeout": 4.0},
+        kafka={"linger.ms": 0},
+        server={"graceful_timeout": 8.0},
+        shutdown={"grace_period": 30.0},
+    )
+    await trio.to_thread.run_sync(own_kafka.start)
+    service = ServiceProcess.cli(config)
+    before: dict[str, float] = {}
+    transition: dict[str, float] = {}
+    during: dict[str, float] = {}
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        await _ready(url)
+        await _redirects([url], before, seconds=2.0)
+        await trio.to_thread.run_sync(own_kafka.kill)
+        await _redirects([url], transition, seconds=1.0)  # while the news spreads
+        await _redirects([url], during, seconds=3.0)
+        await trio.to_thread.run_sync(own_kafka.start)
+        answered = {**before, **transition, **during}
+        ids = await trio.to_thread.run_sync(_ids, own_kafka, topic, set(answered))
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill_group()
+    _report("kafka, broker killed: before", before, ids)
+    _report("kafka, broker killed: its first second down", transition, ids)
+    missing, duplicates = _report("kafka, broker killed: down", during, ids)
+    assert set(answered) <= set(ids)
+    assert max(transition.values()) < 4.0  # ack_timeout at the most
+    assert len(during) > 50
+    assert max(during.values()) < 1.0, sorted(during.values())[-5:]
+    assert missing == 0
+    assert set(before) <= set(ids)
+    assert duplicates <= KAFKA_QUEUE
+    assert code == 0, service.output
+    print(service.ledgers())
+    _journal_emptied(tmp_path)

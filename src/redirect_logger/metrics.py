@@ -46,7 +46,8 @@ class _LedgerCollector(Collector):
         records = CounterMetricFamily(
             "redirect_logger_records",
             "Hit records by outcome (received = delivered + spilled + failed + dropped + shed"
-            " + excluded + in_flight; replayed: delivered from the spill journal)",
+            " + excluded + in_flight; replayed: delivered from the spill journal; journaled:"
+            " written to the journal before their answer)",
             labels=["outcome"],
         )
         ledger = self._ledger
