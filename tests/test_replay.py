@@ -118,6 +118,33 @@ async def test_replay_delivers_unheld_slots_sets_a_torn_tail_aside_and_skips_hel
     assert [p.name for p in (spill / "slot-2").glob("segment-*")] == [last.name + ".corrupt"]
 
 
+async def test_replay_skips_the_records_marked_acknowledged(broker: Broker, tmp_path: Path) -> None:
+    """A segment's .acked marks (written as Kafka acknowledges records, by the
+    live producer or a replay) keep those records from being sent again."""
+    topic = unique_topic()
+    spill = tmp_path / "spill"
+    records = journal_records(topic, 10)
+    journal = Journal(spill / "slot-0", **OPTIONS)
+    journal.append(records)
+    [segment] = journal.seal()
+    acknowledged = [orjson.loads(r.value)["id"].encode() for r in records[:4]]
+    journal.settle(segment, acknowledged, live=False)
+    journal.close()
+    assert segment.with_suffix(".acked").read_bytes() == b"".join(i + b"\n" for i in acknowledged)
+    config = write_config(
+        tmp_path / "c.toml",
+        service_config(broker.bootstrap, topic, spill={"directory": str(spill)}),
+    )
+    result = await trio.to_thread.run_sync(replay, config)
+    assert result.returncode == 0, result.stderr
+    assert "replayed 6 records; 0 still journaled" in result.stderr
+    messages = await trio.to_thread.run_sync(
+        lambda: read_messages(broker.bootstrap, topic, expected=6)
+    )
+    assert by_id(messages) == by_id(records[4:])
+    assert not list((spill / "slot-0").glob("segment-*"))  # the segment and its marks
+
+
 async def test_replay_without_a_broker_keeps_every_record(tmp_path: Path) -> None:
     topic = unique_topic()
     spill = tmp_path / "spill"
