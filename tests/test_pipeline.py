@@ -470,3 +470,26 @@ async def test_under_journal_an_unwritable_journal_claims_no_durability(
         assert (count, admission) == (0, Admission.SHED)
     assert sink.values == []
     assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=3, shed=3)
+
+
+async def test_under_journal_a_full_kafka_queue_delays_no_answer(
+    virtual_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A batch written ahead never waits for room in librdkafka's queue: what
+    does not fit stays in the journal, counted spilled, for the replay."""
+    ledger = Ledger()
+    sink = MemorySink(ledger, open=False)
+    journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**5)
+    async with pipeline_of(
+        records(durability="journal"), 10.0, sink, journal=journal, spill_after=1.0
+    ) as pipeline:
+        started = trio.current_time()
+        for n in range(3):
+            assert await pipeline.intake.submit(hit(n)) is Admission.ACCEPTED
+        assert trio.current_time() == started  # no queue_full_timeout waited out
+        await trio.sleep(1)
+        assert (ledger.spilled, pipeline.held) == (3, 0)
+        assert journal.replayable() != []  # left for the replay, nothing live
+    assert sink.values == []
+    assert journal_values(tmp_path) == {b"id-%04d" % n for n in range(3)}
+    assert ledger.snapshot(pipeline.in_flight()) == snapshot(received=3, spilled=3, journaled=3)

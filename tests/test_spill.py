@@ -413,13 +413,13 @@ def test_released_records_are_replayable_once_none_is_live(tmp_path: Path) -> No
     path, _ = journal.write_ahead(hit_records(4))
     assert path is not None
     journal.release(path, 1)  # undelivered: waits for a replay
-    assert not journal.has_replayable()  # three are still with the pipeline
-    journal.settle(path, ids(3), live=True)
-    assert journal.has_replayable()
-    assert journal.replayable() == [path]  # the active segment was sealed for it
-    assert journal.settled_ids(path) == frozenset(ids(3))
+    assert journal.has_replayable()  # once sealed, and its live records settled
+    assert journal.replayable() == []  # sealed now; three are still with the pipeline
     later, _ = journal.write_ahead(hit_records(1, 4))
-    assert later != path
+    assert later != path  # new records go to a new segment
+    journal.settle(path, ids(3), live=True)
+    assert journal.replayable() == [path]
+    assert journal.settled_ids(path) == frozenset(ids(3))
 
 
 def test_a_torn_mark_and_the_segments_of_an_earlier_process(tmp_path: Path) -> None:

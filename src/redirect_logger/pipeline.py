@@ -384,12 +384,17 @@ class Pipeline:
 
         Once a batch has been spilled that way, the next ones wait for no room:
         they take what fits at once and spill the rest, until one fits whole.
+        Under ``records.durability`` (with a journal) no batch waits for room:
+        answers would wait behind it, and the journal is where the rest goes
+        (a batch written ahead is there already).
         On cancellation the unshipped rest stays in ``batch``, counted in ``held``.
         """
         started = trio.current_time()
+        at_once = self._group_commit and self.spill.journal is not None
         while batch.records:
-            if self._spill_after is not None and (
-                self._backed_up or trio.current_time() - started >= self._spill_after
+            if at_once or (
+                self._spill_after is not None
+                and (self._backed_up or trio.current_time() - started >= self._spill_after)
             ):
                 await self._produce(batch, 0.0)
                 self._backed_up = bool(batch.records)
@@ -438,15 +443,14 @@ class Pipeline:
 
         One thread hop does both: the write (a group commit: one write for the
         batch), then, once the batch's requests are told (``_answer``, on the
-        Trio thread), a first attempt to hand the batch to librdkafka; ``ship``
-        takes what is left. Records the journal cannot take are not recorded
-        (``Unrecorded``: shed or dropped, by ``when_full``); the batch keeps
-        the rest, tagged with where they are.
+        Trio thread), handing the batch to librdkafka as far as its queue has
+        room at once; the rest stays in the journal for the replay. Records
+        the journal cannot take are not recorded (``Unrecorded``: shed or
+        dropped, by ``when_full``).
         """
         journal, records = self.spill.journal, batch.records
         hits, batch.hits = batch.hits, []
         token = trio.lowlevel.current_trio_token()
-        backed_up = self._backed_up
 
         def write_then_produce() -> tuple[Path | None, int, str, int]:
             segment, written, reason = None, 0, "spill disabled"
@@ -457,12 +461,11 @@ class Pipeline:
                 except PartialWrite as exc:
                     reason = f"cannot write the spill journal: {exc}"
             token.run_sync_soon(_answer, hits, written)
-            if not written or backed_up:
+            if not written:
                 return segment, written, reason, 0
             assert journal is not None and segment is not None
             tag = Placement(journal, segment)
-            taken = self._sink.produce_batch(records[:written], PRODUCE_WINDOW, tag)
-            return segment, written, reason, taken
+            return segment, written, reason, self._sink.produce_batch(records[:written], 0.0, tag)
 
         segment, written, reason, taken = await trio.to_thread.run_sync(
             write_then_produce, limiter=self._limiter
@@ -474,10 +477,10 @@ class Pipeline:
             del records[written:]
         del records[:taken]
         self.held -= lost + taken
-        if journal is not None and segment is not None:
-            batch.tag = Placement(journal, segment)
         if records:
-            await self.ship(batch)
+            assert journal is not None and segment is not None
+            batch.tag = Placement(journal, segment)
+            await self.keep(batch, "librdkafka's queue was full")
         batch.tag = None
 
     async def _ship_acknowledged(self, batch: _Batch) -> None:

@@ -391,32 +391,36 @@ class Journal:
 
     def replayable(self) -> list[Path]:
         """Sealed segments the replay may take, oldest first: those of other
-        processes, and those of this one that hold records no longer live and
-        not settled. The active segment is sealed first if it holds such records."""
+        processes, and those of this one that hold records left for a replay
+        (no longer live, not settled) and none live. The active segment is
+        sealed first if it holds records left for a replay, so that they go
+        as soon as its live ones are settled."""
         with self._lock:
             active = self._active_path
-            if active is not None and self._waiting(self._tallies.get(active)):
+            if active is not None and self._left(self._tallies.get(active)):
                 self._close_active()
-            return [
-                path
-                for path in self._segment_paths()
-                if path != self._active_path
-                and (path not in self._tallies or self._waiting(self._tallies[path]))
-            ]
+            return [path for path in self._segment_paths() if self._ready(path)]
 
     def has_replayable(self) -> bool:
-        """Whether ``replayable()`` would find anything (without sealing)."""
+        """Whether the replay has something to take now, or once the active
+        segment is sealed (without sealing it)."""
         with self._lock:
-            return any(
-                path not in self._tallies or self._waiting(self._tallies[path])
-                for path in self._segment_paths()
-            )
+            active = self._active_path
+            if active is not None and self._left(self._tallies.get(active)):
+                return True
+            return any(self._ready(path) for path in self._segment_paths())
+
+    def _ready(self, path: Path) -> bool:
+        """A sealed segment the replay may take now."""
+        if path == self._active_path:
+            return False
+        tally = self._tallies.get(path)
+        return tally is None or (tally.live == 0 and self._left(tally))
 
     @staticmethod
-    def _waiting(tally: _Tally | None) -> bool:
-        """Whether a segment of this process holds records for the replay: none
-        live, and some not settled."""
-        return tally is not None and tally.live == 0 and tally.settled < tally.records
+    def _left(tally: _Tally | None) -> bool:
+        """Whether a segment of this process holds records left for a replay."""
+        return tally is not None and tally.records - tally.settled - tally.live > 0
 
     def _cut_back(self, active: BinaryIO, to: int | None = None) -> None:
         """After a failed write: drop the segment's unwritten tail (from ``to``,
