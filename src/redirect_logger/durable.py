@@ -122,7 +122,7 @@ class Flight:
             self._ledger.add_delivered()
             if key in self._journaled and self._placement is not None:
                 self._journaled.discard(key)
-                self._placement.journal.settle(self._placement.segment, [key], live=True)
+                self._placement.settle([key])
             elif key is not None and self._waiting.pop(key, None) is not None:
                 self._finish_if_done()
 
@@ -134,8 +134,7 @@ class Flight:
             waiting, journaled = self._sort(records)
             placement = self._placement
             if journaled and placement is not None:
-                self._ledger.add_spilled(len(journaled))
-                placement.journal.release(placement.segment, len(journaled))
+                placement.leave(len(journaled), self._ledger)
             if waiting:
                 keys = [key for key, _ in waiting]
                 kept = self._spill.keep([r for _, r in waiting], why, self._unrecorded)
@@ -152,7 +151,7 @@ class Flight:
             waiting, journaled = self._sort(records)
             placement = self._placement
             if journaled and placement is not None:
-                placement.journal.settle(placement.segment, journaled, live=True)
+                placement.settle(journaled)
             self._ledger.add_failed(len(waiting) + len(journaled))
             for key, _ in waiting:
                 self._undurable.add(self._waiting.pop(key))

@@ -421,10 +421,7 @@ class Pipeline:
         """
         records, tag = list(batch.records), batch.tag
         if isinstance(tag, Placement):
-            self.ledger.add_spilled(len(records))
-            await trio.to_thread.run_sync(
-                tag.journal.release, tag.segment, len(records), limiter=self._disk
-            )
+            await trio.to_thread.run_sync(tag.leave, len(records), self.ledger, limiter=self._disk)
         elif isinstance(tag, Flight):
             await trio.to_thread.run_sync(tag.undelivered, records, why, limiter=self._disk)
         else:

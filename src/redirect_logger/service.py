@@ -54,15 +54,13 @@ class _LiveReports:
             return
         self._ledger.add_delivered()
         if isinstance(tag, Placement):
-            key = record_id(message.value() or b"")
-            tag.journal.settle(tag.segment, [key], live=True)
+            tag.settle([record_id(message.value() or b"")])
 
     def undelivered(self, records: list[Encoded], why: str, tag: object) -> None:
         if isinstance(tag, Flight):
             tag.undelivered(records, why)
-        elif isinstance(tag, Placement):  # in the journal already: left for a replay
-            self._ledger.add_spilled(len(records))
-            tag.journal.release(tag.segment, len(records))
+        elif isinstance(tag, Placement):  # in the journal already
+            tag.leave(len(records), self._ledger)
         else:
             self._spill.keep(records, why)
 
@@ -72,9 +70,8 @@ class _LiveReports:
             tag.refused(records)
             return
         self._ledger.add_failed(len(records))
-        if isinstance(tag, Placement):  # never to be replayed
-            keys = [record_id(record.value) for record in records]
-            tag.journal.settle(tag.segment, keys, live=True)
+        if isinstance(tag, Placement):
+            tag.settle([record_id(record.value) for record in records])
 
     def served(self) -> None:
         if self._spill.journal is not None:

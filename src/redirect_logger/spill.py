@@ -622,6 +622,16 @@ class Placement(NamedTuple):
     journal: Journal
     segment: Path
 
+    def settle(self, keys: Sequence[bytes | None]) -> None:
+        """These records are acknowledged, or refused for good: never to be replayed."""
+        self.journal.settle(self.segment, keys, live=True)
+
+    def leave(self, count: int, ledger: Ledger) -> None:
+        """``count`` of these records could not be delivered now: they stay in
+        the journal for a replay, counted spilled (they are not written again)."""
+        ledger.add_spilled(count)
+        self.journal.release(self.segment, count)
+
 
 class Spill:
     """Where a record goes when Kafka cannot take it: the journal, counted
