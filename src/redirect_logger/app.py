@@ -62,6 +62,7 @@ class Frontend:
             else None
         )
         self._collect_path = collect.path if collect.enabled else None
+        self._count_hit = service.metrics.rule_hits.count
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -138,6 +139,7 @@ class Frontend:
                 (b"location", location.encode("ascii")),
                 (b"cache-control", target.cache_control),
             ]
+        self._count_hit(target.name, status)
         headers.append((b"content-length", str(len(body)).encode()))
         if body:
             headers.append((b"content-type", b"text/plain; charset=utf-8"))
@@ -253,7 +255,7 @@ def create_app(service: Service, *, own_lifecycle: bool) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(service.metrics.exposition(), content_type=CONTENT_TYPE)
+        return Response(await service.exposition(), content_type=CONTENT_TYPE)
 
     app.asgi_app = Frontend(app, service, own_lifecycle=own_lifecycle)  # type: ignore[method-assign,assignment]
     return app

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .devbroker import DevBrokerError, run_dev_broker
 from .logs import configure_logging
 from .server import hypercorn_config, leaf_errors
 from .service import Service
+from .supervisor import supervise, watch_supervisor, worker_fds
 
 log = logging.getLogger("redirect_logger.cli")
 
@@ -63,9 +65,15 @@ async def _watch_signals(
     stop: trio.Event,
     reload: Callable[[], Awaitable[None]] | None = None,
     *,
+    worker: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    """SIGTERM and SIGINT set ``stop``; SIGHUP calls ``reload``. A supervised
+    ``worker`` leaves SIGINT ignored: its supervisor sends SIGTERM."""
+    handled = [signal.SIGTERM, signal.SIGHUP]
+    if not worker:
+        handled.append(signal.SIGINT)
+    with trio.open_signal_receiver(*handled) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
@@ -106,6 +114,7 @@ async def serve_service(
     config_path: Path | None = None,
     dev_broker: bool = False,
     stop: trio.Event | None = None,
+    fds: Sequence[int] | None = None,
     task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """The root nursery of ``serve``: signals, dev broker, pipeline, Hypercorn.
@@ -114,13 +123,17 @@ async def serve_service(
     reloads the rules from ``config_path``. Returns the
     exit code once the server has stopped and the pipeline has drained.
     Reports the running Service as started (its ``binds`` are the addresses).
+    With ``fds`` it is a worker of ``serve --workers N``: it serves the
+    supervisor's listening sockets, and stops if the supervisor dies.
     """
     service = Service(settings)
     app = create_app(service, own_lifecycle=False)
     stop = trio.Event() if stop is None else stop
     async with trio.open_nursery() as root:
         reload = partial(_reload, service, config_path) if config_path is not None else None
-        await root.start(_watch_signals, stop, reload)
+        await root.start(partial(_watch_signals, stop, reload, worker=fds is not None))
+        if fds is not None:
+            root.start_soon(watch_supervisor, stop, os.getppid())
         if dev_broker:
             await root.start(run_dev_broker, str(settings.kafka["bootstrap.servers"]))
         async with service.running(), trio.open_nursery() as server:
@@ -128,7 +141,7 @@ async def serve_service(
                 partial(
                     serve,
                     app,
-                    hypercorn_config(settings),
+                    hypercorn_config(settings, fds),
                     shutdown_trigger=partial(_until_stopped, service, stop),
                 )
             )
@@ -161,12 +174,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-    try:
-        return trio.run(
-            partial(
-                serve_service, settings, config_path=Path(args.config), dev_broker=args.dev_broker
-            )
+    if args.workers:
+        argv = ["--config", args.config]
+        for bind in args.bind or []:
+            argv += ["--bind", bind]
+        run = partial(supervise, settings, argv, args.workers, dev_broker=args.dev_broker)
+    else:
+        run = partial(
+            serve_service,
+            settings,
+            config_path=Path(args.config),
+            dev_broker=args.dev_broker,
+            fds=worker_fds(),
         )
+    try:
+        return trio.run(run)
+    except OSError as exc:  # the supervisor's binding
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except BaseExceptionGroup as group:
         config_errors, other = group.split(ConfigError)
         startup_errors, other = other.split((OSError, DevBrokerError)) if other else (None, None)
@@ -330,6 +355,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"{text} is not between 1 and 256")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="redirect-logger",
@@ -344,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="HOST:PORT",
         help="listen here instead of server.bind (repeatable)",
+    )
+    serve_cmd.add_argument(
+        "--workers",
+        type=_workers,
+        default=0,
+        metavar="N",
+        help="run N worker processes on the same sockets, under a supervisor "
+        "(default: one process, no supervisor)",
     )
     serve_cmd.add_argument(
         "--dev-broker",

@@ -35,6 +35,7 @@ COLLECT_REJECTIONS = (
 COLLECT_EVENT_OUTCOMES = ("accepted", "dropped", "shed")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+FALLBACK_RULE = "(fallback)"  # the ``rule`` label of answers by ``[fallback]``
 
 
 class _LedgerCollector(Collector):
@@ -64,6 +65,37 @@ class _LedgerCollector(Collector):
             yield GaugeMetricFamily(f"redirect_logger_{name}", _GAUGE_HELP[name], value=value)
 
 
+class RuleHits(Collector):
+    """Redirect answers by rule and status: ``redirect_logger_hits_total``.
+
+    Counted on the Trio thread by the request path (one dict update), read
+    there by the scrape. A rule keeps its counts after a reload removes it.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str | None, int], int] = {}
+
+    def count(self, rule: str | None, status: int) -> None:
+        key = (rule, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        hits = CounterMetricFamily(
+            "redirect_logger_hits",
+            "Redirect answers (hits) by rule name and HTTP status; "
+            f'rule="{FALLBACK_RULE}" for [fallback]',
+            labels=["rule", "status"],
+        )
+        for (rule, status), count in sorted(self._counts.items(), key=_by_rule):
+            hits.add_metric([FALLBACK_RULE if rule is None else rule, str(status)], count)
+        yield hits
+
+
+def _by_rule(item: tuple[tuple[str | None, int], int]) -> tuple[str, int]:
+    (rule, status), _ = item
+    return (FALLBACK_RULE if rule is None else rule, status)
+
+
 _GAUGE_HELP = {
     "in_flight": "Records received but not yet delivered, spilled, failed, dropped or shed",
     "queue_depth": "Records waiting in the bounded channel (and the overflow channel)",
@@ -72,6 +104,7 @@ _GAUGE_HELP = {
     "ready": "1 when /readyz answers 200",
     "broker_reachable": "1 when the producer has a connection to some broker",
     "spill_bytes": "Bytes in this process's spill journal awaiting replay",
+    "workers": "Worker processes whose metrics this scrape sums (1 for a single process)",
 }
 
 
@@ -79,6 +112,8 @@ class Metrics:
     def __init__(self, ledger: Ledger, gauges: Callable[[], dict[str, float]]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_LedgerCollector(ledger, gauges))
+        self.rule_hits = RuleHits()
+        self.registry.register(self.rule_hits)
         self.batch_size = Histogram(
             "redirect_logger_batch_size_records",
             "Records per batch handed to the producer",

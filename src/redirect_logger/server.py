@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import hypercorn.trio.run
@@ -43,10 +44,13 @@ class _BoundedSendConfig(HypercornConfig):
         return sockets
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
-    """Hypercorn's Config for ``serve``; docs/operations.md lists the limits it sets."""
+def hypercorn_config(settings: Settings, fds: Sequence[int] | None = None) -> HypercornConfig:
+    """Hypercorn's Config for ``serve``; docs/operations.md lists the limits it
+    sets. With ``fds`` it serves those listening sockets (a supervisor's, in
+    the order of ``server.bind`` then ``server.admin_bind``) instead of binding."""
     config = _BoundedSendConfig()
-    config.bind = [*settings.server.bind, *settings.server.admin_bind]
+    binds = [*settings.server.bind, *settings.server.admin_bind]
+    config.bind = binds if fds is None else [f"fd://{fd}" for fd in fds]
     config.graceful_timeout = settings.server.graceful_timeout
     # A response that cannot progress that long cannot finish within the
     # graceful shutdown either.

@@ -19,6 +19,7 @@ from confluent_kafka import Message
 
 from .config import ADMIN_PATHS, ConfigError, Settings, port_of
 from .durable import Flight
+from .group import group_directory, merge, read_members, serve_member
 from .hits import Encoded, Enricher, Hit, record_id
 from .kafka import KafkaSink
 from .ledger import Ledger
@@ -101,6 +102,7 @@ class Service:
         self.draining = False
         self.binds: list[str] = []  # addresses served, once listening
         self.admin_binds: list[str] = []
+        self._member: Path | None = None  # this worker's socket in its group's directory
         # Local ports that serve only the admin endpoints; None: admin on every port.
         admin = settings.server.admin_bind
         self.admin_ports = frozenset(port_of(b) for b in admin) if admin else None
@@ -202,7 +204,20 @@ class Service:
             "broker_reachable": 1 if sink is not None and sink.reachable else 0,
             "spill_bytes": self.spill.journal.size if self.spill.journal is not None else 0,
             "producer_rebuilds": sink.rebuilds if sink else 0,
+            "workers": 1,
         }
+
+    async def exposition(self) -> bytes:
+        """``/metrics``: this process's metrics, or its group's summed
+        (``group.py``) when it is one of several workers."""
+        own = self.metrics.exposition()
+        member = self._member
+        if member is None:
+            return own
+        others = await read_members(member.parent, member)
+        if not others:
+            return own
+        return await trio.to_thread.run_sync(merge, [own, *others])
 
     def create_sink(self) -> KafkaSink:
         """The producer, the spill journal and the replayer (created once).
@@ -251,32 +266,36 @@ class Service:
         background: list[Callable[[], Awaitable[None]]] = []
         if replayer is not None:
             background.append(partial(replayer.run, lambda: sink.reachable))
+        spill_after = settings.spill.queue_full_timeout if settings.spill.enabled else None
         try:
-            async with open_pipeline(
-                settings.records,
-                settings.shutdown.flush_timeout,
-                sink,
-                self.spill,
-                self.enricher.encode,
-                self.ledger,
-                observe_batch=self.metrics.batch_size.observe,
-                spill_after=settings.spill.queue_full_timeout if settings.spill.enabled else None,
-                background=background,
-                stopping=replayer.stop if replayer is not None else None,
-            ) as pipeline:
-                self.pipeline = pipeline
-                log.info(
-                    "pipeline running: topic %s, %d workers, queue %d records, when_full=%s",
-                    settings.records.topic,
-                    settings.records.workers,
-                    settings.records.queue_size,
-                    settings.records.when_full,
-                )
-                try:
-                    yield
-                finally:
-                    self.draining = True
-                    log.info("draining: closing the channel, flushing the producer")
+            async with trio.open_nursery() as group:  # serves the metrics through the drain
+                async with open_pipeline(
+                    settings.records,
+                    settings.shutdown.flush_timeout,
+                    sink,
+                    self.spill,
+                    self.enricher.encode,
+                    self.ledger,
+                    observe_batch=self.metrics.batch_size.observe,
+                    spill_after=spill_after,
+                    background=background,
+                    stopping=replayer.stop if replayer is not None else None,
+                ) as pipeline:
+                    self.pipeline = pipeline
+                    await self._join_group(group)
+                    log.info(
+                        "pipeline running: topic %s, %d workers, queue %d records, when_full=%s",
+                        settings.records.topic,
+                        settings.records.workers,
+                        settings.records.queue_size,
+                        settings.records.when_full,
+                    )
+                    try:
+                        yield
+                    finally:
+                        self.draining = True
+                        log.info("draining: closing the channel, flushing the producer")
+                group.cancel_scope.cancel()
         finally:  # also when the pipeline itself failed
             self.draining = True
             with trio.CancelScope(shield=True):  # its last fsync, off the Trio thread
@@ -292,6 +311,17 @@ class Service:
                     journal.size,
                     journal.directory,
                 )
+
+    async def _join_group(self, nursery: trio.Nursery) -> None:
+        """Serve this worker's metrics to its group, if it has one; a directory
+        that cannot be used leaves the scrapes of this worker its own."""
+        directory = group_directory()
+        if directory is None:
+            return
+        try:
+            self._member = await nursery.start(serve_member, directory, self.metrics.exposition)
+        except OSError as exc:
+            log.error("metrics stay this worker's own: group directory %s: %s", directory, exc)
 
     def exit_code(self) -> int:
         """0 when every received record was delivered, journaled, or dropped/shed
