@@ -20,10 +20,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import httpx
 import jsonschema
 import trio
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from brokers import Broker
 from redirect_logger.cli import serve_service
 from redirect_logger.config import parse_settings
 from redirect_logger.ledger import OUTCOMES
@@ -361,3 +363,67 @@ async def start_service(
 
     service: Service = await nursery.start(run)
     return service, codes
+
+
+SIGNAL_CLIENTS = 8
+
+
+async def _load_docs(url: str, answered: dict[str, int], signalled: trio.Event) -> None:
+    """Request in a loop on one keep-alive connection until the server is gone."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        n = 0
+        while True:
+            n += 1
+            try:
+                response = await client.get(f"/docs/p{n}?n={n}")
+            except httpx.TransportError:
+                if signalled.is_set():
+                    return
+                raise
+            assert response.status_code == 301, response.text
+            hit_id = response.headers["x-hit-id"]
+            assert hit_id not in answered
+            answered[hit_id] = response.status_code
+
+
+async def sigterm_under_load(
+    service: ServiceProcess, urls: list[str], signum: int = signal.SIGTERM, group: bool = False
+) -> tuple[int, dict[str, int]]:
+    """Load from SIGNAL_CLIENTS keep-alive clients spread over ``urls``; after 2 s
+    ``signum`` to the service (or its process group); the exit code and the
+    answered ids, once it has exited."""
+    answered: dict[str, int] = {}
+    signalled = trio.Event()
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            for index in range(SIGNAL_CLIENTS):
+                nursery.start_soon(_load_docs, urls[index % len(urls)], answered, signalled)
+            await trio.sleep(2.0)
+            assert len(answered) > 50, "no load reached the service"
+            signalled.set()
+            if group:
+                os.killpg(service.process.pid, signum)
+            else:
+                service.process.send_signal(signum)
+            code = await trio.to_thread.run_sync(service.wait)
+    return code, answered
+
+
+def check_delivery(
+    broker: Broker, topic: str, service: ServiceProcess, answered: dict[str, int], processes: int
+) -> None:
+    """Each of the ``processes`` ledger lines is clean, and the topic holds each
+    delivered record once, every answered id among them."""
+    ledgers = service.ledgers()
+    assert len(ledgers) == processes, service.output
+    for ledger in ledgers:
+        assert ledger["failed"] == ledger["dropped"] == ledger["shed"] == ledger["in_flight"] == 0
+        assert ledger["received"] == ledger["delivered"]  # one worker may get no connection
+    delivered = sum(ledger["delivered"] for ledger in ledgers)
+    assert delivered > 0
+    records = read_topic(broker.bootstrap, topic, expected=delivered)
+    ids = [record["id"] for record in records]
+    counts = f"answered {len(answered)}, delivered {delivered}, in topic {len(ids)}"
+    assert len(ids) == len(set(ids)), f"a hit was delivered twice: {counts}"
+    assert not set(answered) - set(ids), f"answered hits missing: {counts}"
+    assert len(ids) == delivered, counts

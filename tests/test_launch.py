@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -14,72 +13,17 @@ import trio
 from brokers import Broker, free_port
 from support import (
     BIND_RE,
+    SIGNAL_CLIENTS,
     ServiceProcess,
+    check_delivery,
     ledger_counts,
     read_topic,
     service_config,
+    sigterm_under_load,
     unique_topic,
     unreachable_config,
     write_config,
 )
-
-CLIENTS = 8
-
-
-async def _load(url: str, answered: dict[str, int], signalled: trio.Event) -> None:
-    """Request in a loop on one keep-alive connection until the server is gone."""
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        n = 0
-        while True:
-            n += 1
-            try:
-                response = await client.get(f"/docs/p{n}?n={n}")
-            except httpx.TransportError:
-                if signalled.is_set():
-                    return
-                raise
-            assert response.status_code == 301, response.text
-            hit_id = response.headers["x-hit-id"]
-            assert hit_id not in answered
-            answered[hit_id] = response.status_code
-
-
-async def _sigterm_under_load(
-    service: ServiceProcess, urls: list[str], signum: int = signal.SIGTERM, group: bool = False
-) -> tuple[int, dict[str, int]]:
-    answered: dict[str, int] = {}
-    signalled = trio.Event()
-    with trio.fail_after(90):
-        async with trio.open_nursery() as nursery:
-            for index in range(CLIENTS):
-                nursery.start_soon(_load, urls[index % len(urls)], answered, signalled)
-            await trio.sleep(2.0)
-            assert len(answered) > 50, "no load reached the service"
-            signalled.set()
-            if group:
-                os.killpg(service.process.pid, signum)
-            else:
-                service.process.send_signal(signum)
-            code = await trio.to_thread.run_sync(service.wait)
-    return code, answered
-
-
-def _check_delivery(
-    broker: Broker, topic: str, service: ServiceProcess, answered: dict[str, int], processes: int
-) -> None:
-    ledgers = service.ledgers()
-    assert len(ledgers) == processes, service.output
-    for ledger in ledgers:
-        assert ledger["failed"] == ledger["dropped"] == ledger["shed"] == ledger["in_flight"] == 0
-        assert ledger["received"] == ledger["delivered"]  # one worker may get no connection
-    delivered = sum(ledger["delivered"] for ledger in ledgers)
-    assert delivered > 0
-    records = read_topic(broker.bootstrap, topic, expected=delivered)
-    ids = [record["id"] for record in records]
-    counts = f"answered {len(answered)}, delivered {delivered}, in topic {len(ids)}"
-    assert len(ids) == len(set(ids)), f"a hit was delivered twice: {counts}"
-    assert not set(answered) - set(ids), f"answered hits missing: {counts}"
-    assert len(ids) == delivered, counts
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -93,11 +37,11 @@ async def test_cli_signal_under_load_delivers_every_answered_hit(
     service = ServiceProcess.cli(config)
     try:
         url = await trio.to_thread.run_sync(service.url)
-        code, answered = await _sigterm_under_load(service, [url], signum)
+        code, answered = await sigterm_under_load(service, [url], signum)
     finally:
         service.kill()
     assert code == 0, service.output
-    await trio.to_thread.run_sync(_check_delivery, broker, topic, service, answered, 1)
+    await trio.to_thread.run_sync(check_delivery, broker, topic, service, answered, 1)
 
 
 @pytest.mark.parametrize(("workers", "group"), [(0, False), (1, False), (2, False), (2, True)])
@@ -115,11 +59,11 @@ async def test_hypercorn_sigterm_under_load_delivers_every_answered_hit(
     processes = max(workers, 1)
     try:
         urls = await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, processes, 60))
-        code, answered = await _sigterm_under_load(service, urls, group=group)
+        code, answered = await sigterm_under_load(service, urls, group=group)
     finally:
         service.kill()
     assert code == 0, service.output
-    await trio.to_thread.run_sync(_check_delivery, broker, topic, service, answered, processes)
+    await trio.to_thread.run_sync(check_delivery, broker, topic, service, answered, processes)
 
 
 @pytest.mark.parametrize(("mode", "workers"), [("cli", 0), ("hypercorn", 0), ("hypercorn", 1)])
@@ -266,7 +210,7 @@ async def test_hypercorn_sighup_restarts_the_workers_on_the_new_rules_losing_not
     try:
         [url] = await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, 1, 60))
         async with trio.open_nursery() as nursery:
-            for _ in range(CLIENTS):
+            for _ in range(SIGNAL_CLIENTS):
                 nursery.start_soon(_load_home, url, 8.0, locations)
             await trio.sleep(1.5)
             _retarget_home(path, base, service)
@@ -293,7 +237,7 @@ async def test_sighup_reloads_the_rules_under_load_and_keeps_them_when_the_file_
     try:
         url = await trio.to_thread.run_sync(service.url)
         async with trio.open_nursery() as nursery:
-            for _ in range(CLIENTS):
+            for _ in range(SIGNAL_CLIENTS):
                 nursery.start_soon(_load_home, url, 4.0, locations)
             await trio.sleep(1.0)
             _retarget_home(path, base, service)
