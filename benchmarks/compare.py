@@ -11,12 +11,15 @@ Systems (benchmarks/apps.py has B, C and E):
   E  the naive design: B plus a produce and poll per request, no flush at exit
   F  the service under `hypercorn -k trio --workers 1`   (only with --systems)
   G  the service under `hypercorn -k trio --workers 2`   (only with --systems)
+  P  the service under `redirect-logger serve --workers 1` (only with --systems)
+  Q  the service under `redirect-logger serve --workers 2` (only with --systems)
   J  A with records.durability = "journal" (spill.fsync "interval")   (only with --systems)
   S  A with records.durability = "journal" and spill.fsync = "always" (only with --systems)
   K  A with records.durability = "kafka"                              (only with --systems)
 
 Every run starts the system afresh, loads it with ``wrk -t1 --latency``
-(keep-alive, loopback) for --seconds at one connection count, and reads the
+(keep-alive, loopback; with --close a new connection per request, as clicks
+from many browsers arrive) for --seconds at one connection count, and reads the
 server's CPU time and peak RSS from /proc. The systems are interleaved, in a
 rotating order, round after round; the table shows medians over the rounds
 and the ratios A/B, A/C, A/D, A/E. For A and E it also counts the records in
@@ -52,6 +55,8 @@ PATH = "/docs/a?x=1"
 LOCATION = "https://docs.example.com/a?x=1"
 SYSTEMS = "ABCDE"
 TICKS = os.sysconf("SC_CLK_TCK")
+CLOSE = ("-H", "Connection: close")  # wrk then opens a new connection per request
+SUPERVISED = {"P": 1, "Q": 2}  # serve --workers N
 
 
 @dataclass
@@ -120,9 +125,12 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def _wrk(url: str, connections: int, seconds: int) -> tuple[float, float, float, float, int]:
-    """req/s, p50, p99 and max latency (ms), and answers of one wrk run."""
-    report = run_wrk([url + PATH], connections, seconds)
+def _wrk(
+    url: str, connections: int, seconds: int, close: bool
+) -> tuple[float, float, float, float, int]:
+    """req/s, p50, p99 and max latency (ms), and answers of one wrk run
+    (``close``: each request on a new connection)."""
+    report = run_wrk([*CLOSE * close, url + PATH], connections, seconds)
     peak = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", report)
     if not peak:
         raise RuntimeError(f"cannot read wrk's report:\n{report}")
@@ -273,11 +281,15 @@ def _service_config(work: Path, bootstrap: str, topic: str, system: str = "A") -
     )
 
 
-def measure(system: str, connections: int, seconds: int, bootstrap: str, work: Path) -> Run:
+def measure(
+    system: str, connections: int, seconds: int, bootstrap: str, work: Path, close: bool = False
+) -> Run:
     topic = f"bench-{system}-{uuid.uuid4().hex[:8]}"
     server: Served | _Process
     if system in DURABILITY:
         server = Served(_service_config(work, bootstrap, topic, system))
+    elif system in SUPERVISED:
+        server = Served(_service_config(work, bootstrap, topic), SUPERVISED[system])
     elif system == "D":
         server = _nginx(work)
     elif system in "FG":  # the service under hypercorn, 1 or 2 worker processes
@@ -298,7 +310,7 @@ def measure(system: str, connections: int, seconds: int, bootstrap: str, work: P
         raise RuntimeError(f"{system} answered {check!r}, not 301 {LOCATION}")
     pids = _tree(server.pid)
     cpu_before = _cpu(pids)
-    rps, p50, p99, peak, answered = _wrk(server.url, connections, seconds)
+    rps, p50, p99, peak, answered = _wrk(server.url, connections, seconds, close)
     answered += 1  # the check above
     cpu = _cpu(_tree(server.pid)) - cpu_before
     rss = _peak_rss(_tree(server.pid))
@@ -387,8 +399,8 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
     if "A" in systems:
         lines += [
             "",
-            "| conns | A/B req/s | A/C | A/D | A/E | A/B p99 |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| conns | A/B req/s | A/C | A/D | A/E | A/B p99 | A/C p99 | A/C CPU |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
     for connections in connection_counts:
         of = {
@@ -399,8 +411,10 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
             continue
         a = _median(of["A"], "rps")
         cells = [f"{a / _median(of[s], 'rps'):.2f}" if of.get(s) else "-" for s in "BCDE"]
-        p99 = f"{_median(of['A'], 'p99') / _median(of['B'], 'p99'):.2f}" if of.get("B") else "-"
-        lines.append(f"| {connections} | " + " | ".join(cells) + f" | {p99} |")
+        for field, base in (("p99", "B"), ("p99", "C"), ("cpu_per_1k", "C")):
+            ratio = _median(of["A"], field) / _median(of[base], field) if of.get(base) else None
+            cells.append("-" if ratio is None else f"{ratio:.2f}")
+        lines.append(f"| {connections} | " + " | ".join(cells) + " |")
     variants = [s for s in "JSK" if s in systems]
     if "A" in systems and variants:
         lines += [
@@ -425,17 +439,35 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
                 for v in variants
             ]
             lines.append(f"| {connections} | " + " | ".join(cells) + " |")
-    if "F" in systems and "G" in systems:
-        lines += ["", "| conns | G/F req/s (2 workers / 1) |", "| --- | --- |"]
+    pairs = [(two, one) for two, one in (("G", "F"), ("Q", "P"), ("Q", "G")) if two in systems]
+    pairs = [(two, one) for two, one in pairs if one in systems]
+    if pairs:
+        lines += [
+            "",
+            "| conns | "
+            + " | ".join(f"{two}/{one} req/s | {two}/{one} CPU" for two, one in pairs)
+            + " |",
+            "| --- |" + " --- | --- |" * len(pairs),
+        ]
         for connections in connection_counts:
-            f = [r for r in runs if r.system == "F" and r.connections == connections]
-            g = [r for r in runs if r.system == "G" and r.connections == connections]
-            if f and g:
-                lines.append(f"| {connections} | {_median(g, 'rps') / _median(f, 'rps'):.2f} |")
+            of = {
+                s: [r for r in runs if r.system == s and r.connections == connections]
+                for s in systems
+            }
+            if not all(of[two] and of[one] for two, one in pairs):
+                continue
+            cells = [
+                f"{_median(of[two], 'rps') / _median(of[one], 'rps'):.2f} "
+                f"| {_median(of[two], 'cpu_per_1k') / _median(of[one], 'cpu_per_1k'):.2f}"
+                for two, one in pairs
+            ]
+            lines.append(f"| {connections} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], connection_counts: list[int], systems: str, path: Path) -> None:
+def plot(
+    runs: list[Run], connection_counts: list[int], systems: str, path: Path, close: bool = False
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -450,6 +482,10 @@ def plot(runs: list[Run], connection_counts: list[int], systems: str, path: Path
         "J": "A, durability journal",
         "S": "A, journal, fsync always",
         "K": "A, durability kafka",
+        "F": "hypercorn --workers 1",
+        "G": "hypercorn --workers 2",
+        "P": "serve --workers 1",
+        "Q": "serve --workers 2",
     }
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for system in systems:
@@ -468,7 +504,7 @@ def plot(runs: list[Run], connection_counts: list[int], systems: str, path: Path
     for axis, title in ((left, "requests/s (median)"), (right, "p99 latency, ms (median)")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(connection_counts, [str(c) for c in connection_counts])
-        axis.set_xlabel("connections (wrk, keep-alive)")
+        axis.set_xlabel(f"connections (wrk, {'a new one per request' if close else 'keep-alive'})")
         axis.set_title(title)
         axis.grid(alpha=0.3)
     left.set_yscale("log")
@@ -502,6 +538,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--systems", default=SYSTEMS)
     parser.add_argument("--plot", type=Path, help="write the plot (PNG) here")
+    parser.add_argument(
+        "--close", action="store_true", help="a new connection per request (Connection: close)"
+    )
     args = parser.parse_args()
     for tool in ("wrk", "curl", *(["nginx"] if "D" in args.systems else [])):
         if shutil.which(tool) is None:
@@ -515,7 +554,9 @@ def main() -> int:
             for round_number in range(args.rounds):
                 for connections in args.connections:
                     for system in order:
-                        run = measure(system, connections, args.seconds, bootstrap, work)
+                        run = measure(
+                            system, connections, args.seconds, bootstrap, work, args.close
+                        )
                         runs.append(run)
                         print(
                             f"round {round_number + 1} c={connections} {system}: "
@@ -527,7 +568,7 @@ def main() -> int:
                 shutdown_under_load(system, args.seconds, bootstrap, work, down)
                 for down in (False, True)
                 for system in "AE"
-                if system in args.systems
+                if system in args.systems and not args.close
             ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -535,7 +576,7 @@ def main() -> int:
     print()
     print("\n".join(stops))
     if args.plot:
-        plot(runs, args.connections, args.systems, args.plot)
+        plot(runs, args.connections, args.systems, args.plot, args.close)
         print(f"plot written to {args.plot}")
     return 0
 

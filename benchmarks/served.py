@@ -61,9 +61,12 @@ directory = "{spill}"
 class Served:
     """The real CLI serving ``config``; ``url`` once it listens."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, workers: int = 0) -> None:
+        """``workers``: run ``serve --workers N`` (0: one process, no supervisor)."""
+        command = [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)]
+        self.workers = workers
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)],
+            command + (["--workers", str(workers)] if workers else []),
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -81,11 +84,14 @@ class Served:
         self.pid = self.process.pid
 
     def stop(self) -> dict[str, int]:
-        """SIGTERM; the ledger the service logged at exit."""
+        """SIGTERM; the ledger the service logged at exit (summed over its workers)."""
         self.process.send_signal(signal.SIGTERM)
         rest = self.process.communicate(timeout=120)[1]
         ledgers = LEDGER_RE.findall("".join(self.lines) + rest)
-        if not ledgers:
-            raise RuntimeError("no ledger logged:\n" + "".join(self.lines) + rest)
-        ledger: dict[str, int] = json.loads(ledgers[-1])
+        if len(ledgers) < max(self.workers, 1):
+            raise RuntimeError("ledgers missing:\n" + "".join(self.lines) + rest)
+        ledger: dict[str, int] = {}
+        for found in ledgers[-max(self.workers, 1) :]:
+            for key, value in json.loads(found).items():
+                ledger[key] = ledger.get(key, 0) + value
         return ledger
