@@ -144,21 +144,24 @@ def test_every_scrape_shows_the_whole_group(broker: Broker, tmp_path: Path, mode
     assert sum(ledger["received"] for ledger in ledgers) == 300
 
 
+@pytest.mark.parametrize(("signum", "group"), [(signal.SIGTERM, False), (signal.SIGINT, True)])
 async def test_serve_workers_sigterm_under_load_delivers_every_answered_hit(
-    kafka_broker: Broker, tmp_path: Path
+    kafka_broker: Broker, tmp_path: Path, signum: int, group: bool
 ) -> None:
-    """SIGTERM to the supervisor under load: every worker drains, exit 0, and
+    """SIGTERM to the supervisor, or SIGINT to the whole process group (a
+    terminal's Ctrl+C), under load: every worker drains once, exit 0, and
     every answered hit is in Kafka once."""
     topic = unique_topic()
     path, public, admin, _ = _config(tmp_path, kafka_broker.bootstrap, topic)
     service = ServiceProcess.cli(path, "--workers", "2")
     try:
         await trio.to_thread.run_sync(_until_ready, admin, 2)
-        code, answered = await sigterm_under_load(service, [public])
+        code, answered = await sigterm_under_load(service, [public], signum, group)
     finally:
         service.kill_group()
     assert code == 0, service.output
     assert "group exit code 0: workers' last exit codes [0, 0]" in service.output
+    assert "again" not in service.output  # each worker got one stop signal
     await trio.to_thread.run_sync(check_delivery, kafka_broker, topic, service, answered, 2)
 
 
