@@ -345,6 +345,12 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from .top import run
+
+    return run(args.admin, args.interval)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -419,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, help="stop after this many seconds without a record"
     )
     tail_cmd.set_defaults(run=_cmd_tail)
+
+    top_cmd = commands.add_parser("top", help="live view of a running service's /metrics")
+    top_cmd.add_argument(
+        "--admin", required=True, metavar="URL", help="its admin address: http://HOST:PORT"
+    )
+    top_cmd.add_argument(
+        "--interval", type=_positive, default=1.0, help="s between scrapes (default 1)"
+    )
+    top_cmd.set_defaults(run=_cmd_top)
     return parser
 
 
