@@ -132,7 +132,7 @@ def test_every_scrape_shows_the_whole_group(broker: Broker, tmp_path: Path, mode
                 (("rule", "home"), ("status", "302")): 50,
                 (("rule", "(fallback)"), ("status", "404")): 50,
             }
-            assert _gauge(samples, "ready") == 1
+            assert _gauge(samples, "ready") == _gauge(samples, "broker_reachable") == 2
             assert _gauge(samples, "queue_capacity") == 2 * 10_000
         code = service.terminate()
     finally:

@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 ENV_VAR = "REDIRECT_LOGGER_GROUP_DIR"  # set by ``serve --workers N`` for its workers
 READ_TIMEOUT = 1.0  # s for all members together; a member that does not answer is left out
 MAX_EXPOSITION = 16 * 1024 * 1024  # bytes read from one member at most
-# Gauges that say whether every worker is so: the group's value is the least.
-_LEAST = frozenset({"redirect_logger_ready", "redirect_logger_broker_reachable"})
 
 
 def group_directory() -> Path | None:
@@ -144,11 +142,10 @@ class _Families(Collector):
 
 
 def merge(expositions: list[bytes]) -> bytes:
-    """One exposition for the group: each sample summed over the members, but
-    ``_created`` timestamps (the earliest) and ``ready``/``broker_reachable``
-    (the least: 1 only when every worker is). Families keep the first
-    member's order; a family or label set only some members have is summed
-    over those."""
+    """One exposition for the group: each sample summed over the members (so
+    ``ready`` and ``broker_reachable`` count the workers that are), but
+    ``_created`` timestamps: the earliest. Families keep the first member's
+    order; a family or label set only some members have is summed over those."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in expositions:
@@ -156,7 +153,7 @@ def merge(expositions: list[bytes]) -> bytes:
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 values[family.name] = {}
-            least = family.name.endswith("_created") or family.name in _LEAST
+            least = family.name.endswith("_created")
             into = values[family.name]
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
