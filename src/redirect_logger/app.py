@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import trio
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 from uuid_utils import uuid7
 from werkzeug.exceptions import HTTPException
@@ -248,7 +248,9 @@ def create_app(service: Service, *, own_lifecycle: bool) -> QuartTrio:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        reason = service.readiness()
+        # ?exclude=kafka, as Kubernetes' own /readyz?exclude=<check>: ready for
+        # traffic even while no broker is reachable (hits are journaled).
+        reason = service.readiness(kafka="kafka" not in request.args.getlist("exclude"))
         if reason is None:
             return Response("ready\n", content_type="text/plain")
         return Response(f"not ready: {reason}\n", status=503, content_type="text/plain")

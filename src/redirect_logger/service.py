@@ -152,12 +152,15 @@ class Service:
         server = scope.get("server")
         return server is not None and server[1] in self.admin_ports
 
-    def readiness(self) -> str | None:
-        """None when ready to take traffic, else why not."""
+    def readiness(self, *, kafka: bool = True) -> str | None:
+        """None when ready to take traffic, else why not. Without ``kafka``
+        only starting and draining count: the producer's state does not."""
         if self.draining:
             return "draining"
         if self.pipeline is None or self.sink is None:
             return "starting"
+        if not kafka:
+            return None
         if self.sink.fatal_error is not None:
             return f"producer failed: {self.sink.fatal_error}"
         if not self.sink.reachable:
