@@ -226,7 +226,7 @@ def test_statefulset_matches_config(settings: Settings) -> None:
     assert probes == {
         "startupProbe": ("/healthz", "admin"),
         "livenessProbe": ("/healthz", "admin"),
-        "readinessProbe": ("/readyz", "admin"),
+        "readinessProbe": ("/readyz?exclude=kafka", "admin"),
     }
 
     assert container["args"] == [
