@@ -427,3 +427,13 @@ def check_delivery(
     assert len(ids) == len(set(ids)), f"a hit was delivered twice: {counts}"
     assert not set(answered) - set(ids), f"answered hits missing: {counts}"
     assert len(ids) == delivered, counts
+
+
+def topic_ids(broker: Broker, topic: str, wanted: set[str], timeout: float = 120.0) -> list[str]:
+    """The ids in the topic, once it holds every id of ``wanted`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = [record["id"] for record in read_topic(broker.bootstrap, topic, timeout=60)]
+        if wanted <= set(ids) or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.5)

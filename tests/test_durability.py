@@ -32,6 +32,7 @@ from support import (
     ServiceProcess,
     read_topic,
     service_config,
+    topic_ids,
     unique_topic,
     write_config,
 )
@@ -128,16 +129,6 @@ async def _killed_under_load(config: Path) -> dict[str, float]:
     return answered
 
 
-def _ids(broker: Broker, topic: str, wanted: set[str], timeout: float = 120.0) -> list[str]:
-    """The ids in the topic, once it holds every id of ``wanted`` (or at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ids = [record["id"] for record in read_topic(broker.bootstrap, topic, timeout=60)]
-        if wanted <= set(ids) or time.monotonic() > deadline:
-            return ids
-        time.sleep(1.0)
-
-
 def _report(name: str, answered: dict[str, float], ids: list[str]) -> tuple[int, int]:
     """Prints and returns (answered ids missing from the topic, duplicates)."""
     missing = len(set(answered) - set(ids))
@@ -167,12 +158,12 @@ async def _restart_and_check(
     again: ServiceProcess = launch()
     try:
         await trio.to_thread.run_sync(lambda: again.wait_for(BIND_RE, processes, 60))
-        await trio.to_thread.run_sync(_ids, broker, topic, set(answered))
+        await trio.to_thread.run_sync(topic_ids, broker, topic, set(answered))
         await trio.to_thread.run_sync(_until_replayed, spill)
         code = await trio.to_thread.run_sync(again.terminate)
     finally:
         again.kill_group()
-    ids = await trio.to_thread.run_sync(_ids, broker, topic, set(answered))
+    ids = await trio.to_thread.run_sync(topic_ids, broker, topic, set(answered))
     missing, duplicates = _report(name, answered, ids)
     assert missing == 0
     assert code == 0, again.output
@@ -243,7 +234,7 @@ async def test_sigkill_under_memory_loses_at_most_what_memory_held(
     config = _config(kafka_broker.bootstrap, topic, tmp_path, "memory")
     answered = await _killed_under_load(config)
     await trio.sleep(2 * LINGER_MS / 1000)
-    ids = await trio.to_thread.run_sync(lambda: _ids(kafka_broker, topic, set(answered), 5.0))
+    ids = await trio.to_thread.run_sync(lambda: topic_ids(kafka_broker, topic, set(answered), 5.0))
     missing, duplicates = _report("memory", answered, ids)
     bound = QUEUE_SIZE + 2 * BATCH_SIZE + KAFKA_QUEUE  # docs/operations.md#durability
     assert 0 < missing <= bound
@@ -457,7 +448,7 @@ async def test_under_kafka_a_down_broker_delays_no_answer_and_everything_arrives
         assert len(answered) > 50
         assert max(answered.values()) < 1.0, sorted(answered.values())[-5:]
         await trio.to_thread.run_sync(own_kafka.start)
-        ids = await trio.to_thread.run_sync(_ids, own_kafka, topic, set(answered))
+        ids = await trio.to_thread.run_sync(topic_ids, own_kafka, topic, set(answered))
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()
@@ -501,7 +492,7 @@ async def test_under_kafka_a_broker_killed_mid_load_delays_answers_only_until_kn
         await _redirects([url], during, seconds=3.0)
         await trio.to_thread.run_sync(own_kafka.start)
         answered = {**before, **transition, **during}
-        ids = await trio.to_thread.run_sync(_ids, own_kafka, topic, set(answered))
+        ids = await trio.to_thread.run_sync(topic_ids, own_kafka, topic, set(answered))
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()

@@ -11,8 +11,9 @@ import re
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -26,6 +27,7 @@ from support import (
     read_topic,
     service_config,
     sigterm_under_load,
+    topic_ids,
     unique_topic,
     write_config,
 )
@@ -209,7 +211,7 @@ async def test_a_killed_worker_is_replaced_and_its_journal_replayed(
                 replaced = await trio.to_thread.run_sync(_new_worker, service, workers)
             assert workers[1] in replaced
             await trio.to_thread.run_sync(_until_ready, admin, 2)
-            ids = await trio.to_thread.run_sync(_all_ids, kafka_broker, topic, set(answered))
+            ids = await trio.to_thread.run_sync(topic_ids, kafka_broker, topic, set(answered))
             code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()
@@ -247,57 +249,55 @@ async def _keep_loading(url: str, answered: dict[str, int], seconds: float) -> N
             nursery.start_soon(client)
 
 
-def _all_ids(broker: Broker, topic: str, wanted: set[str], timeout: float = 90.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        ids = [record["id"] for record in read_topic(broker.bootstrap, topic, timeout=60)]
-        if wanted <= set(ids) or time.monotonic() > deadline:
-            return ids
-        time.sleep(0.5)
+class Group(NamedTuple):
+    service: ServiceProcess
+    path: Path
+    public: str
+    admin: str
+    config: dict[str, Any]
 
 
-def test_a_worker_killed_under_memory_durability_fails_the_exit_status(
-    broker: Broker, tmp_path: Path
-) -> None:
-    """Under ``memory`` a killed worker's records in memory are gone: the
-    worker is replaced, and the group exits 3 however clean the rest is."""
-    path, public, admin, _ = _config(tmp_path, broker.bootstrap, unique_topic())
+@pytest.fixture
+def group(broker: Broker, tmp_path: Path) -> Iterator[Group]:
+    """``serve --workers 2`` on a config of its own, both workers ready."""
+    path, public, admin, config = _config(tmp_path, broker.bootstrap, unique_topic())
     service = ServiceProcess.cli(path, "--workers", "2")
     try:
         _until_ready(admin, 2)
-        workers = service.workers()
-        os.kill(workers[1], signal.SIGKILL)
-        _new_worker(service, workers)
-        _until_ready(admin, 2)
-        assert _hits(public, ["/"])[0][0] == 302
-        code = service.terminate()
+        yield Group(service, path, public, admin, config)
     finally:
         service.kill_group()
+
+
+def test_a_worker_killed_under_memory_durability_fails_the_exit_status(group: Group) -> None:
+    """Under ``memory`` a killed worker's records in memory are gone: the
+    worker is replaced, and the group exits 3 however clean the rest is."""
+    service = group.service
+    workers = service.workers()
+    os.kill(workers[1], signal.SIGKILL)
+    _new_worker(service, workers)
+    _until_ready(group.admin, 2)
+    assert _hits(group.public, ["/"])[0][0] == 302
+    code = service.terminate()
     assert code == 3, service.output
     assert 'under records.durability = "memory" its records in memory are lost' in service.output
     assert "group exit code 3: workers' last exit codes [0, 0], 1 died" in service.output
 
 
-def test_sighup_reloads_the_rules_in_every_worker(broker: Broker, tmp_path: Path) -> None:
-    path, public, admin, config = _config(tmp_path, broker.bootstrap, unique_topic())
-    service = ServiceProcess.cli(path, "--workers", "2")
-    try:
-        _until_ready(admin, 2)
-        workers = service.workers()
-        config["rules"][0]["target"] = "https://example.org/new"
-        write_config(path, config)
-        service.process.send_signal(signal.SIGHUP)
-        service.wait_for(re.compile("rules reloaded"), count=2)
-        locations = {
-            httpx.get(public, headers={"connection": "close"}).headers["location"]
-            for _ in range(40)
-        }
-        assert locations == {"https://example.org/new"}
-        assert service.workers() == workers  # reloaded, not restarted
-        code = service.terminate()
-    finally:
-        service.kill_group()
-    assert code == 0, service.output
+def test_sighup_reloads_the_rules_in_every_worker(group: Group) -> None:
+    service = group.service
+    workers = service.workers()
+    group.config["rules"][0]["target"] = "https://example.org/new"
+    write_config(group.path, group.config)
+    service.process.send_signal(signal.SIGHUP)
+    service.wait_for(re.compile("rules reloaded"), count=2)
+    locations = {
+        httpx.get(group.public, headers={"connection": "close"}).headers["location"]
+        for _ in range(40)
+    }
+    assert locations == {"https://example.org/new"}
+    assert service.workers() == workers  # reloaded, not restarted
+    assert service.terminate() == 0, service.output
 
 
 def test_a_config_librdkafka_refuses_stops_the_group(tmp_path: Path) -> None:
@@ -315,21 +315,16 @@ def test_a_config_librdkafka_refuses_stops_the_group(tmp_path: Path) -> None:
     assert "starting it again" not in service.output
 
 
-def test_workers_drain_and_exit_when_the_supervisor_dies(broker: Broker, tmp_path: Path) -> None:
-    path, public, admin, _ = _config(tmp_path, broker.bootstrap, unique_topic())
-    service = ServiceProcess.cli(path, "--workers", "2")
-    try:
-        _until_ready(admin, 2)
-        workers = service.workers()
-        _hits(public, ["/"] * 10)
-        service.kill()  # the supervisor only
-        deadline = time.monotonic() + 30
-        while any(Path(f"/proc/{pid}").exists() for pid in workers):
-            assert time.monotonic() < deadline, "workers outlived their supervisor"
-            time.sleep(0.2)
-        service._reader.join(10)
-    finally:
-        service.kill_group()
+def test_workers_drain_and_exit_when_the_supervisor_dies(group: Group) -> None:
+    service = group.service
+    workers = service.workers()
+    _hits(group.public, ["/"] * 10)
+    service.kill()  # the supervisor only
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.2)
+    service._reader.join(10)
     assert service.output.count("is gone: draining and stopping") == 2, service.output
     ledgers = service.ledgers()
     assert len(ledgers) == 2
