@@ -377,17 +377,18 @@ async def redirects(
     *,
     clients: int = LOAD_CLIENTS,
     sent: dict[str, float] | None = None,
+    until: trio.Event | None = None,
 ) -> None:
     """``clients`` keep-alive clients request until the service is gone (or
-    for ``seconds``); each answer's X-Hit-Id is kept with its latency (and,
-    with ``sent``, the ``time.perf_counter()`` its request was sent at). Only
-    301s are answers of a recorded hit; with ``statuses``, others are counted
-    there instead of failing the test."""
+    for ``seconds``, or until ``until`` is set); each answer's X-Hit-Id is
+    kept with its latency (and, with ``sent``, the ``time.perf_counter()``
+    its request was sent at). Only 301s are answers of a recorded hit; with
+    ``statuses``, others are counted there instead of failing the test."""
 
     async def client(url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             n = 0
-            while trio.current_time() < end:
+            while trio.current_time() < end and not (until is not None and until.is_set()):
                 n += 1
                 started = time.perf_counter()
                 try:
@@ -439,3 +440,20 @@ def report_ids(name: str, answered: dict[str, float], ids: list[str]) -> tuple[i
         f" duplicates {duplicates}"
     )
     return missing, duplicates
+
+
+def topic_ids(bootstrap: str, topic: str, wanted: set[str], timeout: float = 120.0) -> list[str]:
+    """The record ids in the topic, once it holds every id of ``wanted`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = [record["id"] for record in read_topic(bootstrap, topic, timeout=60)]
+        if wanted <= set(ids) or time.monotonic() > deadline:
+            return ids
+        time.sleep(1.0)
+
+
+def until_replayed(spill: Path, timeout: float = 60.0) -> None:
+    """Until no journal segment is left under ``spill`` (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while list(spill.glob("slot-*/segment-*.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)

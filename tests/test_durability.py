@@ -34,7 +34,9 @@ from support import (
     redirects,
     report_ids,
     service_config,
+    topic_ids,
     unique_topic,
+    until_replayed,
     wait_ready,
     write_config,
 )
@@ -87,16 +89,6 @@ async def _killed_under_load(config: Path) -> dict[str, float]:
     return answered
 
 
-def _ids(broker: Broker, topic: str, wanted: set[str], timeout: float = 120.0) -> list[str]:
-    """The ids in the topic, once it holds every id of ``wanted`` (or at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ids = [record["id"] for record in read_topic(broker.bootstrap, topic, timeout=60)]
-        if wanted <= set(ids) or time.monotonic() > deadline:
-            return ids
-        time.sleep(1.0)
-
-
 async def _restart_and_check(
     launch: Any,
     broker: Broker,
@@ -112,12 +104,12 @@ async def _restart_and_check(
     again: ServiceProcess = launch()
     try:
         await trio.to_thread.run_sync(lambda: again.wait_for(BIND_RE, processes, 60))
-        await trio.to_thread.run_sync(_ids, broker, topic, set(answered))
-        await trio.to_thread.run_sync(_until_replayed, spill)
+        await trio.to_thread.run_sync(topic_ids, broker.bootstrap, topic, set(answered))
+        await trio.to_thread.run_sync(until_replayed, spill)
         code = await trio.to_thread.run_sync(again.terminate)
     finally:
         again.kill_group()
-    ids = await trio.to_thread.run_sync(_ids, broker, topic, set(answered))
+    ids = await trio.to_thread.run_sync(topic_ids, broker.bootstrap, topic, set(answered))
     missing, duplicates = report_ids(name, answered, ids)
     assert missing == 0
     assert code == 0, again.output
@@ -127,13 +119,6 @@ async def _restart_and_check(
     for ledger in ledgers:
         assert ledger["failed"] == ledger["in_flight"] == 0, ledger
     return duplicates, ledgers
-
-
-def _until_replayed(spill: Path, timeout: float = 60.0) -> None:
-    """Until no journal segment is left (or the timeout)."""
-    deadline = time.monotonic() + timeout
-    while list(spill.glob("slot-*/segment-*.log")) and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def _journal_emptied(tmp_path: Path) -> None:
@@ -188,7 +173,8 @@ async def test_sigkill_under_memory_loses_at_most_what_memory_held(
     config = _config(kafka_broker.bootstrap, topic, tmp_path, "memory")
     answered = await _killed_under_load(config)
     await trio.sleep(2 * LINGER_MS / 1000)
-    ids = await trio.to_thread.run_sync(lambda: _ids(kafka_broker, topic, set(answered), 5.0))
+    bootstrap = kafka_broker.bootstrap
+    ids = await trio.to_thread.run_sync(lambda: topic_ids(bootstrap, topic, set(answered), 5.0))
     missing, duplicates = report_ids("memory", answered, ids)
     bound = QUEUE_SIZE + 2 * BATCH_SIZE + KAFKA_QUEUE  # docs/operations.md#durability
     assert 0 < missing <= bound
@@ -402,7 +388,7 @@ async def test_under_kafka_a_down_broker_delays_no_answer_and_everything_arrives
         assert len(answered) > 50
         assert max(answered.values()) < 1.0, sorted(answered.values())[-5:]
         await trio.to_thread.run_sync(own_kafka.start)
-        ids = await trio.to_thread.run_sync(_ids, own_kafka, topic, set(answered))
+        ids = await trio.to_thread.run_sync(topic_ids, own_kafka.bootstrap, topic, set(answered))
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()
@@ -446,7 +432,7 @@ async def test_under_kafka_a_broker_killed_mid_load_delays_answers_only_until_kn
         await redirects([url], during, seconds=3.0)
         await trio.to_thread.run_sync(own_kafka.start)
         answered = {**before, **transition, **during}
-        ids = await trio.to_thread.run_sync(_ids, own_kafka, topic, set(answered))
+        ids = await trio.to_thread.run_sync(topic_ids, own_kafka.bootstrap, topic, set(answered))
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()
