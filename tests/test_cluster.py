@@ -194,12 +194,13 @@ async def test_two_of_three_nodes_down_then_one_back_delivers_every_hit_once(
     kafka_cluster: KafkaCluster, tmp_path: Path
 ) -> None:
     """Two nodes SIGKILLed: below min.insync.replicas, and the controller
-    quorum lost with them, so no write is acknowledged. librdkafka holds
-    what its queue takes and retries it (NOT_ENOUGH_REPLICAS and timeouts are
-    retriable; message.timeout.ms, 300 s, outlasts the outage); the rest is
-    journaled. Once one node is back, delivery resumes, the running service
-    replays its journal with the ids kept, and every answered hit is in the
-    topic exactly once."""
+    quorum lost with them (no election, no ISR change), so no write is
+    acknowledged. librdkafka holds what its queue takes and retries it (its
+    errors, NOT_ENOUGH_REPLICAS or a request timeout, are retriable, and
+    message.timeout.ms, 300 s, outlasts the outage); the rest is journaled.
+    Once one node is back, delivery resumes, the running service replays its
+    journal with the ids kept, and every answered hit is in the topic
+    exactly once."""
     topic = unique_topic()
     await trio.to_thread.run_sync(kafka_cluster.create_topic, topic)
     config = _config(kafka_cluster, topic, tmp_path, kafka={"queue.buffering.max.messages": 1000})
