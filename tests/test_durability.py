@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import statistics
 import time
 import uuid
 from collections import Counter
@@ -29,17 +28,21 @@ from brokers import Broker, KafkaBroker
 from redirect_logger.spill import read_segment
 from support import (
     BIND_RE,
+    LOAD_CLIENTS,
     ServiceProcess,
     read_topic,
+    redirects,
+    report_ids,
     service_config,
     topic_ids,
     unique_topic,
+    until_replayed,
+    wait_ready,
     write_config,
 )
 
 pytestmark = pytest.mark.faults
 
-CLIENTS = 12
 LINGER_MS = 200
 QUEUE_SIZE = 2_000
 KAFKA_QUEUE = 5_000  # queue.buffering.max.messages
@@ -61,56 +64,13 @@ def _config(bootstrap: str, topic: str, tmp_path: Path, durability: str, **table
     return write_config(tmp_path / "c.toml", service_config(bootstrap, topic, **base))
 
 
-async def _redirects(
-    urls: list[str],
-    answered: dict[str, float],
-    statuses: Counter[int] | None = None,
-    seconds: float = 60.0,
-) -> None:
-    """CLIENTS keep-alive clients request until the service is gone (or for
-    ``seconds``); each answer's X-Hit-Id is kept with its latency. Only 301s
-    are answers of a recorded hit; with ``statuses``, others are counted there
-    instead of failing the test."""
-
-    async def client(url: str) -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            n = 0
-            while trio.current_time() < end:
-                n += 1
-                started = time.perf_counter()
-                try:
-                    response = await http.get(f"/docs/p{n}")
-                except httpx.TransportError:
-                    return  # killed or stopped
-                if statuses is not None:
-                    statuses[response.status_code] += 1
-                    if response.status_code != 301:
-                        continue
-                assert response.status_code == 301, response.text
-                answered[response.headers["x-hit-id"]] = time.perf_counter() - started
-
-    end = trio.current_time() + seconds
-    async with trio.open_nursery() as nursery:
-        for index in range(CLIENTS):
-            nursery.start_soon(client, urls[index % len(urls)])
-
-
-async def _ready(url: str) -> None:
-    """Until /readyz answers 200: a broker is known to be reachable (under
-    "kafka", requests wait for acknowledgements only from then on)."""
-    async with httpx.AsyncClient(base_url=url) as http:
-        with trio.fail_after(30):
-            while (await http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
-                await trio.sleep(0.1)
-
-
 async def _kill_under_load(
     service: ServiceProcess, urls: list[str], answered: dict[str, float], seconds: float = 3.0
 ) -> None:
     for url in urls:
-        await _ready(url)
+        await wait_ready(url)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_redirects, urls, answered)
+        nursery.start_soon(redirects, urls, answered)
         await trio.sleep(seconds)
         assert len(answered) > 50, "no load reached the service"
         service.kill_group()
@@ -129,20 +89,6 @@ async def _killed_under_load(config: Path) -> dict[str, float]:
     return answered
 
 
-def _report(name: str, answered: dict[str, float], ids: list[str]) -> tuple[int, int]:
-    """Prints and returns (answered ids missing from the topic, duplicates)."""
-    missing = len(set(answered) - set(ids))
-    duplicates = len(ids) - len(set(ids))
-    latencies = sorted(answered.values())
-    p99 = latencies[int(len(latencies) * 0.99)] * 1000
-    print(
-        f"{name}: answered {len(answered)} (p50 {statistics.median(latencies) * 1000:.1f} ms,"
-        f" p99 {p99:.1f} ms), in topic {len(ids)} ({len(set(ids))} distinct), missing"
-        f" {missing}, duplicates {duplicates}"
-    )
-    return missing, duplicates
-
-
 async def _restart_and_check(
     launch: Any,
     broker: Broker,
@@ -158,13 +104,13 @@ async def _restart_and_check(
     again: ServiceProcess = launch()
     try:
         await trio.to_thread.run_sync(lambda: again.wait_for(BIND_RE, processes, 60))
-        await trio.to_thread.run_sync(topic_ids, broker, topic, set(answered))
-        await trio.to_thread.run_sync(_until_replayed, spill)
+        await trio.to_thread.run_sync(topic_ids, broker.bootstrap, topic, set(answered))
+        await trio.to_thread.run_sync(until_replayed, spill)
         code = await trio.to_thread.run_sync(again.terminate)
     finally:
         again.kill_group()
-    ids = await trio.to_thread.run_sync(topic_ids, broker, topic, set(answered))
-    missing, duplicates = _report(name, answered, ids)
+    ids = await trio.to_thread.run_sync(topic_ids, broker.bootstrap, topic, set(answered))
+    missing, duplicates = report_ids(name, answered, ids)
     assert missing == 0
     assert code == 0, again.output
     ledgers = again.ledgers()
@@ -173,13 +119,6 @@ async def _restart_and_check(
     for ledger in ledgers:
         assert ledger["failed"] == ledger["in_flight"] == 0, ledger
     return duplicates, ledgers
-
-
-def _until_replayed(spill: Path, timeout: float = 60.0) -> None:
-    """Until no journal segment is left (or the timeout)."""
-    deadline = time.monotonic() + timeout
-    while list(spill.glob("slot-*/segment-*.log")) and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def _journal_emptied(tmp_path: Path) -> None:
@@ -234,8 +173,9 @@ async def test_sigkill_under_memory_loses_at_most_what_memory_held(
     config = _config(kafka_broker.bootstrap, topic, tmp_path, "memory")
     answered = await _killed_under_load(config)
     await trio.sleep(2 * LINGER_MS / 1000)
-    ids = await trio.to_thread.run_sync(lambda: topic_ids(kafka_broker, topic, set(answered), 5.0))
-    missing, duplicates = _report("memory", answered, ids)
+    bootstrap = kafka_broker.bootstrap
+    ids = await trio.to_thread.run_sync(lambda: topic_ids(bootstrap, topic, set(answered), 5.0))
+    missing, duplicates = report_ids("memory", answered, ids)
     bound = QUEUE_SIZE + 2 * BATCH_SIZE + KAFKA_QUEUE  # docs/operations.md#durability
     assert 0 < missing <= bound
     assert duplicates == 0
@@ -254,9 +194,9 @@ async def test_hypercorn_workers_sigkilled_under_journal_lose_no_answered_hit(
     answered: dict[str, float] = {}
     try:
         urls = await trio.to_thread.run_sync(lambda: first.wait_for(BIND_RE, 2, 60))
-        await _ready(urls[0])
+        await wait_ready(urls[0])
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_redirects, urls, answered)
+            nursery.start_soon(redirects, urls, answered)
             await trio.sleep(3.0)
             assert len(answered) > 50, "no load reached the service"
             if kill == "group":
@@ -285,7 +225,7 @@ async def test_hypercorn_workers_sigkilled_under_journal_lose_no_answered_hit(
 async def _collect_load(
     url: str, accepted: set[str], statuses: Counter[int], seconds: float = 60.0
 ) -> None:
-    """CLIENTS clients post batches of 5 events, each with its own ``n``;
+    """LOAD_CLIENTS clients post batches of 5 events, each with its own ``n``;
     the ``n`` of every event a 202 accepted is kept."""
 
     async def client() -> None:
@@ -306,7 +246,7 @@ async def _collect_load(
 
     end = trio.current_time() + seconds
     async with trio.open_nursery() as nursery:
-        for _ in range(CLIENTS):
+        for _ in range(LOAD_CLIENTS):
             nursery.start_soon(client)
 
 
@@ -321,7 +261,7 @@ async def test_collect_under_sigkill_keeps_every_accepted_event(
     statuses: Counter[int] = Counter()
     try:
         url = await trio.to_thread.run_sync(first.url)
-        await _ready(url)
+        await wait_ready(url)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_collect_load, url, accepted, statuses)
             await trio.sleep(3.0)
@@ -365,7 +305,7 @@ async def _serve_for(
     statuses: Counter[int] = Counter()
     try:
         url = await trio.to_thread.run_sync(service.url)
-        await _redirects([url], answered, statuses, seconds=seconds)
+        await redirects([url], answered, statuses, seconds=seconds)
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()
@@ -444,15 +384,15 @@ async def test_under_kafka_a_down_broker_delays_no_answer_and_everything_arrives
     answered: dict[str, float] = {}
     try:
         url = await trio.to_thread.run_sync(service.url)
-        await _redirects([url], answered, seconds=3.0)
+        await redirects([url], answered, seconds=3.0)
         assert len(answered) > 50
         assert max(answered.values()) < 1.0, sorted(answered.values())[-5:]
         await trio.to_thread.run_sync(own_kafka.start)
-        ids = await trio.to_thread.run_sync(topic_ids, own_kafka, topic, set(answered))
+        ids = await trio.to_thread.run_sync(topic_ids, own_kafka.bootstrap, topic, set(answered))
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()
-    missing, duplicates = _report("kafka, broker down", answered, ids)
+    missing, duplicates = report_ids("kafka, broker down", answered, ids)
     assert (missing, duplicates) == (0, 0)
     assert code == 0, service.output
     [ledger] = service.ledgers()
@@ -485,20 +425,20 @@ async def test_under_kafka_a_broker_killed_mid_load_delays_answers_only_until_kn
     during: dict[str, float] = {}
     try:
         url = await trio.to_thread.run_sync(service.url)
-        await _ready(url)
-        await _redirects([url], before, seconds=2.0)
+        await wait_ready(url)
+        await redirects([url], before, seconds=2.0)
         await trio.to_thread.run_sync(own_kafka.kill)
-        await _redirects([url], transition, seconds=1.0)  # while the news spreads
-        await _redirects([url], during, seconds=3.0)
+        await redirects([url], transition, seconds=1.0)  # while the news spreads
+        await redirects([url], during, seconds=3.0)
         await trio.to_thread.run_sync(own_kafka.start)
         answered = {**before, **transition, **during}
-        ids = await trio.to_thread.run_sync(topic_ids, own_kafka, topic, set(answered))
+        ids = await trio.to_thread.run_sync(topic_ids, own_kafka.bootstrap, topic, set(answered))
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()
-    _report("kafka, broker killed: before", before, ids)
-    _report("kafka, broker killed: its first second down", transition, ids)
-    missing, duplicates = _report("kafka, broker killed: down", during, ids)
+    report_ids("kafka, broker killed: before", before, ids)
+    report_ids("kafka, broker killed: its first second down", transition, ids)
+    missing, duplicates = report_ids("kafka, broker killed: down", during, ids)
     assert set(answered) <= set(ids)
     assert max(transition.values()) < 4.0  # ack_timeout at the most
     assert len(during) > 50

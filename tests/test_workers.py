@@ -211,7 +211,8 @@ async def test_a_killed_worker_is_replaced_and_its_journal_replayed(
                 replaced = await trio.to_thread.run_sync(_new_worker, service, workers)
             assert workers[1] in replaced
             await trio.to_thread.run_sync(_until_ready, admin, 2)
-            ids = await trio.to_thread.run_sync(topic_ids, kafka_broker, topic, set(answered))
+            bootstrap = kafka_broker.bootstrap
+            ids = await trio.to_thread.run_sync(topic_ids, bootstrap, topic, set(answered))
             code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill_group()
