@@ -118,15 +118,20 @@ async def _every_hit_once(
     return ledger
 
 
-async def _started(config: Path) -> tuple[ServiceProcess, str]:
-    service = ServiceProcess.cli(config)
+async def _started(
+    cluster: KafkaCluster, tmp_path: Path, **tables: Any
+) -> tuple[str, ServiceProcess, str]:
+    """A new topic (RF 3, min ISR 2) and the service on it, ready: (topic, service, URL)."""
+    topic = unique_topic()
+    await trio.to_thread.run_sync(cluster.create_topic, topic)
+    service = ServiceProcess.cli(_config(cluster, topic, tmp_path, **tables))
     try:
         url = await trio.to_thread.run_sync(service.url)
         await wait_ready(url)
     except BaseException:
         service.kill_group()
         raise
-    return service, url
+    return topic, service, url
 
 
 @pytest.mark.parametrize("durability", ["memory", "kafka"])
@@ -140,10 +145,9 @@ async def test_the_partition_leader_sigkilled_under_load_costs_no_hit_and_no_dup
     producer. Every answered hit is in the topic once. Under "kafka" an
     answer waits for acks=all, or for records.ack_timeout (2 s) and the
     journal."""
-    topic = unique_topic()
-    await trio.to_thread.run_sync(kafka_cluster.create_topic, topic)
-    config = _config(kafka_cluster, topic, tmp_path, records={"durability": durability})
-    service, url = await _started(config)
+    topic, service, url = await _started(
+        kafka_cluster, tmp_path, records={"durability": durability}
+    )
     answered: dict[str, float] = {}
     sent: dict[str, float] = {}
     try:
@@ -201,10 +205,9 @@ async def test_two_of_three_nodes_down_then_one_back_delivers_every_hit_once(
     Once one node is back, delivery resumes, the running service replays its
     journal with the ids kept, and every answered hit is in the topic
     exactly once."""
-    topic = unique_topic()
-    await trio.to_thread.run_sync(kafka_cluster.create_topic, topic)
-    config = _config(kafka_cluster, topic, tmp_path, kafka={"queue.buffering.max.messages": 1000})
-    service, url = await _started(config)
+    topic, service, url = await _started(
+        kafka_cluster, tmp_path, kafka={"queue.buffering.max.messages": 1000}
+    )
     answered: dict[str, float] = {}
     sent: dict[str, float] = {}
     try:
@@ -249,9 +252,7 @@ async def test_a_rolling_restart_under_load_delivers_every_hit_once(
     """Each node in turn is stopped (SIGTERM: a controlled shutdown moves its
     leaderships first), started again and awaited back in every partition's
     ISR before the next. Every answered hit is in the topic exactly once."""
-    topic = unique_topic()
-    await trio.to_thread.run_sync(kafka_cluster.create_topic, topic)
-    service, url = await _started(_config(kafka_cluster, topic, tmp_path))
+    topic, service, url = await _started(kafka_cluster, tmp_path)
     answered: dict[str, float] = {}
     sent: dict[str, float] = {}
     restarts: dict[str, tuple[float, float]] = {}
