@@ -1,6 +1,8 @@
 """Two ``serve`` instances behind HAProxy (config/haproxy/haproxy.cfg, run as
 it is): a rolling restart under load fails no request and loses or doubles no
-record. The recipe is docs/deployment.md#many-instances-behind-a-load-balancer.
+record. Also what the recipe relies on: its check arithmetic, and an instance
+never handling a request it then leaves unanswered as its idle connections
+close. The recipe is docs/deployment.md#many-instances-behind-a-load-balancer.
 """
 
 from __future__ import annotations
