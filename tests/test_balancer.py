@@ -224,8 +224,10 @@ async def test_a_rolling_restart_under_load_fails_no_request_and_loses_no_hit(
                 await trio.sleep(SETTLE)
                 stop.set()
             stats = await balancer.stats()
+            for instance in instances:  # both drain at once
+                instance.lives[-1].process.terminate()
             for instance in instances:
-                assert await trio.to_thread.run_sync(instance.lives[-1].terminate, 30.0) == 0
+                assert await trio.to_thread.run_sync(instance.lives[-1].wait, 30.0) == 0
     finally:
         for instance in instances:
             for life in instance.lives:
