@@ -12,6 +12,7 @@ from typing import Any
 import hypercorn.trio.run
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import TCPServer
 
 from .config import Settings
@@ -60,8 +61,13 @@ def hypercorn_config(settings: Settings, fds: Sequence[int] | None = None) -> Hy
     return config
 
 
+class _RequestAfterIdleClose(Exception):
+    """A request read on a connection whose idle close had begun: not handled."""
+
+
 class _GuardedTCPServer(TCPServer):
-    """One connection of Hypercorn's, whose errors end that connection only.
+    """One connection of Hypercorn's, whose errors end that connection only,
+    and whose idle close never drops a request the app has handled.
 
     Hypercorn 0.18 serves each connection in a task of its server nursery and
     lets any error escape it, and some input makes its protocol code raise:
@@ -69,15 +75,41 @@ class _GuardedTCPServer(TCPServer):
     it decodes the path) stopped the whole server. Here such an error closes
     that connection (Hypercorn's own ``finally`` does) and is logged;
     cancellation passes through.
+
+    Hypercorn closes a connection it holds idle when its graceful shutdown
+    begins or after ``keep_alive_timeout``. A request read at that moment
+    raced the close: the app could handle it (its hit recorded) and its
+    answer go to a closed socket. Here whichever comes first wins: a request
+    in hand keeps the connection until it is answered (Hypercorn then closes
+    it, or makes it idle again), and a close begun keeps the request from the
+    app (the client sees the connection closed unanswered, as for any idle
+    close).
     """
 
     _log = RateLimitedLog(log)
+    _busy = False  # a request is in hand
+    _closing = False  # the idle close has begun
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            if not event.idle and self._closing:
+                raise _RequestAfterIdleClose
+            self._busy = not event.idle
+        await super().protocol_send(event)
+
+    async def _initiate_server_close(self) -> None:
+        if self._busy:
+            return
+        self._closing = True
+        await super()._initiate_server_close()
 
     async def run(self) -> None:
         try:
             await super().run()
         except Exception as exc:  # any error of one connection
             errors = leaf_errors(exc)
+            if all(isinstance(error, _RequestAfterIdleClose) for error in errors):
+                return
             self._log(
                 logging.WARNING,
                 type(errors[0]).__name__,
