@@ -34,7 +34,7 @@ from support import (
     write_config,
 )
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.cluster]
 
 CLIENTS = 6
 KAFKA_QUEUE = 2_000  # queue.buffering.max.messages: an outage soon outgrows it
