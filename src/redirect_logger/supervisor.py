@@ -146,6 +146,8 @@ class _Group:
             if self.stop.is_set():
                 if code == -signal.SIGTERM:  # stopped before it handled signals: nothing served
                     self.codes[slot] = EXIT_OK
+                elif code < 0 and not self.durable:  # killed while it drained
+                    self.lost_in_memory += 1
                 log.info("worker %d (pid %d) exited: %s", slot, process.pid, _describe(code))
                 return
             if code == EXIT_CONFIG:
