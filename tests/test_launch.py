@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -160,12 +161,11 @@ async def test_hypercorn_admin_bind(broker: Broker, tmp_path: Path) -> None:
     assert service.ledgers() == [ledger_counts(received=1, delivered=1)]
 
 
-async def _load_home(url: str, seconds: float, locations: dict[str, str]) -> None:
-    """One client asking for "/" in a loop; each answer's id and Location."""
+async def _load_home(url: str, done: trio.Event, locations: dict[str, str]) -> None:
+    """One client asking for "/" in a loop until ``done``; each answer's id and Location."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        end = trio.current_time() + seconds
         n = 0
-        while trio.current_time() < end:
+        while not done.is_set():
             n += 1
             try:
                 response = await client.get(f"/?n={n}")
@@ -173,6 +173,18 @@ async def _load_home(url: str, seconds: float, locations: dict[str, str]) -> Non
                 continue
             assert response.status_code == 302, response.text
             locations[response.headers["x-hit-id"]] = response.headers["location"]
+
+
+async def _answered_by(locations: dict[str, str], host: str, count: int = 60) -> None:
+    """Until ``count`` answers point at ``host`` (bounded: a busy machine
+    starts the service and its reloads slower, not never)."""
+
+    def answered() -> int:
+        return sum(location.split("/")[2] == host for location in list(locations.values()))
+
+    with trio.fail_after(60):
+        while answered() < count:  # noqa: ASYNC110 (the clients fill a dict: no event)
+            await trio.sleep(0.1)
 
 
 def _retarget_home(path: Path, base: dict[str, Any], service: ServiceProcess) -> None:
@@ -209,11 +221,14 @@ async def test_hypercorn_sighup_restarts_the_workers_on_the_new_rules_losing_not
     locations: dict[str, str] = {}
     try:
         [url] = await trio.to_thread.run_sync(lambda: service.wait_for(BIND_RE, 1, 60))
+        done = trio.Event()
         async with trio.open_nursery() as nursery:
             for _ in range(SIGNAL_CLIENTS):
-                nursery.start_soon(_load_home, url, 8.0, locations)
-            await trio.sleep(1.5)
+                nursery.start_soon(_load_home, url, done, locations)
+            await _answered_by(locations, "example.com")
             _retarget_home(path, base, service)
+            await _answered_by(locations, "example.org")
+            done.set()
         code = await trio.to_thread.run_sync(service.terminate)
     finally:
         service.kill()
@@ -236,14 +251,19 @@ async def test_sighup_reloads_the_rules_under_load_and_keeps_them_when_the_file_
     locations: dict[str, str] = {}
     try:
         url = await trio.to_thread.run_sync(service.url)
+        done = trio.Event()
         async with trio.open_nursery() as nursery:
             for _ in range(SIGNAL_CLIENTS):
-                nursery.start_soon(_load_home, url, 4.0, locations)
-            await trio.sleep(1.0)
+                nursery.start_soon(_load_home, url, done, locations)
+            await _answered_by(locations, "example.com")
             _retarget_home(path, base, service)
-            await trio.sleep(1.5)
+            await _answered_by(locations, "example.org")
             (tmp_path / "c.toml").write_text("[server]\nbind = 8080\n")  # invalid
             service.process.send_signal(signal.SIGHUP)
+            await trio.to_thread.run_sync(
+                lambda: service.wait_for(re.compile("reload refused"), timeout=30)
+            )
+            done.set()
         async with httpx.AsyncClient(base_url=url) as client:
             after = (await client.get("/")).headers["location"]
         code = await trio.to_thread.run_sync(service.terminate)
