@@ -392,8 +392,8 @@ async def sigterm_under_load(
     service: ServiceProcess, urls: list[str], signum: int = signal.SIGTERM, group: bool = False
 ) -> tuple[int, dict[str, int]]:
     """Load from SIGNAL_CLIENTS keep-alive clients spread over ``urls``; after 2 s
-    ``signum`` to the service (or its process group); the exit code and the
-    answered ids, once it has exited."""
+    and 50 answers ``signum`` to the service (or its process group); the exit
+    code and the answered ids, once it has exited (all within 90 s)."""
     answered: dict[str, int] = {}
     signalled = trio.Event()
     with trio.fail_after(90):
@@ -401,7 +401,8 @@ async def sigterm_under_load(
             for index in range(SIGNAL_CLIENTS):
                 nursery.start_soon(_load_docs, urls[index % len(urls)], answered, signalled)
             await trio.sleep(2.0)
-            assert len(answered) > 50, "no load reached the service"
+            while len(answered) <= 50:  # noqa: ASYNC110 (a busy machine starts slower)
+                await trio.sleep(0.1)
             signalled.set()
             if group:
                 os.killpg(service.process.pid, signum)
