@@ -324,6 +324,12 @@ class ServiceProcess:
         return self.wait(timeout)
 
     def kill(self) -> None:
+        """SIGKILL the process and whatever it started (its process group):
+        no worker of a failed test outlives it."""
+        self.kill_group()
+
+    def kill_leader(self) -> None:
+        """SIGKILL the process alone (a supervisor or a master), not its children."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)

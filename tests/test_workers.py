@@ -322,7 +322,7 @@ def test_workers_drain_and_exit_when_the_supervisor_dies(group: Group) -> None:
     service = group.service
     workers = service.workers()
     _hits(group.public, ["/"] * 10)
-    service.kill()  # the supervisor only
+    service.kill_leader()  # the supervisor only
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{pid}").exists() for pid in workers):
         assert time.monotonic() < deadline, "workers outlived their supervisor"
