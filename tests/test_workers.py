@@ -259,9 +259,10 @@ class Group(NamedTuple):
 
 
 @pytest.fixture
-def group(broker: Broker, tmp_path: Path) -> Iterator[Group]:
-    """``serve --workers 2`` on a config of its own, both workers ready."""
-    path, public, admin, config = _config(tmp_path, broker.bootstrap, unique_topic())
+def group(kafka_broker: Broker, tmp_path: Path) -> Iterator[Group]:
+    """``serve --workers 2`` on a config of its own, both workers ready; on
+    Apache Kafka, since the fault tests among its users count deliveries."""
+    path, public, admin, config = _config(tmp_path, kafka_broker.bootstrap, unique_topic())
     service = ServiceProcess.cli(path, "--workers", "2")
     try:
         _until_ready(admin, 2)
