@@ -21,6 +21,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from brokers import Broker, free_port
+from redirect_logger.ledger import SETTLED
 from support import (
     ServiceProcess,
     check_delivery,
@@ -31,8 +32,6 @@ from support import (
     unique_topic,
     write_config,
 )
-
-OUTCOMES = ("delivered", "spilled", "failed", "dropped", "shed", "excluded")
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -122,7 +121,7 @@ def test_every_scrape_shows_the_whole_group(broker: Broker, tmp_path: Path, mode
             assert _record(samples, "delivered") == 90
             assert _gauge(samples, "in_flight") == 0
             assert _record(samples, "received") == sum(
-                _record(samples, outcome) for outcome in OUTCOMES
+                _record(samples, outcome) for outcome in SETTLED
             ) + _gauge(samples, "in_flight")
             by_rule = {
                 labels: value

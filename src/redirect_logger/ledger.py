@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 
+# The final outcomes: received = the sum of these + in_flight.
+SETTLED = ("delivered", "spilled", "failed", "dropped", "shed", "excluded")
 OUTCOMES = (
     "received",
     "delivered",
@@ -79,9 +81,7 @@ class Ledger:
 
     def accounted(self) -> int:
         """Received records that have reached a final outcome."""
-        return (
-            self.delivered + self.spilled + self.failed + self.dropped + self.shed + self.excluded
-        )
+        return sum(getattr(self, outcome) for outcome in SETTLED)
 
     def snapshot(self, in_flight: int) -> dict[str, int]:
         counts = {outcome: getattr(self, outcome) for outcome in OUTCOMES}

@@ -25,14 +25,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .ledger import OUTCOMES
+from .ledger import OUTCOMES, SETTLED
 
 PREFIX = "redirect_logger_"
 RECORDS = f"{PREFIX}records_total"
 HITS = f"{PREFIX}hits_total"
 LATENCY = f"{PREFIX}delivery_latency_seconds"
-# The outcomes on the right-hand side of the ledger's identity (with in_flight).
-SETTLED = ("delivered", "spilled", "failed", "dropped", "shed", "excluded")
 ALWAYS_RATED = ("received", "delivered", "spilled", "replayed")
 RATED_WHEN_NONZERO = ("failed", "dropped", "shed")
 TOP_RULES = 10
