@@ -29,6 +29,7 @@ from .devbroker import DevBrokerError, run_dev_broker
 from .logs import configure_logging
 from .server import hypercorn_config, leaf_errors
 from .service import Service
+from .steps import StepTrace
 from .supervisor import supervise, watch_supervisor, worker_fds
 
 log = logging.getLogger("redirect_logger.cli")
@@ -178,6 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         argv = ["--config", args.config]
         for bind in args.bind or []:
             argv += ["--bind", bind]
+        argv += ["--trace-steps"] * args.trace_steps
         run = partial(supervise, settings, argv, args.workers, dev_broker=args.dev_broker)
     else:
         run = partial(
@@ -187,8 +189,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             dev_broker=args.dev_broker,
             fds=worker_fds(),
         )
+    trace = StepTrace() if args.trace_steps and not args.workers else None
     try:
-        return trio.run(run)
+        return trio.run(run, instruments=[trace] if trace else [])
     except OSError as exc:  # the supervisor's binding
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -201,6 +204,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             for error in leaf_errors(failed) if failed is not None else []:
                 print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG if config_errors else EXIT_FAILURE
+    finally:
+        if trace is not None:
+            log.info("%s", trace.report())
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -398,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dev-broker",
         action="store_true",
         help="also run the embedded memory-only broker on kafka.bootstrap.servers",
+    )
+    serve_cmd.add_argument(
+        "--trace-steps",
+        action="store_true",
+        help="time every Trio task step and log the longest at exit (a diagnostic: "
+        "about 1 us a step)",
     )
     serve_cmd.set_defaults(run=_cmd_serve)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from confluent_kafka import Message
 from .config import ADMIN_PATHS, ConfigError, Settings, port_of
 from .durable import Flight
 from .group import group_directory, merge, read_members, serve_member
+from .heap import settled
 from .hits import Encoded, Enricher, Hit, record_id
 from .kafka import KafkaSink
 from .ledger import Ledger
@@ -270,6 +271,7 @@ class Service:
         if replayer is not None:
             background.append(partial(replayer.run, lambda: sink.reachable))
         spill_after = settings.spill.queue_full_timeout if settings.spill.enabled else None
+        stack = ExitStack()  # what start-up built stays frozen until the drain ends
         try:
             async with trio.open_nursery() as group:  # serves the metrics through the drain
                 async with open_pipeline(
@@ -286,6 +288,7 @@ class Service:
                 ) as pipeline:
                     self.pipeline = pipeline
                     await self._join_group(group)
+                    stack.enter_context(settled())
                     log.info(
                         "pipeline running: topic %s, %d workers, queue %d records, when_full=%s",
                         settings.records.topic,
@@ -300,6 +303,7 @@ class Service:
                         log.info("draining: closing the channel, flushing the producer")
                 group.cancel_scope.cancel()
         finally:  # also when the pipeline itself failed
+            stack.close()
             self.draining = True
             with trio.CancelScope(shield=True):  # its last fsync, off the Trio thread
                 await trio.to_thread.run_sync(self.close_journal)
