@@ -1,4 +1,4 @@
-"""Side-by-side HTTP benchmark: the service against four baselines, in one run.
+"""Side-by-side HTTP benchmark: the service against baselines and a Go anchor, in one run.
 
     python benchmarks/compare.py [--bootstrap HOST:PORT] [--seconds 10]
         [--rounds 3] [--connections 16 64 256] [--plot docs/benchmarks.png]
@@ -9,6 +9,8 @@ Systems (benchmarks/apps.py has B, C and E):
   C  a raw ASGI app returning the same redirect (Hypercorn trio's ceiling)
   D  nginx `return 301` (the machine's ceiling; Debian's nginx-light)
   E  the naive design: B plus a produce and poll per request, no flush at exit
+  U  the users' Go design: net/http + confluent-kafka-go, bounded pool (benchmarks/goanchor;
+     in the default only when `go` is on PATH; built once per run, skipped if it cannot be)
   F  the service under `hypercorn -k trio --workers 1`   (only with --systems)
   G  the service under `hypercorn -k trio --workers 2`   (only with --systems)
   P  the service under `redirect-logger serve --workers 1` (only with --systems)
@@ -22,9 +24,10 @@ Every run starts the system afresh, loads it with ``wrk -t1 --latency``
 from many browsers arrive) for --seconds at one connection count, and reads the
 server's CPU time and peak RSS from /proc. The systems are interleaved, in a
 rotating order, round after round; the table shows medians over the rounds
-and the ratios A/B, A/C, A/D, A/E. For A and E it also counts the records in
-Kafka against the redirects answered. Without --bootstrap it starts Apache
-Kafka itself (tests/brokers.py). Bounded: every run stops after --seconds.
+and the ratios A/B, A/C, A/D, A/E, and A/U and C/U. For A, E and U it also
+counts the records in Kafka against the redirects answered. Without
+--bootstrap it starts Apache Kafka itself (tests/brokers.py). Bounded: every
+run stops after --seconds.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from served import ROOT, Served, write_config
 HERE = Path(__file__).resolve().parent
 PATH = "/docs/a?x=1"
 LOCATION = "https://docs.example.com/a?x=1"
-SYSTEMS = "ABCDE"
+SYSTEMS = "ABCDE" + ("U" if shutil.which("go") else "")  # U needs Go to build it
 TICKS = os.sysconf("SC_CLK_TCK")
 CLOSE = ("-H", "Connection: close")  # wrk then opens a new connection per request
 SUPERVISED = {"P": 1, "Q": 2}  # serve --workers N
@@ -70,7 +73,7 @@ class Run:
     cpu_per_1k: float  # CPU seconds per 1,000 requests
     peak_rss: float  # MiB
     answered: int
-    records: int | None  # in Kafka, for A and E
+    records: int | None  # in Kafka, for A, E and U
 
 
 def _free_port() -> int:
@@ -223,13 +226,41 @@ def _hypercorn(
     return _Process(command, f"http://127.0.0.1:{port}", HERE, env, log)
 
 
-def _hypercorn_ledgers(log: Path) -> dict[str, int]:
-    """The service's ledger lines in a Hypercorn log, summed over its workers."""
+def _logged_ledgers(log: Path) -> dict[str, int]:
+    """The ledger lines in a server's log (the service's under Hypercorn, or
+    U's), summed over its workers."""
     total: dict[str, int] = {}
     for found in re.findall(r"ledger (\{.*\})", log.read_text()):
         for key, value in json.loads(found).items():
             total[key] = total.get(key, 0) + value
     return total
+
+
+def build_goanchor(work: Path) -> str | None:
+    """Build U (benchmarks/goanchor) into ``work``; why not, if it cannot be."""
+    go = shutil.which("go")
+    if go is None:
+        return "go is not on PATH"
+    started = time.monotonic()
+    built = subprocess.run(
+        [go, "build", "-o", str(work / "goanchor"), "."],
+        cwd=HERE / "goanchor",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if built.returncode != 0:
+        return f"go build failed:\n{built.stderr}"
+    print(f"U built in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return None
+
+
+def _goanchor(work: Path, bootstrap: str, topic: str) -> _Process:
+    """U, the binary build_goanchor() left in ``work``; its ledger goes to its log."""
+    port = _free_port()
+    command = [str(work / "goanchor"), "-listen", f"127.0.0.1:{port}"]
+    command += ["-bootstrap", bootstrap, "-topic", topic]
+    return _Process(command, f"http://127.0.0.1:{port}", work, {}, work / f"{topic}.log")
 
 
 def _nginx(work: Path) -> _Process:
@@ -292,6 +323,8 @@ def measure(
         server = Served(_service_config(work, bootstrap, topic), SUPERVISED[system])
     elif system == "D":
         server = _nginx(work)
+    elif system == "U":
+        server = _goanchor(work, bootstrap, topic)
     elif system in "FG":  # the service under hypercorn, 1 or 2 worker processes
         env = {"REDIRECT_LOGGER_CONFIG": str(_service_config(work, bootstrap, topic))}
         workers = 1 if system == "F" else 2
@@ -326,7 +359,7 @@ def measure(
         if system == "E":
             records = _records(bootstrap, topic)
         if server.log is not None:
-            ledger = _hypercorn_ledgers(server.log)
+            ledger = _logged_ledgers(server.log)
             if not ledger or ledger["received"] != ledger["delivered"]:
                 raise RuntimeError(f"{system} did not deliver every record: {ledger}")
             records = _records(bootstrap, topic)
@@ -415,6 +448,7 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
             ratio = _median(of["A"], field) / _median(of[base], field) if of.get(base) else None
             cells.append("-" if ratio is None else f"{ratio:.2f}")
         lines.append(f"| {connections} | " + " | ".join(cells) + " |")
+    lines += _anchored(runs, connection_counts, systems)
     variants = [s for s in "JSK" if s in systems]
     if "A" in systems and variants:
         lines += [
@@ -465,6 +499,34 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
     return "\n".join(lines)
 
 
+def _anchored(runs: list[Run], connection_counts: list[int], systems: str) -> list[str]:
+    """The service (A) and Hypercorn's ceiling (C) against the Go anchor (U)."""
+    bases = [s for s in "AC" if s in systems]
+    if "U" not in systems or not bases:
+        return []
+    lines = [
+        "",
+        "| conns | " + " | ".join(f"{s}/U req/s | {s}/U p99 | {s}/U CPU" for s in bases) + " |",
+        "| --- |" + " --- | --- | --- |" * len(bases),
+    ]
+    for connections in connection_counts:
+        of = {
+            s: [r for r in runs if r.system == s and r.connections == connections]
+            for s in "U" + "".join(bases)
+        }
+        if not all(of.values()):
+            continue
+        cells = [
+            " | ".join(
+                f"{_median(of[s], field) / _median(of['U'], field):.2f}"
+                for field in ("rps", "p99", "cpu_per_1k")
+            )
+            for s in bases
+        ]
+        lines.append(f"| {connections} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(
     runs: list[Run], connection_counts: list[int], systems: str, path: Path, close: bool = False
 ) -> None:
@@ -486,6 +548,7 @@ def plot(
         "G": "hypercorn --workers 2",
         "P": "serve --workers 1",
         "Q": "serve --workers 2",
+        "U": "U Go: net/http + confluent-kafka-go",
     }
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for system in systems:
@@ -548,9 +611,14 @@ def main() -> int:
             return 2
     work = Path(tempfile.mkdtemp(prefix="compare-"))
     runs: list[Run] = []
+    systems = args.systems
     try:
+        unbuilt = build_goanchor(work) if "U" in systems else None
+        if unbuilt is not None:  # a benchmark, not a test: the others still run
+            print(f"U skipped: {unbuilt}", file=sys.stderr)
+            systems = systems.replace("U", "")
         with _broker(args.bootstrap, work) as bootstrap:
-            order = list(args.systems)
+            order = list(systems)
             for round_number in range(args.rounds):
                 for connections in args.connections:
                     for system in order:
@@ -568,15 +636,15 @@ def main() -> int:
                 shutdown_under_load(system, args.seconds, bootstrap, work, down)
                 for down in (False, True)
                 for system in "AE"
-                if system in args.systems and not args.close
+                if system in systems and not args.close
             ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(report(runs, args.connections, args.systems))
+    print(report(runs, args.connections, systems))
     print()
     print("\n".join(stops))
     if args.plot:
-        plot(runs, args.connections, args.systems, args.plot, args.close)
+        plot(runs, args.connections, systems, args.plot, args.close)
         print(f"plot written to {args.plot}")
     return 0
 
