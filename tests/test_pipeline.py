@@ -21,6 +21,7 @@ from redirect_logger.hits import Encoded, Hit
 from redirect_logger.ledger import OUTCOMES, Ledger
 from redirect_logger.pipeline import Admission, Pipeline, open_pipeline
 from redirect_logger.spill import Journal, PartialWrite, Spill, read_segment
+from redirect_logger.steps import StepTrace
 
 
 class MemorySink:
@@ -148,6 +149,33 @@ async def test_a_lone_hit_waits_exactly_the_linger(virtual_clock: trio.testing.M
         await trio.sleep(5)
     assert shipped == [pytest.approx(t0 + 0.02, abs=1e-9)]
     assert ledger.delivered == 1
+
+
+async def test_a_lingering_batch_takes_hits_per_tick_not_per_hit(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """40 hits 0.5 ms apart: one batch, and a worker woken per 5 ms tick, not per hit."""
+    ledger = Ledger()
+    shipped: list[tuple[int, float]] = []
+    trace = StepTrace()
+    t0 = trio.current_time()
+    async with pipeline_of(
+        records(batch_linger=0.05, batch_size=100, workers=1),
+        10.0,
+        MemorySink(ledger),
+        observe_batch=lambda n: shipped.append((n, trio.current_time())),
+    ) as pipeline:
+        trio.lowlevel.add_instrument(trace)
+        for n in range(40):
+            await pipeline.intake.submit(hit(n))
+            await trio.sleep(0.0005)
+        await trio.sleep(1)
+        trio.lowlevel.remove_instrument(trace)
+    assert shipped == [(40, pytest.approx(t0 + 0.05, abs=1e-9))]
+    assert ledger.delivered == 40
+    worker_steps = trace.steps_by_task.get("redirect_logger.pipeline.Pipeline.run_worker", 0)
+    # the first hit, 10 ticks of 5 ms, the shipping: about 14 steps (one per hit: 40+)
+    assert 5 <= worker_steps <= 20, trace.steps_by_task
 
 
 async def _fill(pipeline: Pipeline, count: int) -> list[Admission]:

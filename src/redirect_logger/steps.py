@@ -15,6 +15,7 @@ import gc
 import heapq
 import itertools
 import os
+from collections import Counter
 from dataclasses import dataclass
 from time import perf_counter
 
@@ -23,6 +24,7 @@ import trio
 # Upper bounds of the step-duration histogram, in seconds.
 BOUNDS = (0.0001, 0.0005, 0.001, 0.005, 0.02, 0.1)
 _WHERE_DEPTH = 3  # innermost frames kept for a long step
+_BUSIEST = 8  # tasks listed by time spent in their steps
 _TRIO = os.path.dirname(trio.__file__)
 
 
@@ -47,6 +49,8 @@ class StepTrace(trio.abc.Instrument):
         self.keep = keep
         self.steps = 0
         self.step_seconds = 0.0
+        self.steps_by_task: Counter[str] = Counter()
+        self.seconds_by_task: dict[str, float] = {}
         self.histogram = [0] * (len(BOUNDS) + 1)  # the last: longer than every bound
         self.passes = 0
         self.longest_steps: list[Long] = []  # a min-heap: [0] is the shortest kept
@@ -83,6 +87,8 @@ class StepTrace(trio.abc.Instrument):
         self.steps += 1
         self._pass_steps += 1
         self.step_seconds += seconds
+        self.steps_by_task[task.name] += 1
+        self.seconds_by_task[task.name] = self.seconds_by_task.get(task.name, 0.0) + seconds
         for index, bound in enumerate(BOUNDS):
             if seconds <= bound:
                 self.histogram[index] += 1
@@ -128,6 +134,10 @@ class StepTrace(trio.abc.Instrument):
                 f"  gc generation {generation}: {collected:,.0f} collections,"
                 f" {seconds * 1000:.1f} ms in all, longest {longest * 1000:.2f} ms"
             )
+        lines.append("busiest tasks (steps, time in them):")
+        busiest = sorted(self.seconds_by_task.items(), key=lambda item: -item[1])
+        for name, seconds in busiest[:_BUSIEST]:
+            lines.append(f"  {self.steps_by_task[name]:10,} {seconds * 1000:10.1f} ms  {name}")
         lines.append("longest steps:")
         for entry in sorted(self.longest_steps, reverse=True):
             lines.append(f"  {entry.seconds * 1000:8.2f} ms  {entry.task}  at {entry.where}")
