@@ -8,7 +8,7 @@ percent-encoded, in the path after it or in the query.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import pytest
 from hypothesis import example, given
@@ -303,6 +303,38 @@ def test_a_hash_in_the_request_query_cannot_start_a_fragment() -> None:
 def test_the_targets_fragment_stays_after_the_merged_query() -> None:
     location = exact_location("https://t.example/p?a=1#sec", b"b=2")
     assert location == "https://t.example/p?a=1&b=2#sec"
+
+
+_PLAIN = st.text(alphabet="abcXYZ019_.~-", max_size=4)
+
+
+@given(
+    pairs=st.lists(st.tuples(_PLAIN.filter(bool), _PLAIN), max_size=6),
+    allow=st.none() | st.frozensets(st.sampled_from(["a", "b", "x", "_"])),
+    drop=st.frozensets(st.sampled_from(["a", "b", "x", "_"])),
+    spoiler=st.sampled_from(["", "%41", "+", " ", "=", "&&", "\xe9"]),
+)
+def test_plain_queries_merge_as_the_general_path_does(
+    pairs: list[tuple[str, str]], allow: frozenset[str] | None, drop: frozenset[str], spoiler: str
+) -> None:
+    """The plain-query shortcut gives what parsing and encoding give; a query
+    with anything else in it (the spoiler) takes the general path."""
+    query = "&".join(f"{key}={value}" for key, value in pairs).encode()
+    if spoiler and pairs:
+        query += spoiler.encode("latin-1")
+    general = urlencode(
+        [
+            pair
+            for pair in parse_qsl(
+                query.decode("latin-1"), keep_blank_values=True, encoding="latin-1"
+            )
+            if (allow is None or pair[0] in allow) and pair[0] not in drop
+        ],
+        quote_via=quote,
+        safe="",
+        encoding="latin-1",
+    ).encode("ascii")
+    assert merge_query(b"", query, allow, drop) == general
 
 
 def test_merge_query_directly() -> None:
