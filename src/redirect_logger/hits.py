@@ -38,6 +38,8 @@ FIELD_LIMITS = {
     "referer": 2048,
 }
 
+_LIMITS = tuple(FIELD_LIMITS.items())
+
 Headers = list[tuple[bytes, bytes]]
 # Kafka message headers, as confluent-kafka's produce() takes them.
 MessageHeaders = list[tuple[str, bytes]]
@@ -264,6 +266,7 @@ class Enricher:
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self._ip_headers = tuple(name.lower().encode() for name in server.client_ip_headers)
         self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
+        self._logged_ms, self._logged_text = -1, ""
 
     def use_rules(
         self, rules: list[Rule], fallback_topic: str | None, no_track_param: str | None
@@ -277,6 +280,14 @@ class Enricher:
         topics[None] = fallback_topic or self._default_topic
         self._topics = topics
         self._no_track = no_track_param
+
+    def _logged_at(self) -> str:
+        """``rfc3339_ms`` of now, made once per millisecond (a worker encodes
+        many records within one)."""
+        now = time.time()
+        if int(now * 1000) != self._logged_ms:
+            self._logged_ms, self._logged_text = int(now * 1000), rfc3339_ms(now)
+        return self._logged_text
 
     def _trusted_hop(self, address: Address) -> bool:
         return any(address in network for network in self._trusted)
@@ -366,15 +377,15 @@ class Enricher:
             "user_agent": agent if self._user_agent else None,
             "referer": _text(referer) if self._referer else None,
             "bot": bot,
-            "logged_at": rfc3339_ms(time.time()),
+            "logged_at": self._logged_at(),
             "instance": self.instance,
         }
-        truncated: list[str] = []
-        for field, limit in FIELD_LIMITS.items():
+        truncated: list[str] | None = None
+        for field, limit in _LIMITS:
             text = record[field]
             if isinstance(text, str) and len(text) > limit:
                 record[field] = text[:limit]
-                truncated.append(field)
+                truncated = [*(truncated or ()), field]
         if truncated:
             record["truncated"] = truncated
         if self._no_track is not None and self._untracked(hit.query):
@@ -396,15 +407,16 @@ class Enricher:
         record = self.record(hit)
         if record is None:
             return None
+        kind = str(record["kind"])
         key: object = None if self._key == "none" else record[self._key]
         if hit.data is None:
             topic = self._topics.get(hit.rule, self._default_topic)
         else:
             topic = self._event_topic
-        return Encoded(
-            topic=topic,
-            key=None if key is None else str(key).encode(),
-            value=orjson.dumps(record),
-            timestamp_ms=int(hit.ts * 1000),
-            headers=message_headers(str(record["kind"]), hit.rule),
+        return Encoded(  # by position, faster than by keyword
+            topic,
+            None if key is None else str(key).encode(),
+            orjson.dumps(record),
+            int(hit.ts * 1000),
+            message_headers(kind, hit.rule),
         )
