@@ -73,6 +73,15 @@ async def _kill_under_load(
         nursery.start_soon(redirects, urls, answered)
         await trio.sleep(seconds)
         assert len(answered) > 50, "no load reached the service"
+        # Kill while answers are flowing (5 in the last 50 ms), so that some
+        # records are in memory (librdkafka lingers 200 ms): a busy machine
+        # can stall the load for a second.
+        with trio.fail_after(30):
+            while True:
+                before = len(answered)
+                await trio.sleep(0.05)
+                if len(answered) - before >= 5:
+                    break
         service.kill_group()
 
 

@@ -151,16 +151,18 @@ async def test_a_lone_hit_waits_exactly_the_linger(virtual_clock: trio.testing.M
     assert ledger.delivered == 1
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 async def test_a_lingering_batch_takes_hits_per_tick_not_per_hit(
-    virtual_clock: trio.testing.MockClock,
+    virtual_clock: trio.testing.MockClock, workers: int
 ) -> None:
-    """40 hits 0.5 ms apart: one batch, and a worker woken per 5 ms tick, not per hit."""
+    """40 hits 0.5 ms apart: one batch, whatever the number of workers (one
+    gathers at a time), and woken per 5 ms tick, not per hit."""
     ledger = Ledger()
     shipped: list[tuple[int, float]] = []
     trace = StepTrace()
     t0 = trio.current_time()
     async with pipeline_of(
-        records(batch_linger=0.05, batch_size=100, workers=1),
+        records(batch_linger=0.05, batch_size=100, workers=workers),
         10.0,
         MemorySink(ledger),
         observe_batch=lambda n: shipped.append((n, trio.current_time())),

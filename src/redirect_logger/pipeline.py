@@ -293,6 +293,7 @@ class Pipeline:
         )
         self.intake = Intake(self.send, self.overflow_send, records, ledger)
         self.closed = trio.Event()  # set when the intake's channels are closed
+        self._gathering = trio.Lock()  # held by the worker gathering a batch
         self.ledger = ledger
         self.workers = records.workers
         self.spill = spill
@@ -540,25 +541,33 @@ class Pipeline:
             self._observe_batch(len(batch.records))
             await self.deliver(batch)
 
-        await self._run(receive, deliver)
+        await self._run(receive, deliver, self._gathering)
 
     async def run_overflow_writer(self, receive: trio.MemoryReceiveChannel[Hit]) -> None:
         """Under ``when_full = "spill"``: journal the hits that found the channel full."""
-        await self._run(receive, partial(self.keep, why="the channel was full (when_full = spill)"))
+        why = "the channel was full (when_full = spill)"
+        await self._run(receive, partial(self.keep, why=why), trio.Lock())
 
     async def _run(
         self,
         receive: trio.MemoryReceiveChannel[Hit],
         handle: Callable[[_Batch], Awaitable[None]],
+        gathering: trio.Lock,
     ) -> None:
-        """Collect batches until the channel ends; ``handle`` empties each one."""
+        """Collect batches until the channel ends; ``handle`` empties each one.
+
+        One worker at a time gathers (holds ``gathering``) while the others
+        ship the batches they gathered: a batch fills, rather than the hits
+        being split between workers that all linger and all wake.
+        """
         batch = _Batch()
         self._in_hand.append(batch)
         async with receive:
             done = False
             while not done:
-                done = await self.collect(receive, batch)
-                self.intake.close_commit()
+                async with gathering:
+                    done = await self.collect(receive, batch)
+                    self.intake.close_commit()
                 if batch.records:
                     await handle(batch)
 
