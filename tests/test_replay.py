@@ -10,10 +10,15 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 import trio
 
 from brokers import Broker
+from redirect_logger import replay as replay_module
+from redirect_logger.config import parse_settings
 from redirect_logger.hits import Encoded
+from redirect_logger.ledger import Ledger
+from redirect_logger.replay import Replayer
 from redirect_logger.spill import Journal, read_segment
 from support import (
     ROOT,
@@ -168,6 +173,29 @@ async def test_replay_with_nothing_journaled_says_so(tmp_path: Path) -> None:
     )
     result = await trio.to_thread.run_sync(replay, config)
     assert (result.returncode, result.stderr) == (0, f"nothing to replay in {tmp_path / 's'}\n")
+
+
+async def test_the_idle_replayer_serves_its_producers_statistics_and_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing but the replayer polls the replay producer. While it has
+    nothing to replay, librdkafka queues a statistics document (some 10 kB)
+    every ``statistics.interval.ms``, and the errors, until something polls:
+    unserved, they grew the service's memory by about 0.4 MiB a minute."""
+    monkeypatch.setattr(replay_module, "_IDLE", 0.05)  # it looks every 50 ms, not every second
+    config = service_config(
+        UNREACHABLE,
+        unique_topic(),
+        kafka={"statistics.interval.ms": 50},
+        spill={"directory": str(tmp_path / "spill")},
+    )
+    settings = parse_settings(config)
+    replayer = Replayer(settings.kafka, settings.spill, Ledger(), None)
+    with trio.move_on_after(2.0):
+        await replayer.run(lambda: False)  # no broker: nothing is replayed
+    # len(): what librdkafka holds for this producer, events waiting for a poll
+    # included. Unserved, 2 s of statistics alone would be 40.
+    assert len(replayer.sink._producer) < 10
 
 
 async def test_a_record_kafka_refuses_for_good_is_set_aside_not_retried(

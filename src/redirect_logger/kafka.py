@@ -224,6 +224,14 @@ class KafkaSink:
         with self._count_lock:
             return self._produced - self._reported
 
+    def poll(self) -> None:
+        """Serve what librdkafka has queued for this producer, without waiting:
+        delivery reports, statistics (``reachable``), errors and log lines.
+        Until something polls, librdkafka keeps them all, a statistics
+        document every ``statistics.interval.ms`` included."""
+        self._producer.poll(0)
+        self._settle()
+
     def poll_until(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self._producer.poll(0.1)

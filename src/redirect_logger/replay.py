@@ -291,6 +291,10 @@ class Replayer:
         backoff = _BACKOFF[0]
         while True:
             await trio.sleep(_IDLE)
+            # Between replays nothing else polls the replay producer, and what
+            # librdkafka queues for it (a statistics document of some 10 kB
+            # a second, errors) would pile up for as long as the service runs.
+            await trio.to_thread.run_sync(self.sink.poll, limiter=limiter)
             if not reachable():
                 continue
             try:
