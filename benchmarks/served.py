@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
@@ -61,15 +65,26 @@ directory = "{spill}"
 class Served:
     """The real CLI serving ``config``; ``url`` once it listens."""
 
-    def __init__(self, config: Path, workers: int = 0) -> None:
-        """``workers``: run ``serve --workers N`` (0: one process, no supervisor)."""
-        command = [sys.executable, "-m", "redirect_logger.cli", "serve", "--config", str(config)]
+    def __init__(
+        self,
+        config: Path,
+        workers: int = 0,
+        *,
+        launcher: Sequence[str] = ("-m", "redirect_logger.cli"),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``workers``: run ``serve --workers N`` (0: one process, no supervisor).
+        ``launcher``: what runs the CLI, after the interpreter (a wrapper
+        script that takes the CLI's arguments, say); ``env``: variables
+        added to the service's environment."""
+        command = [sys.executable, *launcher, "serve", "--config", str(config)]
         self.workers = workers
         self.process = subprocess.Popen(
             command + (["--workers", str(workers)] if workers else []),
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
+            env={**os.environ, **env} if env else None,
         )
         assert self.process.stderr is not None
         self.lines: list[str] = []
@@ -82,14 +97,23 @@ class Served:
             found = BIND_RE.search(line)
         self.url = found.group(1)
         self.pid = self.process.pid
+        # Its log is read on, so that a long run never stalls on a full pipe.
+        self._reader = threading.Thread(target=self._read, args=(self.process.stderr,))
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
 
     def stop(self) -> dict[str, int]:
         """SIGTERM; the ledger the service logged at exit (summed over its workers)."""
         self.process.send_signal(signal.SIGTERM)
-        rest = self.process.communicate(timeout=120)[1]
-        ledgers = LEDGER_RE.findall("".join(self.lines) + rest)
+        self.process.wait(timeout=120)
+        self._reader.join(timeout=10)
+        log = "".join(self.lines)
+        ledgers = LEDGER_RE.findall(log)
         if len(ledgers) < max(self.workers, 1):
-            raise RuntimeError("ledgers missing:\n" + "".join(self.lines) + rest)
+            raise RuntimeError("ledgers missing:\n" + log)
         ledger: dict[str, int] = {}
         for found in ledgers[-max(self.workers, 1) :]:
             for key, value in json.loads(found).items():

@@ -1,0 +1,139 @@
+"""The service's CLI with a memory probe beside it, for benchmarks/soak.py.
+
+    python benchmarks/soak_probe.py --dump DIR [--every 60] [--frames 1]
+        [--no-tracemalloc] [--malloc-trim] -- serve --config c.toml
+
+Runs ``redirect_logger.cli.main`` with the arguments after ``--``, and a
+daemon thread that, every --every s, appends one JSON line to
+``DIR/probe.jsonl``: the process's RSS, the Python heap as tracemalloc
+traces it, pymalloc's allocated blocks, glibc's ``mallinfo2`` (what malloc
+holds from the system, what of it is in use, what is free) and the count of
+gc-tracked objects by type; and, under tracemalloc (--frames deep), dumps a
+snapshot to ``DIR/snapshot-NNN.tm``. With --malloc-trim it then calls
+``malloc_trim(0)`` and records RSS after it: what glibc held free, given
+back. Nothing of it is in the service's code: the probe only looks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import sys
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+from redirect_logger import cli
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",  # bytes from brk (main arena) / sbrk
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",  # bytes in mmapped chunks
+            "usmblks",
+            "fsmblks",
+            "uordblks",  # bytes in use (not mmapped)
+            "fordblks",  # bytes free (not mmapped)
+            "keepcost",
+        )
+    ]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+_mallinfo2 = getattr(_libc, "mallinfo2", None)
+if _mallinfo2 is not None:
+    _mallinfo2.restype = _Mallinfo2
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def mallinfo() -> dict[str, int]:
+    """glibc's view, all arenas: ``arena`` (held, non-mmapped), ``in_use``,
+    ``free`` and ``mmapped`` bytes; {} if this libc has no mallinfo2."""
+    if _mallinfo2 is None:
+        return {}
+    info = _mallinfo2()
+    return {
+        "arena": info.arena,
+        "in_use": info.uordblks,
+        "free": info.fordblks,
+        "mmapped": info.hblkhd,
+    }
+
+
+def _name(kind: type) -> str:
+    module = kind.__dict__.get("__module__", "builtins")
+    return f"{module if isinstance(module, str) else '?'}.{kind.__qualname__}"
+
+
+def sample(dump: Path, index: int, trim: bool) -> dict[str, object]:
+    started = time.monotonic()
+    line: dict[str, object] = {
+        "t": time.time(),
+        "rss_kib": rss_kib(),
+        "blocks": sys.getallocatedblocks(),
+        "malloc": mallinfo(),
+    }
+    if tracemalloc.is_tracing():
+        line["traced"] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.take_snapshot().dump(str(dump / f"snapshot-{index:03d}.tm"))
+    counts = Counter(map(type, gc.get_objects()))
+    line["objects"] = sum(counts.values())
+    line["types"] = {_name(kind): count for kind, count in counts.items()}
+    if trim:
+        _libc.malloc_trim(0)
+        line["rss_after_trim_kib"] = rss_kib()
+    line["took"] = round(time.monotonic() - started, 3)
+    return line
+
+
+def probe(dump: Path, every: float, trim: bool) -> None:
+    index = 0
+    with (dump / "probe.jsonl").open("a") as out:
+        while True:
+            try:
+                line = sample(dump, index, trim)
+            except Exception as exc:  # the probe must not go quiet unnoticed
+                line = {"t": time.time(), "error": repr(exc)}
+            out.write(json.dumps(line) + "\n")
+            out.flush()
+            index += 1
+            time.sleep(every)
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dump", type=Path, required=True)
+    parser.add_argument("--every", type=float, default=60.0)
+    parser.add_argument("--frames", type=int, default=1)
+    parser.add_argument("--no-tracemalloc", action="store_true")
+    parser.add_argument("--malloc-trim", action="store_true")
+    args = parser.parse_args(argv[:split])
+    args.dump.mkdir(parents=True, exist_ok=True)
+    if not args.no_tracemalloc:
+        tracemalloc.start(args.frames)
+    threading.Thread(
+        target=probe, args=(args.dump, args.every, args.malloc_trim), daemon=True
+    ).start()
+    return cli.main(argv[split + 1 :])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
