@@ -46,9 +46,8 @@ import tracemalloc
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
-from collect_load import COLLECT, MAX_EVENTS, REDIRECT, _check, _counts, _script
+from collect_load import COLLECT, MAX_EVENTS, REDIRECT, _check, _counts, _script, _terminated
 from compare import _broker, _records, _tree
 from redirect_logger.ledger import SETTLED
 from served import Served, write_config
@@ -169,10 +168,6 @@ def _probe_report(directory: Path, half: float, end: float) -> list[str]:
             out.append(f"  {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+8,} blocks")
             out += [f"      {frame.strip()}" for frame in frames[-2 * min(len(frames), 6) :]]
     return out
-
-
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop everything
 
 
 def main() -> int:
