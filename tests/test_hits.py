@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from redirect_logger.bots import CACHE_SIZE, BotDetector
 from redirect_logger.config import parse_settings
-from redirect_logger.hits import FIELD_LIMITS, Enricher, Hit, headers_of_value, rfc3339_ms
+from redirect_logger.hits import (
+    FIELD_LIMITS,
+    Enricher,
+    Hit,
+    Millisecond,
+    headers_of_value,
+    rfc3339_ms,
+)
 from support import check_record_schema
 
 
@@ -34,6 +41,21 @@ def enricher(trusted: list[str], key: str = "client_ip") -> Enricher:
 def test_rfc3339_ms_matches_datetime(ts: float) -> None:
     moment = datetime.fromtimestamp(ts, tz=UTC)
     assert rfc3339_ms(ts) == f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+@given(
+    start=st.floats(min_value=0, max_value=2**33, allow_nan=False),
+    steps=st.lists(st.floats(min_value=0, max_value=0.002), max_size=20),
+)
+@example(start=1.9994995, steps=[0.0000004, 0.0000002, 0.0005])  # across a rounding edge
+@example(start=1.9999994, steps=[0.0000002, 0.0000004])  # rounding into the next second
+def test_a_kept_millisecond_is_written_as_rfc3339_ms_writes_it(
+    start: float, steps: list[float]
+) -> None:
+    millisecond, ts = Millisecond(), start
+    for step in [0.0, *steps]:
+        ts += step
+        assert millisecond.text(ts) == rfc3339_ms(ts)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,8 @@ FIELD_LIMITS = {
 }
 
 _LIMITS = tuple(FIELD_LIMITS.items())
+_SHORTEST_LIMIT = min(FIELD_LIMITS.values())  # no text this long: nothing to cut
+_AGENT_LIMIT = FIELD_LIMITS["user_agent"]
 
 Headers = list[tuple[bytes, bytes]]
 # Kafka message headers, as confluent-kafka's produce() takes them.
@@ -198,8 +200,36 @@ def rfc3339_ms(ts: float) -> str:
     return f"{_utc_second(second)}.{micros // 1000:03d}Z"  # a second's text is shared
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("utf-8", "backslashreplace")
+class Millisecond:
+    """``rfc3339_ms`` of the last millisecond asked for, kept: a worker encodes
+    many hits within one (a millisecond of requests, and a batch's
+    ``logged_at``), and telling the millisecond costs less than writing it."""
+
+    __slots__ = ("_ms", "_text")
+
+    def __init__(self) -> None:
+        self._ms, self._text = -1, ""
+
+    def text(self, ts: float) -> str:
+        fraction, whole = math.modf(ts)
+        # As rfc3339_ms rounds: a fraction that rounds to 1 s is the next second's .000.
+        ms = int(whole) * 1000 + round(fraction * 1_000_000) // 1000
+        if ms != self._ms:
+            self._ms, self._text = ms, rfc3339_ms(ts)
+        return self._text
+
+
+def _truncate(record: dict[str, object]) -> None:
+    """Cut the record's texts to ``FIELD_LIMITS``, naming the fields cut in its
+    ``truncated`` list (none cut: no list)."""
+    truncated = []
+    for field, limit in _LIMITS:
+        text = record[field]
+        if isinstance(text, str) and len(text) > limit:
+            record[field] = text[:limit]
+            truncated.append(field)
+    if truncated:
+        record["truncated"] = truncated
 
 
 def _parse_ip(text: str) -> Address | None:
@@ -266,7 +296,7 @@ class Enricher:
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self._ip_headers = tuple(name.lower().encode() for name in server.client_ip_headers)
         self.instance = records.instance or f"{socket.gethostname()}:{os.getpid()}"
-        self._logged_ms, self._logged_text = -1, ""
+        self._ts, self._logged = Millisecond(), Millisecond()
 
     def use_rules(
         self, rules: list[Rule], fallback_topic: str | None, no_track_param: str | None
@@ -280,14 +310,6 @@ class Enricher:
         topics[None] = fallback_topic or self._default_topic
         self._topics = topics
         self._no_track = no_track_param
-
-    def _logged_at(self) -> str:
-        """``rfc3339_ms`` of now, made once per millisecond (a worker encodes
-        many records within one)."""
-        now = time.time()
-        if int(now * 1000) != self._logged_ms:
-            self._logged_ms, self._logged_text = int(now * 1000), rfc3339_ms(now)
-        return self._logged_text
 
     def _trusted_hop(self, address: Address) -> bool:
         return any(address in network for network in self._trusted)
@@ -332,66 +354,69 @@ class Enricher:
     def record(self, hit: Hit) -> dict[str, object] | None:
         """The record of docs/records.md (schema version ``v``), or None for a
         client in ``records.exclude_ips``."""
+        # The hot path of every worker: fields unpacked once, and the field
+        # limits looked at one by one only when some text is long.
+        hit_id, ts, method, scheme, path, query, headers, client, status, location, rule, data = (
+            hit[:12]
+        )
         host = user_agent = referer = None
-        for name, value in hit.headers:
+        for name, value in headers:
             if name == b"host":
-                host = value
+                host = value.decode("utf-8", "backslashreplace")
             elif name == b"user-agent":
-                user_agent = value
+                user_agent = value.decode("utf-8", "backslashreplace")
             elif name == b"referer":
-                referer = value
-        peer = hit.client[0] if hit.client else None
-        if hit.client is None:
-            remote = None
-        elif ":" in hit.client[0]:
-            remote = f"[{hit.client[0]}]:{hit.client[1]}"
+                referer = value.decode("utf-8", "backslashreplace")
+        if client is None:
+            peer = remote = None
         else:
-            remote = f"{hit.client[0]}:{hit.client[1]}"
-        client_ip = self.client_ip(peer, hit.headers)
+            peer = client[0]
+            remote = f"[{peer}]:{client[1]}" if ":" in peer else f"{peer}:{client[1]}"
+        client_ip = self.client_ip(peer, headers) if self._trusted else peer
         if self._excluded and client_ip is not None and _within(client_ip, self._excluded):
             return None
         if self._ip == "anonymized":  # and the peer's port left out
             client_ip, remote = anonymized(client_ip), anonymized(peer)
         elif self._ip == "none":
             client_ip = remote = None
-        kind = "event" if hit.data is not None else "miss" if hit.location is None else "redirect"
-        agent = _text(user_agent)
         bot = None
         if self._bots is not None:  # the agent as recorded: cut to its limit
-            bot = self._bots.is_bot(hit.method, agent and agent[: FIELD_LIMITS["user_agent"]])
+            bot = self._bots.is_bot(method, user_agent and user_agent[:_AGENT_LIMIT])
+        query_text = query.decode("utf-8", "backslashreplace")
         record: dict[str, object] = {
             "v": SCHEMA_VERSION,
-            "id": hit.id,
-            "ts": rfc3339_ms(hit.ts),
-            "method": hit.method,
-            "scheme": hit.scheme,
-            "host": _text(host),
-            "path": hit.path,
-            "query": hit.query.decode("utf-8", "backslashreplace"),
-            "status": hit.status,
-            "location": hit.location,
-            "rule": hit.rule,
-            "kind": kind,
+            "id": hit_id,
+            "ts": self._ts.text(ts),
+            "method": method,
+            "scheme": scheme,
+            "host": host,
+            "path": path,
+            "query": query_text,
+            "status": status,
+            "location": location,
+            "rule": rule,
+            "kind": "event" if data is not None else "miss" if location is None else "redirect",
             "client_ip": client_ip,
             "remote_address": remote,
-            "user_agent": agent if self._user_agent else None,
-            "referer": _text(referer) if self._referer else None,
+            "user_agent": user_agent if self._user_agent else None,
+            "referer": referer if self._referer else None,
             "bot": bot,
-            "logged_at": self._logged_at(),
+            "logged_at": self._logged.text(time.time()),
             "instance": self.instance,
         }
-        truncated: list[str] | None = None
-        for field, limit in _LIMITS:
-            text = record[field]
-            if isinstance(text, str) and len(text) > limit:
-                record[field] = text[:limit]
-                truncated = [*(truncated or ()), field]
-        if truncated:
-            record["truncated"] = truncated
-        if self._no_track is not None and self._untracked(hit.query):
+        if (
+            len(path) > _SHORTEST_LIMIT
+            or len(query_text) > _SHORTEST_LIMIT
+            or (host is not None and len(host) > _SHORTEST_LIMIT)
+            or (location is not None and len(location) > _SHORTEST_LIMIT)
+            or (user_agent is not None and len(user_agent) > _SHORTEST_LIMIT)
+            or (referer is not None and len(referer) > _SHORTEST_LIMIT)
+        ):
+            _truncate(record)
+        if self._no_track is not None and self._untracked(query):
             record["tracked"] = False
-        if hit.data is not None:
-            record["data"] = orjson.Fragment(hit.data)  # embedded as it is
+        if data is not None:
+            record["data"] = orjson.Fragment(data)  # embedded as it is
         return record
 
     def _untracked(self, query: bytes) -> bool:
@@ -407,16 +432,15 @@ class Enricher:
         record = self.record(hit)
         if record is None:
             return None
-        kind = str(record["kind"])
-        key: object = None if self._key == "none" else record[self._key]
-        if hit.data is None:
-            topic = self._topics.get(hit.rule, self._default_topic)
-        else:
-            topic = self._event_topic
+        key = None if self._key == "none" else record[self._key]
+        rule = hit.rule
+        topic = (
+            self._topics.get(rule, self._default_topic) if hit.data is None else self._event_topic
+        )
         return Encoded(  # by position, faster than by keyword
             topic,
-            None if key is None else str(key).encode(),
+            key.encode() if isinstance(key, str) else None,  # the key fields are texts
             orjson.dumps(record),
             int(hit.ts * 1000),
-            message_headers(kind, hit.rule),
+            message_headers(record["kind"], rule),
         )
