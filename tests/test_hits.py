@@ -500,3 +500,21 @@ def test_headers_of_a_value(value: bytes, headers: list[tuple[str, bytes]] | Non
     version = b"%d" % orjson.loads(value)["v"] if headers else b""
     expected = [] if headers is None else [("schema-version", version), *headers]
     assert headers_of_value(value) == expected
+
+
+def test_the_events_of_a_request_are_its_hits_each_with_an_id_of_its_own() -> None:
+    scope = {
+        "method": "POST",
+        "scheme": "https",
+        "path": "/collect",
+        "query_string": b"a=1",
+        "headers": [(b"host", b"h"), (b"user-agent", b"ua")],
+        "client": ("192.0.2.7", 4711),
+    }
+    events = Hit.events_of(scope, 1764694800.5, 202, [b'{"n":1}', b'{"n":2}'])
+    assert [event.data for event in events] == [b'{"n":1}', b'{"n":2}']
+    assert len({event.id for event in events}) == 2
+    for event in events:
+        assert type(event) is Hit
+        assert event == Hit.from_scope(scope, event.id, 1764694800.5, 202, data=event.data)
+        assert event.commit is None

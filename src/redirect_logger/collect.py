@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
-from uuid_utils import uuid7
 
 from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, CollectSettings, KafkaValue
 from .hits import Hit
@@ -379,7 +378,7 @@ class Collector:
         """Hand the events to the channel and answer 202, or 503 when shed
         (``accepted`` says how many are recorded all the same: under
         ``records.durability``, those made durable before the rest could not be)."""
-        events = [Hit.from_scope(scope, str(uuid7()), now, 202, data=data) for data in objects]
+        events = Hit.events_of(scope, now, 202, objects)
         count = len(events)
         accepted, admission = await self._admit_all(events)
         if accepted:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
+from uuid_utils import uuid7
 
 from .bots import BotDetector
 from .commit import Commit
@@ -98,6 +99,28 @@ class Hit(NamedTuple):
             rule,
             data,
         )
+
+    @classmethod
+    def events_of(
+        cls, scope: dict[str, Any], ts: float, status: int, data: list[bytes]
+    ) -> list[Hit]:
+        """The events of one collect request, answered ``status``: ``from_scope``
+        for each event's JSON in ``data``, each with an id of its own. The
+        request's fields are read once (a request may carry a thousand events)."""
+        request = (
+            ts,
+            scope["method"],
+            scope["scheme"],
+            scope["path"],
+            scope["query_string"],
+            scope["headers"],
+            scope.get("client"),
+            status,
+            None,
+            None,
+        )
+        new = tuple.__new__
+        return [new(cls, (str(uuid7()), *request, event, None)) for event in data]
 
 
 class Encoded(NamedTuple):
