@@ -44,6 +44,60 @@ def config_error(data: dict[str, Any]) -> str:
 
 INVALID = [
     pytest.param(
+        config(server={"max_connections": 0}),
+        "server.max_connections",
+        "greater than or equal to 1",
+        id="max-connections-zero",
+    ),
+    pytest.param(
+        config(server={"max_connections": 10.5}),
+        "server.max_connections",
+        "valid integer",
+        id="max-connections-float",
+    ),
+    pytest.param(
+        config(server={"max_connections_per_ip": -1}),
+        "server.max_connections_per_ip",
+        "greater than or equal to 0",
+        id="max-connections-per-ip-negative",
+    ),
+    pytest.param(
+        config(server={"max_connections": 100, "max_connections_per_ip": 101}),
+        "server.max_connections_per_ip",
+        "101 is larger than server.max_connections (100): it could never apply",
+        id="max-connections-per-ip-above-max-connections",
+    ),
+    pytest.param(
+        config(server={"send_timeout": 0}),
+        "server.send_timeout",
+        "greater than 0",
+        id="send-timeout-zero",
+    ),
+    pytest.param(
+        config(server={"idle_timeout": 3601}),
+        "server.idle_timeout",
+        "less than or equal to 3600",
+        id="idle-timeout-too-long",
+    ),
+    pytest.param(
+        config(server={"h2_max_concurrent_streams": 0}),
+        "server.h2_max_concurrent_streams",
+        "greater than or equal to 1",
+        id="h2-streams-zero",
+    ),
+    pytest.param(
+        config(server={"h2_max_resets_per_second": 0}),
+        "server.h2_max_resets_per_second",
+        "greater than or equal to 1",
+        id="h2-resets-zero",
+    ),
+    pytest.param(
+        config(server={"max_conections": 10}),
+        "server.max_conections",
+        "unknown key",
+        id="max-connections-misspelt",
+    ),
+    pytest.param(
         {**config(), "serverr": {}},
         "serverr",
         "unknown key",
@@ -572,6 +626,11 @@ def test_invalid_settings_name_the_key_and_the_reason(
         pytest.param(
             config(records={"max_block": 10, "when_full": "drop"}), id="max-block-under-drop"
         ),
+        pytest.param(
+            config(server={"max_connections": 1, "max_connections_per_ip": 1}),
+            id="one-connection",
+        ),
+        pytest.param(config(server={"max_connections_per_ip": 0}), id="no-limit-per-ip"),
         pytest.param(config(rules=[rule(path="/*", forward_path=True)]), id="root-prefix"),
         pytest.param(
             config(rules=[rule(name="a", path="/docs/*"), rule(name="b", path="/docs")]),
@@ -699,6 +758,10 @@ def test_minimal_settings_take_the_documented_defaults() -> None:
     settings = parse_settings(config())
     assert settings.server.bind == ["127.0.0.1:8080"]
     assert settings.server.graceful_timeout == 5.0
+    server = settings.server
+    assert (server.max_connections, server.max_connections_per_ip) == (10_000, 256)
+    assert (server.send_timeout, server.idle_timeout) == (10.0, 30.0)
+    assert (server.h2_max_concurrent_streams, server.h2_max_resets_per_second) == (100, 200)
     assert settings.rules == []
     assert (settings.fallback.status, settings.fallback.target) == (404, None)
     assert (settings.records.topic, settings.records.when_full) == ("redirect-hits", "block")

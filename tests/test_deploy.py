@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from redirect_logger.config import PURGE_ALLOWANCE, Settings, load_settings, port_of
+from redirect_logger.limits import FD_MARGIN
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "production.toml"
@@ -130,6 +131,8 @@ def test_systemd_unit_matches_config(settings: Settings) -> None:
     assert argv[1:] == ["serve", *config, "--workers", "${WORKERS}"]
     assert service["Environment"] == ["WORKERS=2"]
     assert int(service["LimitNOFILE"][0]) >= 65536
+    # each worker's connections, and its own descriptors (docs/deployment.md#file-descriptors)
+    assert int(service["LimitNOFILE"][0]) >= settings.server.max_connections + FD_MARGIN
     assert service["ProtectSystem"] == ["strict"]
     assert service["NoNewPrivileges"] == ["yes"]
 

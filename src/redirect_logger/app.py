@@ -239,7 +239,7 @@ def create_app(service: Service, *, own_lifecycle: bool) -> QuartTrio:
 
     Also guards Hypercorn's connections (``server.guard_connections``).
     """
-    guard_connections()
+    guard_connections(service.connections)
     app = QuartTrio(__name__)
 
     @app.get("/healthz")

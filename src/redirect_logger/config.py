@@ -87,6 +87,15 @@ class ServerSettings(_Section):
     client_ip_headers: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,100}$")]] = Field(
         default_factory=list
     )
+    # Limits for the open internet (docs/configuration.md#connection-limits), per process
+    max_connections: int = Field(10_000, ge=1, le=1_000_000)  # open at once; more: closed at once
+    # open at once from one peer address; 0: no limit (behind a load balancer, say)
+    max_connections_per_ip: int = Field(256, ge=0, le=1_000_000)
+    send_timeout: PositiveSeconds = 10.0  # s an answer may wait for the client to read it
+    idle_timeout: PositiveSeconds = 30.0  # s a connection may wait for its (next) request
+    h2_max_concurrent_streams: int = Field(100, ge=1, le=10_000)  # per HTTP/2 connection
+    # stream resets per second on one HTTP/2 connection; more: GOAWAY, closed
+    h2_max_resets_per_second: int = Field(200, ge=1, le=1_000_000)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -106,6 +115,12 @@ class ServerSettings(_Section):
 
     @model_validator(mode="after")
     def _check_ports(self) -> ServerSettings:
+        if self.max_connections_per_ip > self.max_connections:
+            raise _KeyError(
+                "server.max_connections_per_ip",
+                f"{self.max_connections_per_ip} is larger than server.max_connections "
+                f"({self.max_connections}): it could never apply; lower it, or 0 for no limit",
+            )
         admin = {port_of(bind) for bind in self.admin_bind} - {0}
         shared = admin & {port_of(bind) for bind in self.bind}
         if shared:

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .ledger import OUTCOMES, Ledger
+from .limits import REFUSALS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -105,6 +106,7 @@ _GAUGE_HELP = {
     "broker_reachable": "1 when the producer has a connection to some broker",
     "spill_bytes": "Bytes in this process's spill journal awaiting replay",
     "workers": "Worker processes whose metrics this scrape sums (1 for a single process)",
+    "connections": "Client connections open (at most server.max_connections per process)",
 }
 
 
@@ -140,6 +142,20 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.connections_refused = Counter(
+            "redirect_logger_connections_refused",
+            "Client connections refused or closed by a limit, by reason (none reached the app"
+            " after its refusal: no hit of theirs is lost)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.h2_streams_refused = Counter(
+            "redirect_logger_h2_streams_refused",
+            "HTTP/2 streams refused (REFUSED_STREAM) past server.h2_max_concurrent_streams",
+            registry=self.registry,
+        )
+        for reason in REFUSALS:
+            self.connections_refused.labels(reason)
         for reason in COLLECT_REJECTIONS:
             self.collect_rejected.labels(reason)
         for outcome in COLLECT_EVENT_OUTCOMES:

@@ -6,59 +6,41 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 import hypercorn.trio.run
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
 from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import TCPServer
 
-from .config import Settings
+from .config import ServerSettings, Settings
+from .limits import ConnectionGate
 from .logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
-
-
-class _BoundedSendConfig(HypercornConfig):
-    """Hypercorn's Config; its listening sockets also bound how long a send may stall.
-
-    Hypercorn shields its socket writes from cancellation and has no write
-    timeout, so a client that stops reading would hold its connection, and
-    the graceful shutdown, forever. ``TCP_USER_TIMEOUT`` (Linux), inherited
-    by every accepted connection, makes the kernel abort a connection whose
-    sent data stays unacknowledged (a zero window included) for
-    ``send_timeout`` seconds; the blocked write then fails and Hypercorn
-    closes the connection.
-    """
-
-    send_timeout: float | None = None
-
-    def create_sockets(self) -> Sockets:
-        sockets = super().create_sockets()
-        option = getattr(socket, "TCP_USER_TIMEOUT", None)
-        if option is not None and self.send_timeout is not None:
-            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, option, round(self.send_timeout * 1000))
-        return sockets
 
 
 def hypercorn_config(settings: Settings, fds: Sequence[int] | None = None) -> HypercornConfig:
     """Hypercorn's Config for ``serve``; docs/operations.md lists the limits it
     sets. With ``fds`` it serves those listening sockets (a supervisor's, in
     the order of ``server.bind`` then ``server.admin_bind``) instead of binding."""
-    config = _BoundedSendConfig()
+    config = HypercornConfig()
     binds = [*settings.server.bind, *settings.server.admin_bind]
     config.bind = binds if fds is None else [f"fd://{fd}" for fd in fds]
     config.graceful_timeout = settings.server.graceful_timeout
-    # A response that cannot progress that long cannot finish within the
-    # graceful shutdown either.
-    config.send_timeout = settings.server.graceful_timeout
     config.accesslog = None
     config.backlog = 1024  # Hypercorn's 100 stalls bursts of new connections
+    use_limits(config, settings.server)
     return config
+
+
+def use_limits(config: HypercornConfig, server: ServerSettings) -> None:
+    """Map the ``[server]`` limits Hypercorn has a setting for onto its Config
+    (both launch modes: under ``hypercorn`` they replace its own options)."""
+    config.keep_alive_timeout = server.idle_timeout
+    config.h2_max_concurrent_streams = server.h2_max_concurrent_streams
 
 
 class _RequestAfterIdleClose(Exception):
@@ -66,8 +48,19 @@ class _RequestAfterIdleClose(Exception):
 
 
 class _GuardedTCPServer(TCPServer):
-    """One connection of Hypercorn's, whose errors end that connection only,
-    and whose idle close never drops a request the app has handled.
+    """One connection of Hypercorn's, held to the ``[server]`` limits, whose
+    errors end that connection only, and whose idle close never drops a
+    request the app has handled.
+
+    Limits: a connection past ``max_connections`` or
+    ``max_connections_per_ip`` is reset at once, before Hypercorn reads a
+    byte of it (so before the app could see a request); connections to an
+    admin port (``server.admin_bind``) are not counted. Every other one
+    gets ``TCP_USER_TIMEOUT`` = ``send_timeout`` (Linux): the kernel aborts
+    it when data it sent stays unacknowledged (a zero window included) that
+    long. Hypercorn shields its socket writes from cancellation and has no
+    write timeout, so a client that stops reading would otherwise hold its
+    connection, and the graceful shutdown, for ever.
 
     Hypercorn 0.18 serves each connection in a task of its server nursery and
     lets any error escape it, and some input makes its protocol code raise:
@@ -84,11 +77,17 @@ class _GuardedTCPServer(TCPServer):
     it, or makes it idle again), and a close begun keeps the request from the
     app (the client sees the connection closed unanswered, as for any idle
     close).
+
+    Hypercorn 0.18 also keeps a connection's task, after the client has
+    closed it, until its idle timer (``keep_alive_timeout``) runs out; here
+    the end of reading stops the timer, so the task, and the connection's
+    count, end with the connection.
     """
 
     _log = RateLimitedLog(log)
     _busy = False  # a request is in hand
     _closing = False  # the idle close has begun
+    _read_ended = False  # the client closed, or the connection failed
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, Updated):
@@ -103,7 +102,38 @@ class _GuardedTCPServer(TCPServer):
         self._closing = True
         await super()._initiate_server_close()
 
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            self._read_ended = True
+            await self.idle_task.stop()
+
+    async def _idle_timeout(self) -> None:
+        if not self._read_ended:  # else nothing is left to time out
+            await super()._idle_timeout()
+
     async def run(self) -> None:
+        gate = _gate
+        assert gate is not None  # set with the guard, by guard_connections()
+        sock: socket.socket = getattr(self.stream, "transport_stream", self.stream).socket
+        counted = gate.admin_ports is None or _local_port(sock) not in gate.admin_ports
+        peer = _peer_ip(sock)
+        if counted and not gate.admit(peer):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            await self.stream.aclose()
+            return
+        try:
+            use_limits(self.config, gate.limits)  # under ``hypercorn``: its own Config
+            if peer is not None and _USER_TIMEOUT is not None:
+                milliseconds = round(gate.limits.send_timeout * 1000)
+                sock.setsockopt(socket.IPPROTO_TCP, _USER_TIMEOUT, milliseconds)
+            await self._run_guarded()
+        finally:
+            if counted:
+                gate.release(peer)
+
+    async def _run_guarded(self) -> None:
         try:
             await super().run()
         except Exception as exc:  # any error of one connection
@@ -118,6 +148,27 @@ class _GuardedTCPServer(TCPServer):
             )
 
 
+_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
+
+
+def _local_port(sock: socket.socket) -> int | None:
+    try:
+        return int(sock.getsockname()[1]) if sock.family != socket.AF_UNIX else None
+    except OSError:
+        return None
+
+
+def _peer_ip(sock: socket.socket) -> str | None:
+    """The peer's IP address; None for a socket that is not TCP/IP, or is gone."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return None
+
+
 def leaf_errors(error: BaseException) -> list[BaseException]:
     """The errors inside (nested) exception groups, or the error itself."""
     if isinstance(error, BaseExceptionGroup):
@@ -125,9 +176,15 @@ def leaf_errors(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def guard_connections() -> None:
-    """Make Hypercorn's trio worker serve connections through the guard (both
-    launch modes; idempotent). ``worker_serve`` looks ``TCPServer`` up in its
-    module when it starts serving."""
+_gate: ConnectionGate | None = None  # this process's, from the last guard_connections()
+
+
+def guard_connections(gate: ConnectionGate) -> None:
+    """Make Hypercorn's trio worker serve connections through the guard, held
+    to ``gate`` (both launch modes; one gate per process: the last call's
+    applies to connections accepted from then on). ``worker_serve`` looks
+    ``TCPServer`` up in its module when it starts serving."""
+    global _gate
+    _gate = gate
     module: Any = hypercorn.trio.run
     module.TCPServer = _GuardedTCPServer

@@ -24,6 +24,7 @@ from .heap import settled
 from .hits import Encoded, Enricher, Hit, record_id
 from .kafka import KafkaSink
 from .ledger import Ledger
+from .limits import ConnectionGate
 from .metrics import Metrics
 from .pipeline import Admission, Pipeline, open_pipeline
 from .replay import Replayer, journal_options
@@ -107,6 +108,10 @@ class Service:
         # Local ports that serve only the admin endpoints; None: admin on every port.
         admin = settings.server.admin_bind
         self.admin_ports = frozenset(port_of(b) for b in admin) if admin else None
+        refused = self.metrics.connections_refused
+        self.connections = ConnectionGate(
+            settings.server, lambda reason: refused.labels(reason).inc(), self.admin_ports
+        )
 
     def use_rules(self, settings: Settings) -> None:
         """Swap in the ``[[rules]]``, ``[fallback]`` and ``[redirects]`` of newly
@@ -145,6 +150,7 @@ class Service:
         self.binds, self.admin_binds = binds[:count], binds[count:]
         if self.admin_binds:
             self.admin_ports = frozenset(port_of(b) for b in self.admin_binds)
+            self.connections.admin_ports = self.admin_ports
 
     def is_admin(self, scope: dict[str, Any]) -> bool:
         """Whether an HTTP request is for the admin endpoints (by path and local port)."""
@@ -209,6 +215,7 @@ class Service:
             "spill_bytes": self.spill.journal.size if self.spill.journal is not None else 0,
             "producer_rebuilds": sink.rebuilds if sink else 0,
             "workers": 1,
+            "connections": self.connections.open,
         }
 
     async def exposition(self) -> bytes:
