@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -969,3 +970,38 @@ def test_collect_body_timeout_must_fit_in_the_graceful_timeout() -> None:
     data["server"] = {"graceful_timeout": 6.0}
     assert parse_settings(data).collect.body_timeout == 6.0
     assert parse_settings(config(collect={"body_timeout": 60.0})).collect.enabled is False
+
+
+def _check_with_fd_limit(path: Path, soft: int) -> subprocess.CompletedProcess[str]:
+    def limit() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return subprocess.run(
+        [sys.executable, "-m", "redirect_logger.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=limit,
+    )
+
+
+def test_check_warns_when_the_descriptor_limit_is_below_max_connections(tmp_path: Path) -> None:
+    """max_connections + 100 descriptors are needed; below that ``check`` warns
+    (and still exits 0: the file is valid)."""
+    kafka = f'[kafka]\n"bootstrap.servers" = "{BOOTSTRAP}"\n'
+    path = tmp_path / "site.toml"
+    path.write_text(kafka)
+    result = _check_with_fd_limit(path, 1000)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"warning: {path}: the file descriptor limit (RLIMIT_NOFILE, soft) is 1000, below"
+        " server.max_connections (10000) + 100 = 10100: past it new connections wait"
+        " unaccepted; raise it (LimitNOFILE=, ulimit -n, see"
+        " docs/deployment.md#file-descriptors) or lower server.max_connections\n"
+    )
+    assert json.loads(result.stdout)["server"]["max_connections"] == 10_000
+    path.write_text(f"[server]\nmax_connections = 900\nmax_connections_per_ip = 0\n{kafka}")
+    result = _check_with_fd_limit(path, 1000)
+    assert (result.returncode, result.stderr) == (0, "")

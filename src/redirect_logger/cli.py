@@ -26,6 +26,7 @@ from hypercorn.trio import serve
 from .app import create_app
 from .config import ConfigError, Settings, load_settings, parse_settings
 from .devbroker import DevBrokerError, run_dev_broker
+from .limits import descriptor_shortfall
 from .logs import configure_logging
 from .server import hypercorn_config, leaf_errors
 from .service import Service
@@ -223,6 +224,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except Exception as exc:  # a value of the wrong type for a property
         print(f"error: {args.config}: kafka: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    shortfall = descriptor_shortfall(settings.server)
+    if shortfall is not None:
+        print(f"warning: {args.config}: {shortfall}", file=sys.stderr)
     sys.stdout.write(orjson.dumps(settings.redacted(), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write("\n")
     return 0

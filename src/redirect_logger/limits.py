@@ -10,6 +10,7 @@ hit. Everything here runs on the Trio thread.
 from __future__ import annotations
 
 import logging
+import resource
 from collections import Counter
 from collections.abc import Callable
 
@@ -25,6 +26,21 @@ REFUSALS = ("max_connections", "max_connections_per_ip", "h2_resets")
 # File descriptors a process needs besides its connections: listening
 # sockets, librdkafka's broker connections, the journal, the group's sockets.
 FD_MARGIN = 100
+
+
+def descriptor_shortfall(server: ServerSettings) -> str | None:
+    """Why this process's soft RLIMIT_NOFILE is too low for ``server.max_connections``
+    (plus FD_MARGIN), or None when it is not."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = server.max_connections + FD_MARGIN
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    return (
+        f"the file descriptor limit (RLIMIT_NOFILE, soft) is {soft}, below "
+        f"server.max_connections ({server.max_connections}) + {FD_MARGIN} = {needed}: "
+        "past it new connections wait unaccepted; raise it (LimitNOFILE=, ulimit -n, "
+        "see docs/deployment.md#file-descriptors) or lower server.max_connections"
+    )
 
 
 class ConnectionGate:
