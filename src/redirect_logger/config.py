@@ -8,8 +8,10 @@ defaults (``KAFKA_DEFAULTS``) and refuse combinations that contradict each other
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -724,11 +726,65 @@ def parse_settings(data: dict[str, Any], source: str = "config") -> Settings:
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
-def load_settings(path: str | Path) -> Settings:
-    """Read and validate a TOML config file.
+# ${NAME}, ${NAME:-default}, $$ (a literal "$"), or a "${" that is neither (an error);
+# any other "$" is itself. docs/configuration.md#environment-variables
+_ENV_REF_RE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|(\{))")
+
+
+def interpolate(
+    value: object, environ: Mapping[str, str], loc: tuple[int | str, ...] = ()
+) -> object:
+    """``value`` (parsed TOML) with ``${NAME}`` and ``${NAME:-default}`` in every
+    string replaced from ``environ``, and ``$$`` by ``$``; keys are left as
+    they are, and substituted text is not interpolated again.
+
+    Raises ConfigError naming the key (dotted path) and the variable when a
+    variable without a default is not set, or a ``${`` is malformed. The
+    message never quotes the value.
+    """
+    if isinstance(value, str):
+        return _substitute(value, environ, loc)
+    if isinstance(value, dict):
+        return {key: interpolate(item, environ, (*loc, key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, environ, (*loc, index)) for index, item in enumerate(value)]
+    return value
+
+
+def _substitute(text: str, environ: Mapping[str, str], loc: tuple[int | str, ...]) -> str:
+    if "$" not in text:
+        return text
+
+    def replace(match: re.Match[str]) -> str:
+        dollar, name, default, malformed = match.groups()
+        if dollar is not None:
+            return "$"
+        if malformed is not None:
+            raise ConfigError(
+                f'{_error_location(loc)}: the "${{" at character {match.start() + 1} is not '
+                '${NAME} or ${NAME:-default} (NAME: letters, digits and "_", not first a '
+                'digit); write "$${" for a literal "${"'
+            )
+        found = environ.get(name)
+        if default is not None and not found:  # as in a shell: unset or empty
+            return default
+        if found is None:
+            raise ConfigError(
+                f"{_error_location(loc)}: the environment variable {name} is not set, and "
+                f"${{{name}}} has no default (${{{name}:-default}})"
+            )
+        return found
+
+    return _ENV_REF_RE.sub(replace, text)
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read a TOML config file, interpolate environment variables (``environ``,
+    by default ``os.environ``) into its strings, and validate it.
 
     Raises ConfigError for a missing or unreadable file, invalid TOML (with its
-    line and column) or an invalid setting (naming the key and the reason).
+    line and column), a missing or malformed ``${NAME}`` (naming the key and
+    the variable) or an invalid setting (naming the key and the reason).
     """
     path = Path(path)
     try:
@@ -741,4 +797,9 @@ def load_settings(path: str | Path) -> Settings:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    return parse_settings(data, str(path))
+    try:
+        interpolated = interpolate(data, os.environ if environ is None else environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    assert isinstance(interpolated, dict)
+    return parse_settings(interpolated, str(path))
