@@ -21,8 +21,9 @@ def _load() -> Service:
     path = os.environ.get(ENV_VAR)
     if not path:
         raise ConfigError(f"{ENV_VAR} is not set: it must name the TOML config file")
-    return Service(load_settings(path))
+    settings = load_settings(path)
+    configure_logging(settings.logging)
+    return Service(settings)
 
 
-configure_logging()
 app = create_app(_load(), own_lifecycle=True)

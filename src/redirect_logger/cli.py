@@ -138,12 +138,15 @@ async def serve_service(
             root.start_soon(watch_supervisor, stop, os.getppid())
         if dev_broker:
             await root.start(run_dev_broker, str(settings.kafka["bootstrap.servers"]))
+        config = hypercorn_config(settings, fds)
+        if settings.logging.format == "json":  # Hypercorn's lines in the same format
+            config.errorlog = logging.getLogger("redirect_logger.hypercorn")
         async with service.running(), trio.open_nursery() as server:
             binds = await server.start(
                 partial(
                     serve,
                     app,
-                    hypercorn_config(settings, fds),
+                    config,
                     shutdown_trigger=partial(_until_stopped, service, stop),
                 )
             )
@@ -157,11 +160,15 @@ async def serve_service(
 
 
 def _load(path: str) -> Settings | None:
+    """The settings, with logging set up as their ``[logging]`` says; None
+    (the error printed) if the file cannot be used."""
     try:
-        return load_settings(path)
+        settings = load_settings(path)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+    configure_logging(settings.logging)
+    return settings
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -241,6 +248,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(f"error: {args.config}: spill.enabled is false: no journal", file=sys.stderr)
         return EXIT_CONFIG
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .ledger import Ledger
     from .replay import Replayer
@@ -264,7 +272,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    with tqdm(total=total, unit="rec", desc="replay", file=sys.stderr) as bar:
+    # Log lines are written above the bar, never into it (one line each).
+    with (
+        logging_redirect_tqdm([logging.getLogger("redirect_logger")]),
+        tqdm(total=total, unit="rec", desc="replay", file=sys.stderr) as bar,
+    ):
         done = replayer.replay_all(bar.update)
     left = replayer.count()
     print(f"replayed {ledger.replayed} records; {left} still journaled", file=sys.stderr)
@@ -357,6 +369,8 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_top(args: argparse.Namespace) -> int:
     from .top import run
+
+    configure_logging()
 
     return run(args.admin, args.interval)
 
@@ -455,7 +469,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging()
     logging.getLogger("redirect_logger.check").setLevel(logging.CRITICAL)
     code: int = args.run(args)
     return code

@@ -470,6 +470,19 @@ class ShutdownSettings(_Section):
         return self
 
 
+class LoggingSettings(_Section):
+    """Our own log lines (docs/configuration.md#logging): applied at start."""
+
+    format: Literal["text", "json"] = "text"  # json: one JSON object per line
+    # of the redirect_logger loggers; REDIRECT_LOGGER_LOG_LEVEL, when set, wins
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _fold_level(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level
+
+
 class Settings(_Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     rules: list[Rule] = Field(default_factory=list)
@@ -480,6 +493,7 @@ class Settings(_Section):
     spill: SpillSettings = Field(default_factory=SpillSettings)
     redirects: RedirectsSettings = Field(default_factory=RedirectsSettings)
     collect: CollectSettings = Field(default_factory=CollectSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("kafka")
     @classmethod

@@ -316,7 +316,7 @@ class Service:
                 await trio.to_thread.run_sync(self.close_journal)
             snapshot = self.ledger_snapshot()
             level = logging.INFO if self.exit_code() == EXIT_OK else logging.ERROR
-            log.log(level, "ledger %s", orjson.dumps(snapshot).decode())
+            log.log(level, "ledger %s", orjson.dumps(snapshot).decode(), extra={"ledger": snapshot})
             journal = self.spill.journal
             if journal is not None and journal.size:
                 log.warning(
