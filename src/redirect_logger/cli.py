@@ -23,6 +23,7 @@ import orjson
 import trio
 from hypercorn.trio import serve
 
+from . import __version__
 from .app import create_app
 from .config import ConfigError, Settings, load_settings, parse_settings
 from .devbroker import DevBrokerError, run_dev_broker
@@ -400,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="redirect-logger",
         description="Answer every request with a redirect; log every hit to Kafka.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve_cmd = commands.add_parser("serve", help="run the service")
