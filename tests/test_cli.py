@@ -1,13 +1,19 @@
-"""``redirect-logger --version``."""
+"""``redirect-logger --version``, and ``tail``'s choice of topics."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
+import orjson
+from confluent_kafka import Producer
+
+from brokers import Broker
 from redirect_logger import __version__
-from support import ROOT
+from redirect_logger.config import parse_settings
+from support import ROOT, UNREACHABLE, service_config, unique_topic, write_config
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,3 +37,90 @@ def test_version_prints_the_package_version_and_exits_0() -> None:
             f"redirect-logger {__version__}\n",
             "",
         )
+
+
+# --- tail: --topic and --all-topics ---
+
+
+def _produce(bootstrap: str, records: dict[str, dict[str, str]]) -> None:
+    """One JSON record per topic, acknowledged (the topics are created on the way)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "log_level": 0})
+    for topic, record in records.items():
+        producer.produce(topic, orjson.dumps(record))
+    assert producer.flush(30) == 0
+
+
+def _tail(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return _cli("tail", "--config", str(path), "--from-beginning", *args)
+
+
+def _config(tmp_path: Path, bootstrap: str, topics: list[str]) -> Path:
+    records, rule, fallback, events = topics
+    return write_config(
+        tmp_path / "c.toml",
+        service_config(
+            bootstrap,
+            records,
+            rules=[
+                {"name": "a", "path": "/a", "target": "https://a.example/", "topic": rule},
+                {"name": "b", "path": "/b", "target": "https://b.example/", "topic": records},
+            ],
+            fallback={"status": 404, "topic": fallback},
+            collect={"enabled": True, "topic": events},
+        ),
+    )
+
+
+def test_the_topics_a_config_can_write_to() -> None:
+    data = service_config(UNREACHABLE, "hits")
+    assert parse_settings(data).topics() == ["hits"]
+    data["rules"][1]["topic"] = "docs"
+    data["fallback"] = {"status": 404, "topic": "misses"}
+    data["collect"] = {"enabled": False, "topic": "events"}
+    assert parse_settings(data).topics() == ["hits", "docs", "misses"]  # collect is off
+    data["collect"]["enabled"] = True
+    data["rules"][0]["topic"] = "misses"
+    assert parse_settings(data).topics() == ["hits", "misses", "docs", "events"]
+
+
+def test_tail_reads_the_topics_it_is_given(broker: Broker, tmp_path: Path) -> None:
+    topics = [unique_topic(name) for name in ("records", "rule", "fallback", "events", "other")]
+    _produce(broker.bootstrap, {topic: {"topic": topic} for topic in topics})
+    path = _config(tmp_path, broker.bootstrap, topics[:4])
+
+    def read(*args: str) -> list[str]:
+        result = _tail(path, "--idle-timeout", "4", *args)
+        assert result.returncode == 0, result.stderr
+        return sorted(orjson.loads(line)["topic"] for line in result.stdout.splitlines())
+
+    assert read() == [topics[0]]  # records.topic, as before
+    assert read("--all-topics") == sorted(topics[:4])
+    assert read("--topic", topics[4], "--topic", topics[1], "--topic", topics[4]) == sorted(
+        [topics[1], topics[4]]
+    )
+
+
+def test_tail_waits_for_a_topic_that_appears_later(broker: Broker, tmp_path: Path) -> None:
+    first, later = unique_topic("first"), unique_topic("later")
+    _produce(broker.bootstrap, {first: {"topic": first}})
+    path = _config(tmp_path, broker.bootstrap, [first, first, first, first])
+    command = [sys.executable, "-m", "redirect_logger.cli", "tail", "--config", str(path)]
+    command += ["--from-beginning", "--topic", first, "--topic", later, "--count", "2"]
+    command += ["--idle-timeout", "30"]  # a bound on readline below
+    tail = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert tail.stdout is not None
+        assert orjson.loads(tail.stdout.readline()) == {"topic": first}
+        _produce(broker.bootstrap, {later: {"topic": later}})
+        stdout, stderr = tail.communicate(timeout=60)
+    finally:
+        tail.kill()
+    assert tail.returncode == 0, stderr
+    assert [orjson.loads(line) for line in stdout.splitlines()] == [{"topic": later}]
+
+
+def test_tail_takes_topics_or_all_topics_not_both(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml", service_config(UNREACHABLE, "hits"))
+    result = _tail(path, "--topic", "hits", "--all-topics")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "argument --all-topics: not allowed with argument --topic" in result.stderr

@@ -313,7 +313,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
-    """Print the topic's records as JSON lines until --count, --idle-timeout or Ctrl+C."""
+    """Print the topics' records as JSON lines until --count, --idle-timeout or Ctrl+C."""
     from confluent_kafka import (
         OFFSET_BEGINNING,
         OFFSET_END,
@@ -322,31 +322,45 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
         TopicPartition,
     )
 
-    topic = settings.records.topic
+    if args.all_topics:
+        pending = settings.topics()
+    else:
+        pending = list(dict.fromkeys(args.topic or [settings.records.topic]))
     consumer = Consumer(_tail_config(settings))
     start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
     printed = 0
-    last_activity = time.monotonic()
+    assigned = False
+    last_activity = next_look = time.monotonic()
 
     def idle() -> bool:
         return bool(args.idle_timeout) and time.monotonic() - last_activity > args.idle_timeout
 
     try:
-        partitions: list[int] = []
-        while not partitions:  # the topic may not exist yet, or no broker answer yet
-            try:
-                metadata = consumer.list_topics(topic, timeout=5).topics.get(topic)
-            except KafkaException as exc:
-                log.warning("no metadata for %s yet: %s", topic, exc.args[0].str())
-                metadata = None
-            if metadata is not None and metadata.error is None:
-                partitions = sorted(metadata.partitions)
-            elif idle():
-                return 0
-            else:
-                time.sleep(0.5)
-        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
         while args.count is None or printed < args.count:
+            # A topic may not exist yet, or no broker answer yet: look again
+            # every 0.5 s, and assign each topic's partitions once it is there.
+            if pending and time.monotonic() >= next_look:
+                try:
+                    topics = consumer.list_topics(timeout=5).topics
+                except KafkaException as exc:
+                    log.warning("no metadata for %s yet: %s", ", ".join(pending), exc.args[0].str())
+                    topics = {}
+                found = [
+                    TopicPartition(topic, partition, start)
+                    for topic in pending
+                    if (metadata := topics.get(topic)) is not None and metadata.error is None
+                    for partition in sorted(metadata.partitions)
+                ]
+                if found:
+                    consumer.incremental_assign(found)
+                    assigned = True
+                    pending = [t for t in pending if t not in {f.topic for f in found}]
+                next_look = time.monotonic() + 0.5
+            if not assigned:
+                if idle():
+                    break
+                time.sleep(0.5)
+                continue
             message = consumer.poll(0.5)
             if message is None:
                 if idle():
@@ -449,8 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay_cmd.set_defaults(run=_cmd_replay)
 
-    tail_cmd = commands.add_parser("tail", help="print records from the topic as JSON lines")
+    tail_cmd = commands.add_parser("tail", help="print records from the topics as JSON lines")
     tail_cmd.add_argument("--config", required=True)
+    topics = tail_cmd.add_mutually_exclusive_group()
+    topics.add_argument(
+        "--topic",
+        action="append",
+        metavar="NAME",
+        help="read this topic (repeatable; default: records.topic)",
+    )
+    topics.add_argument(
+        "--all-topics",
+        action="store_true",
+        help="read every topic the config can write to: records.topic, the rules', "
+        "the fallback's, collect.topic",
+    )
     tail_cmd.add_argument("--from-beginning", action="store_true")
     tail_cmd.add_argument("--count", type=int, help="stop after this many records")
     tail_cmd.add_argument(

@@ -555,6 +555,15 @@ class Settings(_Section):
             data[name] = other.model_dump(mode="json")[name]
         return parse_settings(data, "the rules with the settings in use")
 
+    def topics(self) -> list[str]:
+        """Every topic these settings can write to, each once, in this order:
+        ``records.topic``, the rules' topics, the fallback's, and
+        ``collect.topic`` when the collect endpoint is enabled."""
+        topics = [self.records.topic, *(rule.topic for rule in self.rules), self.fallback.topic]
+        if self.collect.enabled:
+            topics.append(self.collect.topic)
+        return list(dict.fromkeys(topic for topic in topics if topic is not None))
+
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, with secret Kafka properties masked."""
         data = self.model_dump(mode="json")
