@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -93,3 +95,42 @@ async def test_a_wrong_password_is_not_ready_and_never_printed(
     assert "Authentication failed" in service.output
     assert wrong not in service.output
     assert service.ledgers() == [ledger_counts(received=3, spilled=3)]
+
+
+async def test_a_password_from_the_environment_delivers_and_is_never_printed(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """``"sasl.password" = "${…}"``: check masks it, and the service logs it
+    nowhere, in JSON lines at DEBUG either."""
+    topic = unique_topic()
+    config = sasl_config(kafka_broker, topic, "${RL_TEST_SASL_PASSWORD}")
+    config["logging"] = {"format": "json", "level": "DEBUG"}
+    path = write_config(tmp_path / "c.toml", config)
+    env = {"RL_TEST_SASL_PASSWORD": SASL_PASSWORD}
+    check = await trio.run_process(
+        [sys.executable, "-m", "redirect_logger.cli", "check", "--config", str(path)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, **env},
+    )
+    assert check.returncode == 0, check.stderr
+    check_output = (check.stdout + check.stderr).decode()
+    assert json.loads(check.stdout)["kafka"]["sasl.password"] == "***"
+    service = ServiceProcess.cli(path, env=env)
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        responses = await _requests(url, 3)
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    records = await trio.to_thread.run_sync(
+        lambda: read_topic(kafka_broker.bootstrap, topic, expected=3)
+    )
+    assert sorted(r["id"] for r in records) == sorted(r.headers["x-hit-id"] for r in responses)
+    lines = [json.loads(line) for line in service.lines]  # every line JSON, Hypercorn's too
+    ledger = [line["ledger"] for line in lines if line["message"].startswith("ledger ")]
+    assert ledger == [ledger_counts(received=3, delivered=3)]
+    for output in (check_output, service.output):
+        assert SASL_PASSWORD not in output
