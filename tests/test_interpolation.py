@@ -220,3 +220,21 @@ async def test_every_launch_mode_and_worker_sees_the_same_values(
     assert len(ledgers) == processes, service.output
     assert sum(ledger["spilled"] for ledger in ledgers) == 1
     assert ledger_counts(received=1, spilled=1) in ledgers
+
+
+def test_under_hypercorn_an_unset_variable_fails_the_import_naming_it(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml", unreachable_config(records={"topic": "${RL_NOPE}"}))
+    command = [sys.executable, "-m", "hypercorn", "-k", "trio", "-w", "0", "-b", "127.0.0.1:0"]
+    result = subprocess.run(
+        [*command, "redirect_logger.asgi:app"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "REDIRECT_LOGGER_CONFIG": str(path)},
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.endswith(
+        f"redirect_logger.config.ConfigError: {path}: records.topic: the environment variable "
+        "RL_NOPE is not set, and ${RL_NOPE} has no default (${RL_NOPE:-default})\n"
+    )
