@@ -66,9 +66,11 @@ def test_ts_is_utc_with_milliseconds() -> None:
 
 
 def test_an_extra_cannot_replace_a_field_and_an_odd_one_is_its_repr() -> None:
-    record = _record("m", level="fake", ts="fake", big=2**70, thing=object)
+    record = _record("m", level="fake", ts="fake", traceback="fake", big=2**70, thing=object)
+    record.exc_info = (ValueError, ValueError("real"), None)
     fields = json.loads(JsonFormatter().format(record))
     assert (fields["level"], fields["ts"] != "fake") == ("WARNING", True)
+    assert fields["traceback"] == "ValueError: real"
     assert fields["big"] == repr(2**70)
     assert fields["thing"] == repr(object)
 

@@ -38,15 +38,15 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,
         }
+        if record.exc_info:
+            fields["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            fields["stack"] = self.formatStack(record.stack_info)
         extra = {
             key: value
             for key, value in vars(record).items()
             if key not in _STANDARD and key not in fields
         }
-        if record.exc_info:
-            fields["traceback"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            fields["stack"] = self.formatStack(record.stack_info)
         try:
             line = orjson.dumps({**fields, **extra}, option=orjson.OPT_NON_STR_KEYS)
         except TypeError:  # orjson.JSONEncodeError: e.g. an object, an int past 64 bits
