@@ -354,7 +354,8 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
                 if found:
                     consumer.incremental_assign(found)
                     assigned = True
-                    pending = [t for t in pending if t not in {f.topic for f in found}]
+                    seen = {partition.topic for partition in found}
+                    pending = [topic for topic in pending if topic not in seen]
                 next_look = time.monotonic() + 0.5
             if not assigned:
                 if idle():
