@@ -15,6 +15,7 @@ import hashlib
 import importlib.metadata
 import inspect
 import re
+import signal
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import hypercorn.trio.run
 import hypercorn.trio.tcp_server
+import hypercorn.trio.worker_context
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,6 +44,7 @@ from support import (
 PINNED = {
     "TCPServer": "5593e38b83d3e22e6576f2cdf8faa5a265d8e0e3bd28d97bdacfbe8d781a90b3",
     "worker_serve": "8dc8347a9fc357ca334f8c3e4bcf0368176510a96d434f21a5eb4c9ec4103726",
+    "WorkerContext": "45885f0c0bd5bc9d518c227f36f400e069f481c26a5ac6d1744f179d5a55ddbd",
 }
 
 GET = b"GET /docs/p HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -112,7 +115,11 @@ def test_the_overridden_hypercorn_is_the_version_pinned() -> None:
     assert importlib.metadata.version("hypercorn") == "0.18.0"
     sources = {
         obj.__qualname__: hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
-        for obj in (hypercorn.trio.tcp_server.TCPServer, hypercorn.trio.run.worker_serve)
+        for obj in (
+            hypercorn.trio.tcp_server.TCPServer,
+            hypercorn.trio.run.worker_serve,
+            hypercorn.trio.worker_context.WorkerContext,
+        )
     }
     assert sources == PINNED
     assert "TCPServer," in inspect.getsource(hypercorn.trio.run.worker_serve)
@@ -281,3 +288,49 @@ async def test_every_connection_limit_holds_in_both_launch_modes(
     )
     assert {hit.decode() for hit in ids} <= {record["id"] for record in records}
     assert "connection refused (max_connections)" in service.output
+
+
+@pytest.mark.parametrize("mode", ["serve", "hypercorn"])
+async def test_a_stalled_send_cannot_hold_the_shutdown_past_the_graceful_timeout(
+    broker: Broker, tmp_path: Path, mode: str
+) -> None:
+    """send_timeout = 60 s, and a client that never reads its answers: at SIGTERM
+    its connection is reset when the graceful timeout (1 s; Hypercorn's
+    --graceful-timeout 5 under hypercorn) runs out, not 60 s later, and the
+    service exits 0 with every hit it received delivered."""
+    port = free_port()
+    server = {"bind": [f"127.0.0.1:{port}"], "graceful_timeout": 1.0, "send_timeout": 60.0}
+    topic = unique_topic()
+    path = write_config(tmp_path / "c.toml", service_config(broker.bootstrap, topic, server=server))
+    if mode == "serve":
+        service = ServiceProcess.cli(path)
+        graceful = 1.0
+    else:
+        service = ServiceProcess.hypercorn(path, 1, (f"127.0.0.1:{port}",))
+        graceful = 5.0
+    try:
+        await trio.to_thread.run_sync(_until_ready, f"http://127.0.0.1:{port}")
+        with trio.fail_after(60):
+            stalled = await trio.open_tcp_stream("127.0.0.1", port)
+            big = b"GET /docs/" + b"%FF" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            blocked = False
+            while not blocked:  # until the socket buffers are full and sending blocks
+                with trio.move_on_after(0.5) as sending:
+                    await stalled.send_all(big)
+                blocked = sending.cancelled_caught
+            started = time.monotonic()
+            service.process.send_signal(signal.SIGTERM)
+            code = await trio.to_thread.run_sync(service.wait)
+            took = time.monotonic() - started
+            with pytest.raises(trio.BrokenResourceError):  # reset
+                while await stalled.receive_some(1 << 20):
+                    pass
+            await stalled.aclose()
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    assert graceful < took < graceful + 8, f"{took:.1f} s; output:\n{service.output}"
+    assert "graceful shutdown over: reset the connections still open (1)" in service.output
+    [ledger] = service.ledgers()
+    assert ledger["received"] == ledger["delivered"] >= 1, ledger
+    assert ledger["failed"] == ledger["dropped"] == ledger["in_flight"] == 0, ledger

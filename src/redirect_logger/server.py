@@ -7,13 +7,17 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import weakref
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import hypercorn.trio.run
+import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
 
 from .config import ServerSettings, Settings
 from .limits import ConnectionGate
@@ -60,7 +64,9 @@ class _GuardedTCPServer(TCPServer):
     it when data it sent stays unacknowledged (a zero window included) that
     long. Hypercorn shields its socket writes from cancellation and has no
     write timeout, so a client that stops reading would otherwise hold its
-    connection, and the graceful shutdown, for ever.
+    connection, and the graceful shutdown, for ever. When a graceful
+    shutdown runs out, the connections still open are reset, so such a
+    client cannot hold up the shutdown for ``send_timeout`` either.
 
     Hypercorn 0.18 serves each connection in a task of its server nursery and
     lets any error escape it, and some input makes its protocol code raise:
@@ -116,20 +122,22 @@ class _GuardedTCPServer(TCPServer):
     async def run(self) -> None:
         gate = _gate
         assert gate is not None  # set with the guard, by guard_connections()
-        sock: socket.socket = getattr(self.stream, "transport_stream", self.stream).socket
+        sock: trio.socket.SocketType = getattr(self.stream, "transport_stream", self.stream).socket
         counted = gate.admin_ports is None or _local_port(sock) not in gate.admin_ports
         peer = _peer_ip(sock)
         if counted and not gate.admit(peer):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-            await self.stream.aclose()
+            _reset(sock)
             return
+        _open.add(sock)
         try:
             use_limits(self.config, gate.limits)  # under ``hypercorn``: its own Config
+            _watch_shutdown(self.context, self.config.graceful_timeout)
             if peer is not None and _USER_TIMEOUT is not None:
                 milliseconds = round(gate.limits.send_timeout * 1000)
                 sock.setsockopt(socket.IPPROTO_TCP, _USER_TIMEOUT, milliseconds)
             await self._run_guarded()
         finally:
+            _open.discard(sock)
             if counted:
                 gate.release(peer)
 
@@ -149,17 +157,46 @@ class _GuardedTCPServer(TCPServer):
 
 
 _USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
+_open: set[trio.socket.SocketType] = set()  # the guarded connections' sockets
+_watched: weakref.WeakSet[WorkerContext] = weakref.WeakSet()  # servers whose shutdown is watched
 
 
-def _local_port(sock: socket.socket) -> int | None:
+def _reset(sock: trio.socket.SocketType) -> None:
+    """Close ``sock`` with a reset (no TIME_WAIT, unsent data dropped); a task
+    blocked on it gets ClosedResourceError."""
+    with suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _watch_shutdown(context: WorkerContext, graceful_timeout: float) -> None:
+    """Once per Hypercorn server: when its graceful shutdown has run out,
+    reset the connections still open. Hypercorn then cancels their tasks,
+    but a task blocked in one of its shielded sends would hold up the
+    shutdown until ``send_timeout`` aborted the connection."""
+    if context not in _watched:
+        _watched.add(context)
+        trio.lowlevel.spawn_system_task(_reset_at_the_end, context, graceful_timeout)
+
+
+async def _reset_at_the_end(context: WorkerContext, graceful_timeout: float) -> None:
+    await context.terminated.wait()
+    await trio.sleep(graceful_timeout)
+    left = list(_open)
+    for sock in left:
+        _reset(sock)
+    if left:
+        log.warning("graceful shutdown over: reset the connections still open (%d)", len(left))
+
+
+def _local_port(sock: trio.socket.SocketType) -> int | None:
     try:
         return int(sock.getsockname()[1]) if sock.family != socket.AF_UNIX else None
     except OSError:
         return None
 
 
-def _peer_ip(sock: socket.socket) -> str | None:
+def _peer_ip(sock: trio.socket.SocketType) -> str | None:
     """The peer's IP address; None for a socket that is not TCP/IP, or is gone."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
