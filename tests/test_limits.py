@@ -17,11 +17,19 @@ import inspect
 import re
 import signal
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
 import httpx
+import hypercorn.protocol
+import hypercorn.protocol.h2
 import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import hypercorn.trio.worker_context
@@ -30,6 +38,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from brokers import Broker, free_port
+from redirect_logger.service import Service
 from support import (
     ServiceProcess,
     read_topic,
@@ -39,14 +48,24 @@ from support import (
     write_config,
 )
 
-# The Hypercorn code server.py overrides, as it was when the overrides were
-# written: a change to it fails this test, to be read before the pins move.
+# The Hypercorn (and h2) code server.py overrides or relies on, as it was when
+# the overrides were written: a change to it fails this test, to be read
+# before the pins move.
 PINNED = {
     "TCPServer": "5593e38b83d3e22e6576f2cdf8faa5a265d8e0e3bd28d97bdacfbe8d781a90b3",
     "worker_serve": "8dc8347a9fc357ca334f8c3e4bcf0368176510a96d434f21a5eb4c9ec4103726",
     "WorkerContext": "45885f0c0bd5bc9d518c227f36f400e069f481c26a5ac6d1744f179d5a55ddbd",
+    "ProtocolWrapper": "caf949187e9b4a816ad4a5f0229773ec01190a6051f6205807de599870c16c17",
+    "H2Protocol": "7257f8bafccaa2e5677c63696eef2777854fd65f2721f3408c6c963398a15145",
+    "H2Connection._receive_headers_frame": (
+        "4a014e7d795a15a583ef2172f88dc19a9bac01edff850fd91eb69c5611b19fa5"
+    ),
+    "H2Connection.open_inbound_streams": (
+        "1a867741031a252348b5a5ff4b50e3484f7c775e5404855c36a8574002a41eb1"
+    ),
 }
 
+REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
 GET = b"GET /docs/p HTTP/1.1\r\nHost: x\r\n\r\n"
 HIT_ID = re.compile(rb"x-hit-id: ([0-9a-f-]+)", re.IGNORECASE)
 
@@ -110,19 +129,29 @@ async def until_closed(stream: trio.SocketStream) -> None:
 
 
 def test_the_overridden_hypercorn_is_the_version_pinned() -> None:
-    """server.py's guard overrides Hypercorn 0.18.0's trio ``TCPServer``,
-    which ``worker_serve`` looks up by name: any change there may undo a limit."""
+    """server.py's guard overrides Hypercorn 0.18.0's trio ``TCPServer``, which
+    ``worker_serve`` looks up by name, and its ``H2Protocol``, which
+    ``ProtocolWrapper`` looks up by name, with h2 4.4.1's connection: any
+    change there may undo a limit."""
     assert importlib.metadata.version("hypercorn") == "0.18.0"
+    assert importlib.metadata.version("h2") == "4.4.1"
+    connection = h2.connection.H2Connection
+    objects: dict[str, Any] = {
+        "TCPServer": hypercorn.trio.tcp_server.TCPServer,
+        "worker_serve": hypercorn.trio.run.worker_serve,
+        "WorkerContext": hypercorn.trio.worker_context.WorkerContext,
+        "ProtocolWrapper": hypercorn.protocol.ProtocolWrapper,
+        "H2Protocol": hypercorn.protocol.h2.H2Protocol,
+        "H2Connection._receive_headers_frame": connection._receive_headers_frame,
+        "H2Connection.open_inbound_streams": connection.open_inbound_streams.fget,
+    }
     sources = {
-        obj.__qualname__: hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
-        for obj in (
-            hypercorn.trio.tcp_server.TCPServer,
-            hypercorn.trio.run.worker_serve,
-            hypercorn.trio.worker_context.WorkerContext,
-        )
+        name: hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+        for name, obj in objects.items()
     }
     assert sources == PINNED
     assert "TCPServer," in inspect.getsource(hypercorn.trio.run.worker_serve)
+    assert "self.protocol = H2Protocol(" in inspect.getsource(hypercorn.protocol.ProtocolWrapper)
 
 
 async def test_connections_past_max_connections_are_reset_and_counted(broker: Broker) -> None:
@@ -226,8 +255,9 @@ async def test_every_connection_limit_holds_in_both_launch_modes(
 ) -> None:
     """In a worker process of either launch mode: max_connections = 5 resets
     the 6th to 8th connections (counted in /metrics); idle_timeout = 3 s
-    closes an idle connection; send_timeout = 1 s resets a connection whose
-    answers go unread. The service then stops cleanly, every answered hit
+    closes an idle connection; HTTP/2 streams past 2 are refused, and 6
+    resets in a second get GOAWAY; send_timeout = 1 s resets a connection
+    whose answers go unread. The service then stops cleanly, every answered hit
     delivered."""
     port, admin_port = free_port(), free_port()
     public, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
@@ -239,6 +269,8 @@ async def test_every_connection_limit_holds_in_both_launch_modes(
         "max_connections_per_ip": 0,
         "idle_timeout": 3.0,
         "send_timeout": 1.0,
+        "h2_max_concurrent_streams": 2,
+        "h2_max_resets_per_second": 5,
     }
     path = write_config(tmp_path / "c.toml", service_config(broker.bootstrap, topic, server=server))
     service = _launch(mode, path, public, admin)
@@ -260,6 +292,23 @@ async def test_every_connection_limit_holds_in_both_launch_modes(
             assert 2.5 < trio.current_time() - started < 8
             await idle.aclose()
 
+            client = await h2_connect(public)
+            async with client.stream:
+                streams = [client.get(f"/docs/h{n}") for n in range(4)]
+                await client.flush()
+                assert await client.until(lambda: len(client.ended) + len(client.resets) == 4)
+                assert (client.advertised, client.statuses) == (2, dict.fromkeys(streams[:2], 301))
+                assert client.resets == dict.fromkeys(streams[2:], REFUSED)
+            rapid = await h2_connect(public)
+            async with rapid.stream:
+                for n in range(10):
+                    rapid.get(f"/docs/r{n}", reset=True)
+                await rapid.flush()
+                with suppress(trio.BrokenResourceError):
+                    assert not await rapid.until(lambda: False)
+                assert rapid.goaway is not None
+                assert rapid.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
             host, _ = public.removeprefix("http://").rsplit(":", 1)
             stalled = await trio.open_tcp_stream(host, port)
             big = b"GET /docs/" + b"%FF" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -276,7 +325,12 @@ async def test_every_connection_limit_holds_in_both_launch_modes(
 
         async with httpx.AsyncClient(base_url=admin) as client:
             samples = samples_of((await client.get("/metrics")).text)
-        assert refusals(samples)["max_connections"] == 3
+        assert refusals(samples) == {
+            "max_connections": 3,
+            "max_connections_per_ip": 0,
+            "h2_resets": 1,
+        }
+        assert samples[("redirect_logger_h2_streams_refused_total", ())] == 2
     finally:
         code = await trio.to_thread.run_sync(service.terminate)
     assert code == 0, service.output
@@ -334,3 +388,160 @@ async def test_a_stalled_send_cannot_hold_the_shutdown_past_the_graceful_timeout
     [ledger] = service.ledgers()
     assert ledger["received"] == ledger["delivered"] >= 1, ledger
     assert ledger["failed"] == ledger["dropped"] == ledger["in_flight"] == 0, ledger
+
+
+# -- HTTP/2 ------------------------------------------------------------------------------
+
+
+def h2_get(path: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"x"),
+        (b":path", path.encode()),
+    ]
+
+
+class H2Client:
+    """A raw HTTP/2 client (h2, prior knowledge) on one real socket."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.h2.initiate_connection()
+        self.statuses: dict[int, int] = {}  # stream id: status of its answer
+        self.ended: set[int] = set()
+        self.resets: dict[int, int] = {}  # stream id: error code of the server's RST_STREAM
+        self.advertised: int | None = None  # SETTINGS_MAX_CONCURRENT_STREAMS
+        self.goaway: h2.events.ConnectionTerminated | None = None
+
+    def get(self, path: str, *, reset: bool = False) -> int:
+        """Queue a GET (and, with ``reset``, its RST_STREAM at once): its stream id."""
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, h2_get(path), end_stream=True)
+        if reset:
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        return stream_id
+
+    async def flush(self) -> None:
+        """Send what is queued, in one write."""
+        await self.stream.send_all(self.h2.data_to_send())
+
+    async def until(self, done: Callable[[], bool]) -> bool:
+        """Read until ``done()``, or until the server closes (then False)."""
+        while not done():
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return False
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    assert event.stream_id is not None and event.headers is not None
+                    self.statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.StreamEnded):
+                    assert event.stream_id is not None
+                    self.ended.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    assert event.stream_id is not None and event.error_code is not None
+                    self.resets[event.stream_id] = event.error_code
+                elif isinstance(event, h2.events.RemoteSettingsChanged):
+                    changed = event.changed_settings.get(
+                        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+                    )
+                    if changed is not None:
+                        self.advertised = changed.new_value
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    self.goaway = event
+            await self.stream.send_all(self.h2.data_to_send())
+        return True
+
+
+async def h2_connect(url: str) -> H2Client:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return H2Client(await trio.open_tcp_stream(host, int(port)))
+
+
+def h2_metrics(service: Service) -> tuple[dict[str, int], int]:
+    """Connections refused by reason, and HTTP/2 streams refused."""
+    samples = samples_of(service.metrics.exposition().decode())
+    return refusals(samples), int(samples[("redirect_logger_h2_streams_refused_total", ())])
+
+
+async def test_http2_streams_past_the_advertised_limit_are_refused_one_by_one(
+    broker: Broker,
+) -> None:
+    """h2_max_concurrent_streams = 5, advertised in SETTINGS: 8 requests sent at
+    once get 5 answers and 3 RST_STREAM REFUSED_STREAM (h2spec 5.1.2); the
+    connection carries on, and only the answered requests are recorded."""
+    stop = trio.Event()
+    config = service_config(
+        broker.bootstrap, unique_topic(), server={"h2_max_concurrent_streams": 5}
+    )
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            client = await h2_connect(service.binds[0])
+            async with client.stream:
+                ids = [client.get(f"/docs/{n}") for n in range(8)]
+                await client.flush()
+                assert await client.until(lambda: len(client.ended) + len(client.resets) == 8)
+                assert client.advertised == 5
+                assert client.resets == dict.fromkeys(ids[5:], h2.errors.ErrorCodes.REFUSED_STREAM)
+                assert client.statuses == dict.fromkeys(ids[:5], 301)
+                again = client.get("/docs/again")
+                await client.flush()
+                assert await client.until(lambda: again in client.ended)
+                assert client.statuses[again] == 301
+                assert client.goaway is None
+            assert h2_metrics(service) == (
+                {"max_connections": 0, "max_connections_per_ip": 0, "h2_resets": 0},
+                3,
+            )
+            stop.set()
+    assert codes == [0]
+    ledger = service.ledger_snapshot()
+    assert ledger["received"] == ledger["delivered"] == 6, ledger
+
+
+async def test_http2_rapid_reset_gets_goaway_and_the_connection_closed(broker: Broker) -> None:
+    """h2_max_resets_per_second = 20. One connection opens and resets 20 streams
+    at once, then asks once more: answered. Another opens and resets 50 at
+    once (CVE-2023-44487): the 21st reset gets GOAWAY ENHANCE_YOUR_CALM, whose
+    last stream is the last request handed to the app, and the connection is
+    closed; it is counted once, as h2_resets. Each request read before the
+    21st reset is recorded, none after it."""
+    stop = trio.Event()
+    config = service_config(
+        broker.bootstrap, unique_topic(), server={"h2_max_resets_per_second": 20}
+    )
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            calm = await h2_connect(service.binds[0])
+            async with calm.stream:
+                for n in range(20):
+                    calm.get(f"/docs/c{n}", reset=True)
+                last = calm.get("/docs/last")
+                await calm.flush()
+                assert await calm.until(lambda: last in calm.ended)
+                assert (calm.statuses[last], calm.goaway) == (301, None)
+            rapid = await h2_connect(service.binds[0])
+            async with rapid.stream:
+                ids = [rapid.get(f"/docs/r{n}", reset=True) for n in range(50)]
+                await rapid.flush()
+                with suppress(trio.BrokenResourceError):
+                    assert not await rapid.until(lambda: False)  # until closed
+                assert rapid.goaway is not None
+                assert rapid.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+                assert rapid.goaway.last_stream_id == ids[20]
+            while service.ledger_snapshot()["received"] < 42:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            assert h2_metrics(service) == (
+                {"max_connections": 0, "max_connections_per_ip": 0, "h2_resets": 1},
+                0,
+            )
+            stop.set()
+    assert codes == [0]
+    ledger = service.ledger_snapshot()
+    assert ledger["received"] == ledger["delivered"] == 21 + 21, ledger

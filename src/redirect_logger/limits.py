@@ -52,8 +52,10 @@ class ConnectionGate:
         server: ServerSettings,
         count_refusal: Callable[[str], None],
         admin_ports: frozenset[int] | None = None,
+        count_refused_streams: Callable[[int], None] = lambda count: None,
     ) -> None:
         self.limits = server
+        self.streams_refused = count_refused_streams  # HTTP/2 streams past the limit
         self.admin_ports = admin_ports  # connections to these are neither counted nor refused
         self.open = 0
         self._per_ip: Counter[str] = Counter()

@@ -110,7 +110,10 @@ class Service:
         self.admin_ports = frozenset(port_of(b) for b in admin) if admin else None
         refused = self.metrics.connections_refused
         self.connections = ConnectionGate(
-            settings.server, lambda reason: refused.labels(reason).inc(), self.admin_ports
+            settings.server,
+            lambda reason: refused.labels(reason).inc(),
+            self.admin_ports,
+            self.metrics.h2_streams_refused.inc,
         )
 
     def use_rules(self, settings: Settings) -> None:
