@@ -238,6 +238,73 @@ def _until_ready(admin: str, timeout: float = 60.0) -> None:
     raise AssertionError(f"not ready within {timeout} s")
 
 
+async def held_or_refused(url: str) -> trio.SocketStream | None:
+    """A new connection whose request was answered 301 (still open), or None
+    when the server closed it unanswered."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(GET)
+        data = await stream.receive_some(65536)
+    except (OSError, trio.BrokenResourceError):
+        return None
+    if not data:
+        await stream.aclose()
+        return None
+    assert data.startswith(b"HTTP/1.1 301 "), data
+    return stream
+
+
+async def test_each_worker_of_serve_workers_2_holds_its_own_max_connections(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """max_connections = 3 under serve --workers 2: of 10 held connections,
+    3 to 6 are answered (however the kernel spreads them: 3 per worker at
+    most), the rest are reset, and the group's /metrics counts exactly those."""
+    port, admin_port = free_port(), free_port()
+    public, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    server = {
+        "bind": [f"127.0.0.1:{port}"],
+        "admin_bind": [f"127.0.0.1:{admin_port}"],
+        "max_connections": 3,
+        "max_connections_per_ip": 0,
+    }
+    config = service_config(broker.bootstrap, unique_topic(), server=server)
+    service = ServiceProcess.cli(write_config(tmp_path / "c.toml", config), "--workers", "2")
+    try:
+        await trio.to_thread.run_sync(_until_workers, admin, 2)
+        with trio.fail_after(60):
+            outcomes = [await held_or_refused(public) for _ in range(10)]
+            held = [stream for stream in outcomes if stream is not None]
+            async with httpx.AsyncClient(base_url=admin) as client:
+                samples = samples_of((await client.get("/metrics")).text)
+            for stream in held:
+                await stream.aclose()
+    finally:
+        code = await trio.to_thread.run_sync(service.terminate)
+    assert 3 <= len(held) <= 6
+    assert refusals(samples)["max_connections"] == 10 - len(held)
+    assert samples[("redirect_logger_connections", ())] == len(held)
+    assert code == 0, service.output
+    ledgers = service.ledgers()
+    assert len(ledgers) == 2
+    assert sum(ledger["delivered"] for ledger in ledgers) == len(held)
+    assert all(ledger["received"] == ledger["delivered"] for ledger in ledgers), ledgers
+
+
+def _until_workers(admin: str, workers: int, timeout: float = 60.0) -> None:
+    """Until /readyz answers 200 and a scrape sums ``workers`` workers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with suppress(httpx.TransportError):
+            ready = httpx.get(f"{admin}/readyz", timeout=5).status_code == 200
+            samples = samples_of(httpx.get(f"{admin}/metrics", timeout=5).text)
+            if ready and samples[("redirect_logger_workers", ())] == workers:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"{workers} ready workers not seen within {timeout} s")
+
+
 def _until_no_connections(admin: str, timeout: float = 10.0) -> None:
     """Until the service counts no open connection (the admin port's are not counted)."""
     deadline = time.monotonic() + timeout
