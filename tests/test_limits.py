@@ -612,3 +612,29 @@ async def test_http2_rapid_reset_gets_goaway_and_the_connection_closed(broker: B
     assert codes == [0]
     ledger = service.ledger_snapshot()
     assert ledger["received"] == ledger["delivered"] == 21 + 21, ledger
+
+
+async def test_a_servers_end_of_graceful_shutdown_resets_only_its_own_connections(
+    broker: Broker,
+) -> None:
+    """Two services one after the other in one process: when the first one's
+    graceful timeout (1 s) runs out, the second one's connections stay open."""
+    config = service_config(broker.bootstrap, unique_topic(), server={"graceful_timeout": 1.0})
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            stop = trio.Event()
+            first, first_codes = await start_service(nursery, config, stop)
+            stream, _ = await answered(first.binds[0])
+            await stream.aclose()
+            stop.set()
+            while not first_codes:  # noqa: ASYNC110 (the first one's exit)
+                await trio.sleep(0.05)
+            stop = trio.Event()
+            second, second_codes = await start_service(nursery, config, stop)
+            stream, _ = await answered(second.binds[0])
+            await trio.sleep(1.5)  # past the first one's graceful timeout
+            await stream.send_all(GET)
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 301 ")
+            await stream.aclose()
+            stop.set()
+    assert first_codes == second_codes == [0]

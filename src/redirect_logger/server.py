@@ -136,16 +136,16 @@ class _GuardedTCPServer(TCPServer):
         if counted and not gate.admit(peer):
             _reset(sock)
             return
-        _open.add(sock)
+        server = _connections_of(self.context, self.config.graceful_timeout)
+        server.add(sock)
         try:
             use_limits(self.config, gate.limits)  # under ``hypercorn``: its own Config
-            _watch_shutdown(self.context, self.config.graceful_timeout)
             if peer is not None and _USER_TIMEOUT is not None:
                 milliseconds = round(gate.limits.send_timeout * 1000)
                 sock.setsockopt(socket.IPPROTO_TCP, _USER_TIMEOUT, milliseconds)
             await self._run_guarded()
         finally:
-            _open.discard(sock)
+            server.discard(sock)
             if counted:
                 gate.release(peer)
 
@@ -165,8 +165,10 @@ class _GuardedTCPServer(TCPServer):
 
 
 _USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
-_open: set[trio.socket.SocketType] = set()  # the guarded connections' sockets
-_watched: weakref.WeakSet[WorkerContext] = weakref.WeakSet()  # servers whose shutdown is watched
+# Each Hypercorn server's guarded connections (by its WorkerContext)
+_open: weakref.WeakKeyDictionary[WorkerContext, set[trio.socket.SocketType]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _reset(sock: trio.socket.SocketType) -> None:
@@ -177,20 +179,25 @@ def _reset(sock: trio.socket.SocketType) -> None:
     sock.close()
 
 
-def _watch_shutdown(context: WorkerContext, graceful_timeout: float) -> None:
-    """Once per Hypercorn server: when its graceful shutdown has run out,
-    reset the connections still open. Hypercorn then cancels their tasks,
-    but a task blocked in one of its shielded sends would hold up the
-    shutdown until ``send_timeout`` aborted the connection."""
-    if context not in _watched:
-        _watched.add(context)
-        trio.lowlevel.spawn_system_task(_reset_at_the_end, context, graceful_timeout)
+def _connections_of(context: WorkerContext, graceful_timeout: float) -> set[trio.socket.SocketType]:
+    """The open connections of the Hypercorn server of ``context``. The first
+    call for a server also watches its shutdown: when its graceful timeout
+    has run out, the connections still open are reset. Hypercorn then
+    cancels their tasks, but a task blocked in one of its shielded sends
+    would hold up the shutdown until ``send_timeout`` aborted the connection."""
+    sockets = _open.get(context)
+    if sockets is None:
+        sockets = _open[context] = set()
+        trio.lowlevel.spawn_system_task(_reset_at_the_end, context, sockets, graceful_timeout)
+    return sockets
 
 
-async def _reset_at_the_end(context: WorkerContext, graceful_timeout: float) -> None:
+async def _reset_at_the_end(
+    context: WorkerContext, sockets: set[trio.socket.SocketType], graceful_timeout: float
+) -> None:
     await context.terminated.wait()
     await trio.sleep(graceful_timeout)
-    left = list(_open)
+    left = list(sockets)
     for sock in left:
         _reset(sock)
     if left:
