@@ -1,0 +1,105 @@
+"""HTTP/2 limits on Hypercorn's connections: streams past
+``server.h2_max_concurrent_streams`` refused one by one, and a connection
+that resets streams faster than ``server.h2_max_resets_per_second`` closed
+(GOAWAY). ``server.guard_connections`` puts ``GuardedH2Protocol`` where
+Hypercorn's ``ProtocolWrapper`` looks its ``H2Protocol`` up, in both launch
+modes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import h2.connection
+import h2.errors
+import h2.events
+import trio
+from h2.events import Event as H2Event
+from hypercorn.events import Closed
+from hypercorn.protocol.h2 import H2Protocol
+from hyperframe.frame import Frame, HeadersFrame
+
+from .limits import ConnectionGate
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, but a stream opened past the advertised
+    ``SETTINGS_MAX_CONCURRENT_STREAMS`` is refused alone (RST_STREAM
+    ``REFUSED_STREAM``, RFC 9113 5.1.2), where h2 ends the whole connection
+    (``TooManyStreamsError``: GOAWAY ``PROTOCOL_ERROR``). Its header block is
+    still decoded: HPACK's state is the connection's."""
+
+    refused = 0  # streams refused so far
+    _limit_lifted = False
+
+    @property
+    def open_inbound_streams(self) -> int:
+        return 0 if self._limit_lifted else super().open_inbound_streams
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[H2Event]]:
+        limit = self.local_settings.max_concurrent_streams
+        if frame.stream_id in self.streams or self.open_inbound_streams < limit:
+            return super()._receive_headers_frame(frame)
+        self._limit_lifted = True
+        try:
+            frames, events = super()._receive_headers_frame(frame)
+        finally:
+            self._limit_lifted = False
+        self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self.refused += 1
+        return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+
+
+class GuardedH2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2 protocol for one connection, with ``_H2Connection``
+    (streams past ``server.h2_max_concurrent_streams`` refused one by one),
+    and a connection whose client resets streams (its own RST_STREAM, or
+    streams refused) more than ``server.h2_max_resets_per_second`` times in
+    a second gets GOAWAY ``ENHANCE_YOUR_CALM`` and is closed: the "rapid
+    reset" attack (CVE-2023-44487), where each reset stream costs the server
+    a request and the client nothing. The requests read before the reset past
+    the limit are handled as usual; none after it reaches the app."""
+
+    gate: ConnectionGate | None = None  # this process's (server.guard_connections)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        theirs = self.connection  # what Hypercorn 0.18 sets on its own, copied
+        self.connection = self._refusing = _H2Connection(config=theirs.config)
+        self.connection.DEFAULT_MAX_INBOUND_FRAME_SIZE = theirs.DEFAULT_MAX_INBOUND_FRAME_SIZE
+        self.connection.local_settings = theirs.local_settings
+        gate = self.gate
+        assert gate is not None  # set with the guard, by server.guard_connections()
+        self._gate = gate
+        self._second = -math.inf  # when the current second of counting began
+        self._resets = 0  # in that second
+        self._refused = 0  # of the connection's refused streams, those counted
+        self._last_request = 0  # the highest stream id handed to the app
+
+    async def _handle_events(self, events: list[H2Event]) -> None:
+        now = trio.current_time()
+        if now - self._second >= 1.0:
+            self._second, self._resets = now, 0
+        refused = self._refusing.refused - self._refused
+        if refused:
+            self._refused += refused
+            self._resets += refused
+            self._gate.streams_refused(refused)
+        limit = self._gate.limits.h2_max_resets_per_second
+        for index, event in enumerate(events):
+            if isinstance(event, h2.events.StreamReset):
+                self._resets += 1
+            elif isinstance(event, h2.events.RequestReceived) and self._resets <= limit:
+                self._last_request = max(self._last_request, event.stream_id or 0)
+            if self._resets > limit:
+                await super()._handle_events(events[:index])
+                self._gate.refused(
+                    "h2_resets", f"{self._resets} HTTP/2 stream resets within a second"
+                )
+                code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+                self.connection.close_connection(code, last_stream_id=self._last_request)
+                await self._flush()
+                await self.send(Closed())
+                return
+        await super()._handle_events(events)
