@@ -632,6 +632,9 @@ def test_invalid_settings_name_the_key_and_the_reason(
             id="one-connection",
         ),
         pytest.param(config(server={"max_connections_per_ip": 0}), id="no-limit-per-ip"),
+        pytest.param(
+            config(server={"max_connections": 100}), id="max-connections-below-the-default-per-ip"
+        ),
         pytest.param(config(rules=[rule(path="/*", forward_path=True)]), id="root-prefix"),
         pytest.param(
             config(rules=[rule(name="a", path="/docs/*"), rule(name="b", path="/docs")]),

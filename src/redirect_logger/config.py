@@ -117,7 +117,8 @@ class ServerSettings(_Section):
 
     @model_validator(mode="after")
     def _check_ports(self) -> ServerSettings:
-        if self.max_connections_per_ip > self.max_connections:
+        set_both = "max_connections_per_ip" in self.model_fields_set  # not just the default
+        if set_both and self.max_connections_per_ip > self.max_connections:
             raise _KeyError(
                 "server.max_connections_per_ip",
                 f"{self.max_connections_per_ip} is larger than server.max_connections "
