@@ -117,13 +117,6 @@ class ServerSettings(_Section):
 
     @model_validator(mode="after")
     def _check_ports(self) -> ServerSettings:
-        set_both = "max_connections_per_ip" in self.model_fields_set  # not just the default
-        if set_both and self.max_connections_per_ip > self.max_connections:
-            raise _KeyError(
-                "server.max_connections_per_ip",
-                f"{self.max_connections_per_ip} is larger than server.max_connections "
-                f"({self.max_connections}): it could never apply; lower it, or 0 for no limit",
-            )
         admin = {port_of(bind) for bind in self.admin_bind} - {0}
         shared = admin & {port_of(bind) for bind in self.bind}
         if shared:
