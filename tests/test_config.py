@@ -1006,3 +1006,15 @@ def test_check_warns_when_the_descriptor_limit_is_below_max_connections(tmp_path
     path.write_text(f"[server]\nmax_connections = 900\nmax_connections_per_ip = 0\n{kafka}")
     result = _check_with_fd_limit(path, 1000)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_check_refuses_a_bad_limit_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "limits.toml"
+    path.write_text(
+        f'[server]\nmax_connections = 0\n\n[kafka]\n"bootstrap.servers" = "{BOOTSTRAP}"\n'
+    )
+    result = check(path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: {path}: server.max_connections: Input should be greater than or equal to 1\n"
+    )
