@@ -36,6 +36,20 @@ from redirect_logger.service import Service
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``redirect-logger ARGS`` run to its end (at most 120 s) from the
+    repository's root, with ``env`` added to the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "redirect_logger.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def unique_topic(prefix: str = "hits") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 

@@ -13,25 +13,14 @@ from confluent_kafka import Producer
 from brokers import Broker
 from redirect_logger import __version__
 from redirect_logger.config import parse_settings
-from support import ROOT, UNREACHABLE, service_config, unique_topic, write_config
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "redirect_logger.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
+from support import ROOT, UNREACHABLE, run_cli, service_config, unique_topic, write_config
 
 
 def test_version_prints_the_package_version_and_exits_0() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert __version__ == pyproject["project"]["version"]
     for args in (["--version"], ["--version", "serve"]):  # no command, no config needed
-        result = _cli(*args)
+        result = run_cli(*args)
         assert (result.returncode, result.stdout, result.stderr) == (
             0,
             f"redirect-logger {__version__}\n",
@@ -51,7 +40,7 @@ def _produce(bootstrap: str, records: dict[str, dict[str, str]]) -> None:
 
 
 def _tail(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _cli("tail", "--config", str(path), "--from-beginning", *args)
+    return run_cli("tail", "--config", str(path), "--from-beginning", *args)
 
 
 def _config(tmp_path: Path, bootstrap: str, topics: list[str]) -> Path:

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from brokers import free_port
 from redirect_logger.config import ConfigError, interpolate, load_settings
-from support import ServiceProcess, ledger_counts, unique_topic, unreachable_config, write_config
+from support import (
+    ServiceProcess,
+    ledger_counts,
+    run_cli,
+    unique_topic,
+    unreachable_config,
+    write_config,
+)
 
 SECRET = "pw-3e8a1f-from-the-environment"  # looked for in every output
 
@@ -136,21 +143,10 @@ def test_an_unset_variable_in_a_rule_names_the_rule_key(tmp_path: Path) -> None:
     )
 
 
-def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "redirect_logger.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **env},
-    )
-
-
 def test_check_prints_interpolated_values_and_masks_secrets(tmp_path: Path) -> None:
     path = tmp_path / "site.toml"
     path.write_text(SITE)
-    result = _run("check", "--config", str(path), env=ENV)
+    result = run_cli("check", "--config", str(path), env=ENV)
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     assert printed["server"]["bind"] == ["127.0.0.1:8081"]
@@ -164,7 +160,7 @@ def test_an_unset_variable_is_a_config_error_in_every_command(tmp_path: Path, co
     path = tmp_path / "site.toml"
     path.write_text(SITE)
     env = {key: value for key, value in ENV.items() if key != "RL_TEST_PASSWORD"}
-    result = _run(command, "--config", str(path), env=env)
+    result = run_cli(command, "--config", str(path), env=env)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
         f'error: {path}: kafka."sasl.password": the environment variable RL_TEST_PASSWORD '

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ from redirect_logger.config import ConfigError, parse_settings
 from redirect_logger.logs import JsonFormatter
 from support import (
     RFC3339_MS,
-    ROOT,
     UNREACHABLE,
     ServiceProcess,
     ledger_counts,
+    run_cli,
     service_config,
     unique_topic,
     unreachable_config,
@@ -115,21 +114,9 @@ def test_invalid_values_name_the_key(logging_table: dict[str, Any], message: str
     assert str(caught.value).startswith(message)
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "redirect_logger.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_serve_refuses_an_invalid_format_at_start(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.toml", unreachable_config(logging={"format": "yaml"}))
-    result = _cli("serve", "--config", str(path))
+    result = run_cli("serve", "--config", str(path))
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == f"error: {path}: logging.format: Input should be 'text' or 'json'\n"
 
@@ -219,7 +206,7 @@ def test_an_unknown_environment_level_falls_back_to_the_configured_one(tmp_path:
     path = write_config(
         tmp_path / "c.toml", unreachable_config(logging={"format": "json", "level": "ERROR"})
     )
-    result = _cli(
+    result = run_cli(
         "tail",
         "--config",
         str(path),
@@ -264,7 +251,7 @@ async def test_replay_and_tail_log_json_lines(broker: Broker, tmp_path: Path) ->
         tmp_path / "up.toml",
         service_config(broker.bootstrap, topic, spill=spill, logging={"format": "json"}),
     )
-    result = await trio.to_thread.run_sync(lambda: _cli("replay", "--config", str(up)))
+    result = await trio.to_thread.run_sync(lambda: run_cli("replay", "--config", str(up)))
     assert result.returncode == 0, result.stderr
     # the progress bar and the summary are not log lines; each log line is one of its own
     logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
@@ -275,7 +262,7 @@ async def test_replay_and_tail_log_json_lines(broker: Broker, tmp_path: Path) ->
     assert replayed[0]["message"].startswith("replayed 1 records from ")
     assert replayed[0]["level"] == "INFO"
     tailed = await trio.to_thread.run_sync(
-        lambda: _cli("tail", "--config", str(up), "--from-beginning", "--count", "1")
+        lambda: run_cli("tail", "--config", str(up), "--from-beginning", "--count", "1")
     )
     assert tailed.returncode == 0, tailed.stderr
     assert json.loads(tailed.stdout)["id"] == hit_id

@@ -107,18 +107,7 @@ class Hit(NamedTuple):
         """The events of one collect request, answered ``status``: ``from_scope``
         for each event's JSON in ``data``, each with an id of its own. The
         request's fields are read once (a request may carry a thousand events)."""
-        request = (
-            ts,
-            scope["method"],
-            scope["scheme"],
-            scope["path"],
-            scope["query_string"],
-            scope["headers"],
-            scope.get("client"),
-            status,
-            None,
-            None,
-        )
+        request = cls.from_scope(scope, "", ts, status)[1:11]  # all but id, data, commit
         new = tuple.__new__
         return [new(cls, (str(uuid7()), *request, event, None)) for event in data]
 
