@@ -3,8 +3,9 @@
 Redirect hits never enter Quart's routing: ``Frontend`` answers them straight
 from the rule table (werkzeug's routing would merge slashes and redirect on its
 own, which is not what a faithful redirector may do), and hands requests for
-``collect.path`` to the collect endpoint (collect.py). Quart serves the admin
-endpoints ``/healthz``, ``/readyz`` and ``/metrics``.
+``collect.path`` to the collect endpoint (collect.py). A WebSocket upgrade is a
+hit too, answered through ASGI's WebSocket denial response. Quart serves the
+admin endpoints ``/healthz``, ``/readyz`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -38,13 +39,19 @@ ASGIApp = Any
 _NOT_FOUND = b"not found\n"
 _OVERLOADED = b"overloaded, retry later\n"
 
+# The ASGI messages of an answer: to an HTTP request, and to a WebSocket
+# upgrade that is denied (the "websocket.http.response" extension)
+_HTTP = ("http.response.start", "http.response.body")
+_DENIAL = ("websocket.http.response.start", "websocket.http.response.body")
 
-def _head(status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-    return {"type": "http.response.start", "status": status, "headers": headers}
+
+def _head(status: int, headers: list[tuple[bytes, bytes]], kind: str = _HTTP[0]) -> dict[str, Any]:
+    return {"type": kind, "status": status, "headers": headers}
 
 
 class Frontend:
-    """ASGI middleware in front of Quart: answers every non-admin HTTP request.
+    """ASGI middleware in front of Quart: answers every non-admin HTTP request
+    and WebSocket upgrade.
 
     With ``own_lifecycle`` (the ``hypercorn`` launch mode) it also runs the
     service's lifecycle from the ASGI lifespan.
@@ -71,6 +78,8 @@ class Frontend:
                 await self._collector(scope, receive, send)  # every method: collect.path wins
             else:
                 await self._hit(scope, send)
+        elif kind == "websocket" and not self._service.is_admin(scope):
+            await self._upgrade(scope, send)
         elif kind == "lifespan" and self._own_lifecycle:
             await self._lifespan(receive, send)
         elif kind == "http":
@@ -110,9 +119,22 @@ class Frontend:
             await send(_head(status, [(b"content-length", b"0")]))
             await send({"type": "http.response.body", "body": b""})
 
-    async def _hit(self, scope: Scope, send: Any) -> None:
+    async def _upgrade(self, scope: Scope, send: Any) -> None:
+        """A WebSocket upgrade is never accepted: it is answered as a GET of
+        its URL would be by the rules (the collect endpoint takes none), with
+        the denial response. A server without that extension can only be
+        told to close the socket (Hypercorn would answer 403): no answer of
+        ours, so no hit and no record."""
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await self._hit(scope, send, _DENIAL)
+        else:
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _hit(self, scope: Scope, send: Any, messages: tuple[str, str] = _HTTP) -> None:
         """Match, build the response, hand the hit to the channel, answer: at
-        once, or once its record is durable (``records.durability``)."""
+        once, or once its record is durable (``records.durability``).
+        ``messages``: the ASGI messages that answer (an HTTP request's, or a
+        WebSocket upgrade's denial)."""
         now = time.time()
         hit_id = str(uuid7())
         service = self._service
@@ -143,10 +165,10 @@ class Frontend:
         headers.append((b"content-length", str(len(body)).encode()))
         if body:
             headers.append((b"content-type", b"text/plain; charset=utf-8"))
-        await send(_head(status, headers))
-        await send(
-            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
-        )
+        await send(_head(status, headers, messages[0]))
+        if messages is _HTTP and scope["method"] == "HEAD":
+            body = b""
+        await send({"type": messages[1], "body": body})
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         """The ASGI lifespan when no CLI owns the lifecycle (``hypercorn`` mode).

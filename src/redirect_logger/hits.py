@@ -46,6 +46,8 @@ _AGENT_LIMIT = FIELD_LIMITS["user_agent"]
 Headers = list[tuple[bytes, bytes]]
 # Kafka message headers, as confluent-kafka's produce() takes them.
 MessageHeaders = list[tuple[str, bytes]]
+# The HTTP scheme of a WebSocket scope's (docs/records.md: "scheme")
+_HTTP_SCHEMES = {"ws": "http", "wss": "https"}
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -84,12 +86,18 @@ class Hit(NamedTuple):
         data: bytes | None = None,
     ) -> Hit:
         """The hit of an ASGI HTTP request, answered ``status``: the one place
-        a hit (or a collect event) is built from a request."""
+        a hit (or a collect event) is built from a request. A WebSocket
+        upgrade (``websocket`` scope: no method, scheme ``ws``/``wss``) is
+        the GET it was sent as (RFC 6455 4.1), on ``http``/``https``."""
+        method = scope.get("method")
+        scheme = scope["scheme"]
+        if method is None:  # a WebSocket upgrade
+            method, scheme = "GET", _HTTP_SCHEMES.get(scheme, scheme)
         return cls(
             hit_id,
             ts,
-            scope["method"],
-            scope["scheme"],
+            method,
+            scheme,
             scope["path"],
             scope["query_string"],
             scope["headers"],
