@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 import trio
@@ -23,10 +26,12 @@ from support import (
     ledger_counts,
     read_topic,
     service_config,
+    start_service,
     unique_topic,
     unreachable_config,
     write_config,
 )
+from test_hostile import Response
 
 AGENT = "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"
 # Headers every answer from Hypercorn has whatever the app sends
@@ -163,3 +168,85 @@ async def test_without_the_denial_extension_the_socket_is_closed_and_nothing_rec
     await app({**scope, "extensions": {}}, receive, send)
     assert sent == [{"type": "websocket.close", "code": 1000}] * 2
     assert service.ledger_snapshot() == ledger_counts()
+
+
+async def h2_upgrades(url: str, paths: list[bytes]) -> list[Response]:
+    """An HTTP/2 WebSocket (RFC 8441, extended CONNECT) asked for at each path,
+    on one connection, once the server's SETTINGS allow it: the answers."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    client.initiate_connection()
+    answers: dict[int, Response] = {}
+    ended: set[int] = set()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(client.data_to_send())
+            while len(ended) < len(paths):
+                data = await stream.receive_some(65536)
+                assert data, "connection closed"
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.RemoteSettingsChanged) and not answers:
+                        for path in paths:
+                            stream_id = client.get_next_available_stream_id()
+                            answers[stream_id] = Response(0, [], b"")
+                            client.send_headers(stream_id, connect_headers(path))
+                    elif isinstance(event, h2.events.ResponseReceived):
+                        assert event.stream_id is not None and event.headers is not None
+                        answer = answers[event.stream_id]
+                        for name, value in event.headers:
+                            if name == b":status":
+                                answer.status = int(value)
+                            else:
+                                answer.headers.append((bytes(name).decode(), bytes(value)))
+                    elif isinstance(event, h2.events.DataReceived):
+                        assert event.stream_id is not None and event.data is not None
+                        answers[event.stream_id].body += event.data
+                    elif isinstance(event, h2.events.StreamEnded):
+                        assert event.stream_id is not None
+                        ended.add(event.stream_id)
+                    assert not isinstance(event, h2.events.ConnectionTerminated), event
+                await stream.send_all(client.data_to_send())
+    return [answers[stream_id] for stream_id in sorted(answers)]
+
+
+def connect_headers(path: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"CONNECT"),
+        (b":protocol", b"websocket"),
+        (b":scheme", b"http"),
+        (b":authority", b"x"),
+        (b":path", path),
+        (b"sec-websocket-version", b"13"),
+        (b"user-agent", AGENT.encode()),
+    ]
+
+
+async def test_an_http2_upgrade_is_answered_and_recorded_as_a_get(broker: Broker) -> None:
+    """HTTP/2's WebSocket (RFC 8441: an extended CONNECT) gets the same
+    answers; the records say GET, as the hit was a GET's."""
+    stop = trio.Event()
+    topic = unique_topic()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(
+                nursery, service_config(broker.bootstrap, topic), stop
+            )
+            answers = await h2_upgrades(service.binds[0], [b"/docs/a?b=1", b"/none"])
+            stop.set()
+    assert codes == [0]
+    redirect, miss = answers
+    assert (redirect.status, redirect.get("location"), redirect.body) == (
+        301,
+        b"https://docs.example.com/a?b=1",
+        b"",
+    )
+    assert (miss.status, miss.get("cache-control"), miss.body) == (404, b"no-store", b"not found\n")
+    records = {r["id"]: r for r in read_topic(broker.bootstrap, topic, expected=2)}
+    for response, kind in ((redirect, "redirect"), (miss, "miss")):
+        hit_id = response.get("x-hit-id")
+        assert hit_id is not None
+        record = records[hit_id.decode()]
+        check_record_schema(record)
+        assert (record["method"], record["scheme"], record["kind"]) == ("GET", "http", kind)
+        assert record["status"] == response.status
