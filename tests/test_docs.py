@@ -1,0 +1,286 @@
+"""The reference docs against the code: docs/configuration.md's key tables
+against the pydantic models.
+
+Conventions the parsers rely on (docs/configuration.md keeps them):
+
+- a table's section is ``## `[name]``` (``## `[[rules]]``` for arrays of tables);
+  its key table is the first one headed ``| Key | Type | Default | Unit | Rule |``;
+- Default is a TOML value in a code span, ``required``, or ``none (…)`` for a
+  key that is unset by default;
+- the Rule cell's first sentence states the key's bounds or allowed values,
+  if it has any: ``A to B``, ``> A``, ``≥ A``, ``≤ B``, ``A to B characters``,
+  ``At most N characters``, ``At least one``, ``Not empty``, or the quoted choices of a string.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from redirect_logger import config
+from redirect_logger.config import KAFKA_ALIASES, KAFKA_DEFAULTS, REDIRECT_STATUSES, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY_HEADER = ["Key", "Type", "Default", "Unit", "Rule"]
+
+# Allowed values that a validator (not the type) enforces: (section, key) -> values.
+VALIDATED_CHOICES: dict[tuple[str, str], set[object]] = {
+    ("[[rules]]", "status"): set(REDIRECT_STATUSES),
+    ("[fallback]", "status"): {404, *REDIRECT_STATUSES},
+}
+# Lengths that a validator's pattern (not the field) enforces: (section, key) -> pattern.
+VALIDATED_PATTERNS = {("[records]", "topic"): config._TOPIC_RE.pattern}
+
+
+def split_row(line: str) -> list[str]:
+    """The cells of a markdown table row; a ``|`` inside a code span or escaped
+    as ``\\|`` is text."""
+    cells: list[str] = []
+    cell, in_code, escaped = "", False, False
+    for char in line.strip().removeprefix("|").removesuffix("|"):
+        if escaped:
+            cell, escaped = cell + char, False
+        elif char == "\\":
+            escaped = True
+        elif char == "`":
+            in_code = not in_code
+            cell += char
+        elif char == "|" and not in_code:
+            cells.append(cell.strip())
+            cell = ""
+        else:
+            cell += char
+    cells.append(cell.strip())
+    return cells
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in ``text``: rows of cells, header first, without
+    the delimiter row."""
+    found: list[list[list[str]]] = []
+    rows: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.lstrip().startswith("|"):
+            row = split_row(line)
+            if not all(re.fullmatch(r":?-{3,}:?", cell) for cell in row):
+                rows.append(row)
+        elif rows:
+            found.append(rows)
+            rows = []
+    return found
+
+
+def sections(text: str, level: str = "## ") -> dict[str, str]:
+    """The text under each heading of ``level``, by heading (without the marks)."""
+    parts = re.split(rf"^{re.escape(level)}(.+)$", text, flags=re.MULTILINE)
+    return {title.strip(): body for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def code_spans(text: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", text)
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.:])\s", text, maxsplit=1)[0]
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def config_sections() -> dict[str, type[BaseModel]]:
+    """The model of each table of the config file, by its TOML heading."""
+    found: dict[str, type[BaseModel]] = {}
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if typing.get_origin(annotation) is list:
+            [model] = typing.get_args(annotation)
+            found[f"[[{name}]]"] = model
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found[f"[{name}]"] = annotation
+    return found
+
+
+def documented_sections() -> dict[str, str]:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    return {
+        title.strip("`"): body
+        for title, body in sections(text).items()
+        if re.fullmatch(r"`\[\[?[a-z_]+\]?\]`", title)
+    }
+
+
+def key_table(section: str, body: str) -> dict[str, dict[str, str]]:
+    """The rows of the section's key table, by key."""
+    candidates = [table for table in tables(body) if table[0][:1] == ["Key"]]
+    assert candidates, f"{section}: no key table"
+    header, *rows = candidates[0]
+    assert header == KEY_HEADER, f"{section}: the key table's columns are {header}"
+    keyed: dict[str, dict[str, str]] = {}
+    for row in rows:
+        assert len(row) == len(header), f"{section}: row {row[0]} has {len(row)} cells"
+        [key] = code_spans(row[0]) or [row[0]]
+        assert key not in keyed, f"{section}: {key} is documented twice"
+        keyed[key] = dict(zip(header, row, strict=True))
+    return keyed
+
+
+def unwrap(annotation: Any) -> tuple[Any, bool]:
+    """The annotation without ``| None``, and whether it allowed None."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [arg for arg in args if arg is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007
+    return annotation, False
+
+
+def type_name(annotation: Any) -> str:
+    annotation, _ = unwrap(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return "array of strings"
+    if origin is typing.Literal:
+        [kind] = {type(arg) for arg in typing.get_args(annotation)}
+        annotation = kind
+    names = {bool: "boolean", int: "integer", float: "float", str: "string"}
+    return names[annotation]
+
+
+def model_bounds(field: FieldInfo, pattern: str | None = None) -> dict[str, float]:
+    """The field's bounds, and the lengths its (or a validator's) pattern allows."""
+    bounds: dict[str, float] = {}
+    for item in field.metadata:
+        for name in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+            value = getattr(item, name, None)
+            if value is not None:
+                bounds[name] = value
+        pattern = getattr(item, "pattern", None) or pattern
+    if pattern is not None and (counts := re.search(r"\{(\d+),(\d+)\}\$$", pattern)):
+        bounds["min_length"], bounds["max_length"] = map(int, counts.groups())
+    return bounds
+
+
+def doc_bounds(rule: str) -> dict[str, float]:
+    """The bounds the Rule cell's first sentence states."""
+    sentence = first_sentence(rule)
+    num = r"(-?\d[\d,]*(?:\.\d+)?)"
+    bounds: dict[str, float] = {}
+    if match := re.match(rf"{num} to {num} characters", sentence):
+        bounds["min_length"], bounds["max_length"] = map(number, match.groups())
+        return bounds
+    if re.match(r"(At least one|Not empty)\b", sentence):
+        return {"min_length": 1}
+    if match := re.match(rf"At most {num} characters", sentence):
+        return {"max_length": number(match.group(1))}
+    if match := re.match(rf"{num} to {num}\b", sentence):
+        bounds["ge"], bounds["le"] = map(number, match.groups())
+    for mark, name in (("≥", "ge"), (">", "gt"), ("≤", "le"), ("<", "lt")):
+        if match := re.search(rf"(?:^|\band )\s*{mark} {num}", sentence):
+            bounds[name] = number(match.group(1))
+    return bounds
+
+
+def doc_choices(rule: str) -> set[object]:
+    sentence = first_sentence(rule)
+    quoted = re.findall(r'`"([^"`]+)"`', sentence)
+    if quoted:
+        return set(quoted)
+    return {int(n) for n in re.findall(r"\b\d+\b", sentence)}
+
+
+def check_default(where: str, field: FieldInfo, cell: str) -> None:
+    if field.is_required():
+        assert cell == "required", f"{where}: required in the model, documented {cell!r}"
+        return
+    default = field.get_default(call_default_factory=True)
+    if default is None:
+        assert cell.startswith("none"), f"{where}: unset (None) by default, documented {cell!r}"
+        return
+    spans = code_spans(cell)
+    assert spans, f"{where}: default {default!r} undocumented ({cell!r})"
+    documented = tomllib.loads(f"v = {spans[0]}")["v"]
+    expected = (
+        [str(item) for item in default]  # networks as written in the file
+        if isinstance(default, list)
+        else default
+    )
+    assert (documented, type(documented)) == (expected, type(expected)), (
+        f"{where}: default is {expected!r} in the model, {spans[0]} in the docs"
+    )
+
+
+def test_every_config_table_is_documented_and_nothing_else() -> None:
+    documented = set(documented_sections())
+    models = set(config_sections()) | {"[kafka]"}
+    assert documented == models, (
+        f"undocumented: {sorted(models - documented)}; "
+        f"documented, not in the model: {sorted(documented - models)}"
+    )
+    overview = next(
+        table
+        for table in tables((ROOT / "docs" / "configuration.md").read_text())
+        if table[0][:1] == ["Table"]
+    )
+    assert {code_spans(row[0])[0] for row in overview[1:]} == models
+
+
+@pytest.mark.parametrize("section", sorted(config_sections()))
+def test_config_key_table_matches_the_model(section: str) -> None:
+    model = config_sections()[section]
+    rows = key_table(section, documented_sections()[section])
+    fields = model.model_fields
+    assert set(rows) == set(fields), (
+        f"{section}: in the model, not documented: {sorted(set(fields) - set(rows))}; "
+        f"documented, not in the model: {sorted(set(rows) - set(fields))}"
+    )
+    for key, field in fields.items():
+        row, where = rows[key], f"{section} {key}"
+        assert row["Type"] == type_name(field.annotation), f"{where}: type {row['Type']!r}"
+        check_default(where, field, row["Default"])
+        annotation, _ = unwrap(field.annotation)
+        bounds = model_bounds(field, VALIDATED_PATTERNS.get((section, key)))
+        assert doc_bounds(row["Rule"]) == bounds, (
+            f"{where}: bounds {bounds} in the model; the docs' first sentence "
+            f"says {first_sentence(row['Rule'])!r}"
+        )
+        choices: set[object] | None = None
+        if typing.get_origin(annotation) is typing.Literal:
+            choices = set(typing.get_args(annotation))
+        choices = VALIDATED_CHOICES.get((section, key), choices)
+        if choices is not None:
+            assert doc_choices(row["Rule"]) == choices, (
+                f"{where}: allowed {sorted(map(str, choices))} in the model; the docs' first "
+                f"sentence says {first_sentence(row['Rule'])!r}"
+            )
+
+
+def test_kafka_defaults_table_matches_kafka_defaults() -> None:
+    body = documented_sections()["[kafka]"]
+    [table] = [t for t in tables(body) if t[0] == ["Key", "Alias", "Default", "Why"]]
+    rows = {code_spans(row[0])[0]: row for row in table[1:]}
+    assert set(rows) == set(KAFKA_DEFAULTS)
+    for key, (_, alias, default, _) in rows.items():
+        assert code_spans(alias) == ([KAFKA_ALIASES[key]] if key in KAFKA_ALIASES else []), key
+        documented = tomllib.loads(f"v = {code_spans(default)[0]}")["v"]
+        assert (documented, type(documented)) == (KAFKA_DEFAULTS[key], type(KAFKA_DEFAULTS[key]))
+
+
+def test_the_docs_test_sees_a_changed_default_and_bound() -> None:
+    """The parsers above are not vacuous: a drift in the docs fails them."""
+    field = Settings.model_fields["records"].annotation.model_fields["queue_size"]  # type: ignore[union-attr]
+    check_default("queue_size", field, "`10000`")
+    with pytest.raises(AssertionError):
+        check_default("queue_size", field, "`10001`")
+    assert doc_bounds("1 to 10,000,000. The capacity") == model_bounds(field)
+    assert doc_bounds("1 to 1,000,000. The capacity") != model_bounds(field)
