@@ -1,5 +1,5 @@
 """The reference docs against the code: docs/configuration.md's key tables
-against the pydantic models.
+against the pydantic models, and docs/cli.md against the argparse parser.
 
 Conventions the parsers rely on (docs/configuration.md keeps them):
 
@@ -14,6 +14,7 @@ Conventions the parsers rely on (docs/configuration.md keeps them):
 
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 import types
@@ -26,6 +27,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from redirect_logger import config
+from redirect_logger.cli import build_parser
 from redirect_logger.config import KAFKA_ALIASES, KAFKA_DEFAULTS, REDIRECT_STATUSES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,3 +286,53 @@ def test_the_docs_test_sees_a_changed_default_and_bound() -> None:
         check_default("queue_size", field, "`10001`")
     assert doc_bounds("1 to 10,000,000. The capacity") == model_bounds(field)
     assert doc_bounds("1 to 1,000,000. The capacity") != model_bounds(field)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def parser_commands() -> dict[str, dict[str, argparse.Action]]:
+    """Each subcommand's options (by their long name), and the program's own under ""."""
+    parser = build_parser()
+    found = {"": {a.option_strings[-1]: a for a in parser._actions if a.option_strings}}
+    [subparsers] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in subparsers.choices.items():
+        found[name] = {a.option_strings[-1]: a for a in sub._actions if a.option_strings}
+    for options in found.values():
+        options.pop("--help")
+    return found
+
+
+def documented_commands() -> dict[str, dict[str, dict[str, str]]]:
+    """docs/cli.md: the rows of each command's option table, by option."""
+    found: dict[str, dict[str, dict[str, str]]] = {}
+    for title, body in sections((ROOT / "docs" / "cli.md").read_text()).items():
+        match = re.fullmatch(r"`redirect-logger(?: ([a-z]+))?`", title)
+        if match is None:
+            continue
+        option_tables = [t for t in tables(body) if t[0][:1] == ["Option"]]
+        assert len(option_tables) == 1, f"{title}: {len(option_tables)} option tables"
+        header, *rows = option_tables[0]
+        assert header == ["Option", "Default", "Meaning"], f"{title}: columns {header}"
+        found[match.group(1) or ""] = {
+            code_spans(row[0])[0].split()[0]: dict(zip(header, row, strict=True)) for row in rows
+        }
+    return found
+
+
+def test_cli_reference_documents_every_command_and_option() -> None:
+    parsed, documented = parser_commands(), documented_commands()
+    assert set(documented) == set(parsed), "commands documented vs in the parser"
+    for command, options in parsed.items():
+        rows = documented[command]
+        assert set(rows) == set(options), (
+            f"{command or 'redirect-logger'}: in the parser, not documented: "
+            f"{sorted(set(options) - set(rows))}; documented, not in the parser: "
+            f"{sorted(set(rows) - set(options))}"
+        )
+        for option, action in options.items():
+            default = rows[option]["Default"]
+            if action.required:
+                assert default == "required", f"{command} {option}: required"
+            elif isinstance(action.default, int | float) and not isinstance(action.default, bool):
+                assert number(code_spans(default)[0]) == action.default, f"{command} {option}"

@@ -430,7 +430,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument(
         "--workers",
         type=_workers,
-        default=0,
         metavar="N",
         help="run N worker processes on the same sockets, under a supervisor "
         "(default: one process, no supervisor)",
