@@ -1,5 +1,6 @@
 """The reference docs against the code: docs/configuration.md's key tables
-against the pydantic models, and docs/cli.md against the argparse parser.
+against the pydantic models, docs/cli.md against the argparse parser, and the
+README's Hypercorn line against config/example.toml.
 
 Conventions the parsers rely on (docs/configuration.md keeps them):
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import tomllib
 import types
 import typing
@@ -336,3 +338,25 @@ def test_cli_reference_documents_every_command_and_option() -> None:
                 assert default == "required", f"{command} {option}: required"
             elif isinstance(action.default, int | float) and not isinstance(action.default, bool):
                 assert number(code_spans(default)[0]) == action.default, f"{command} {option}"
+
+
+# ---------------------------------------------------------------- the README
+
+
+def test_readme_hypercorn_line_binds_every_address_of_example_toml() -> None:
+    """Under Hypercorn, -b is the only source of listeners: the README's line
+    must name example.toml's bind and admin_bind, or nothing serves /healthz."""
+    readme = (ROOT / "README.md").read_text()
+    [command] = [
+        block
+        for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL)
+        for block in [block.replace("\\\n", " ")]
+        for block in block.splitlines()
+        if "redirect_logger.asgi:app" in block
+    ]
+    words = shlex.split(command, comments=True)
+    assert "REDIRECT_LOGGER_CONFIG=config/example.toml" in words
+    binds = [words[i + 1] for i, word in enumerate(words) if word in ("-b", "--bind")]
+    server = tomllib.loads((ROOT / "config" / "example.toml").read_text())["server"]
+    assert binds == [*server["bind"], *server["admin_bind"]]
+    assert server["admin_bind"], "example.toml no longer sets admin_bind: revisit this test"
