@@ -1,4 +1,4 @@
-"""The cyclic garbage collector, tuned for serving (docs/benchmarks.md#garbage-collection).
+"""The cyclic garbage collector, tuned for serving (docs/architecture.md#the-garbage-collector).
 
 With CPython's default thresholds (700, 10, 10) the collector ran about 100
 times a second under load at 256 connections, and took 12 % of the Trio
