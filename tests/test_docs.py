@@ -360,3 +360,96 @@ def test_readme_hypercorn_line_binds_every_address_of_example_toml() -> None:
     server = tomllib.loads((ROOT / "config" / "example.toml").read_text())["server"]
     assert binds == [*server["bind"], *server["admin_bind"]]
     assert server["admin_bind"], "example.toml no longer sets admin_bind: revisit this test"
+
+
+# ---------------------------------------------------------------- links
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# A docs/*.md#anchor named outside the docs: config files, code, tests.
+DOC_REFERENCE = re.compile(r"\bdocs/[\w.-]+\.md#[\w-]+")
+
+
+def without_code_blocks(text: str) -> str:
+    return re.sub(r"^(```|~~~).*?^\1", "", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: the text (a link's text, a code span's
+    content) lower-cased, every character but letters, digits, spaces, ``-``
+    and ``_`` removed, spaces made ``-``."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every heading anchor of a markdown file; a repeated one gets ``-1``, ``-2``…"""
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    for match in re.finditer(r"^#{1,6} +(.+?) *#*$", without_code_blocks(path.read_text()), re.M):
+        base = slug(match.group(1).strip())
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def broken_links(path: Path) -> list[str]:
+    """The relative links of a markdown file whose file or heading is missing."""
+    broken: list[str] = []
+    for target in LINK.findall(without_code_blocks(path.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            broken.append(f"{target}: no file {shown(linked)}")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no heading #{anchor} in {shown(linked)}")
+    return broken
+
+
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def test_slug_follows_github() -> None:
+    assert slug("Many workers: `serve --workers N`") == "many-workers-serve---workers-n"
+    assert slug("`[[rules]]`") == "rules"
+    assert slug("Results (2026-12-02, issue 12: the GC)") == "results-2026-12-02-issue-12-the-gc"
+    assert slug("`client_ip`") == "client_ip"
+
+
+@pytest.mark.parametrize(
+    "doc",
+    ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))],
+)
+def test_every_relative_link_leads_to_a_file_and_heading(doc: str) -> None:
+    broken = broken_links(ROOT / doc)
+    assert not broken, f"{doc}: " + "; ".join(broken)
+
+
+def test_the_link_check_sees_a_missing_heading(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n## A `b` c\n\n[ok](#a-b-c) [gone](#nowhere) [no](missing.md)\n")
+    assert broken_links(page) == [
+        "#nowhere: no heading #nowhere in page.md",
+        "missing.md: no file missing.md",
+    ]
+
+
+def test_docs_named_in_code_and_config_lead_to_a_heading() -> None:
+    """A ``docs/<file>.md#<anchor>`` in config/, src/ and tests/ (comments,
+    messages, alert annotations)."""
+    broken: list[str] = []
+    files = [
+        p
+        for folder in ("config", "src", "tests")
+        for p in (ROOT / folder).rglob("*")
+        if p.is_file() and p.suffix in (".py", ".yml", ".yaml", ".toml", ".cfg", ".service", "")
+    ]
+    for path in files:
+        for reference in DOC_REFERENCE.findall(path.read_text(errors="replace")):
+            file, _, anchor = reference.partition("#")
+            if not (ROOT / file).exists() or anchor not in anchors(ROOT / file):
+                broken.append(f"{path.relative_to(ROOT)}: {reference}")
+    assert not broken, "; ".join(broken)
