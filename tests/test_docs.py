@@ -421,7 +421,11 @@ def test_slug_follows_github() -> None:
 
 @pytest.mark.parametrize(
     "doc",
-    ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))],
+    [
+        "README.md",
+        "CHANGELOG.md",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
+    ],
 )
 def test_every_relative_link_leads_to_a_file_and_heading(doc: str) -> None:
     broken = broken_links(ROOT / doc)
