@@ -81,6 +81,8 @@ _PERMANENT = frozenset(
 _REFUSED_AT_ONCE = frozenset(
     {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError._INVALID_ARG}
 )
+# A topic that does not exist (the broker's answer, or librdkafka's metadata cache).
+UNKNOWN_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
 
 class KafkaSink:
@@ -88,9 +90,17 @@ class KafkaSink:
     and a rebuild after a fatal error."""
 
     def __init__(
-        self, config: Mapping[str, KafkaValue], reports: Reports, *, name: str = "producer"
+        self,
+        config: Mapping[str, KafkaValue],
+        reports: Reports,
+        *,
+        name: str = "producer",
+        unknown_topic: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
+        # Called (in the reporting or producing thread) when librdkafka says a
+        # topic does not exist; the records themselves go to ``reports`` as usual.
+        self._unknown_topic = unknown_topic
         self.reachable = False  # some broker connection is UP (librdkafka statistics)
         self.fatal_error: str | None = None
         self.rebuilds = 0
@@ -134,6 +144,8 @@ class KafkaSink:
                 self._reported += 1
             self._reports.delivered(message, tag)
             return
+        if error.code() in UNKNOWN_TOPIC:
+            self._unknown_topic()
         # A failed report carries neither headers nor the timestamp: the value has both.
         record = restored(message.topic() or "", message.key(), message.value() or b"")
         with self._count_lock:
@@ -206,6 +218,8 @@ class KafkaSink:
                         if error.code() in _REFUSED_AT_ONCE:  # this record can never go
                             self._reports.refused([batch[index]], f"refused: {error.str()}", tag)
                             break
+                        if error.code() in UNKNOWN_TOPIC:
+                            self._unknown_topic()
                         if error.code() != KafkaError._FATAL:  # e.g. an unknown topic: later
                             self._reports.undelivered(
                                 [batch[index]], f"refused: {error.str()}", tag
@@ -219,6 +233,22 @@ class KafkaSink:
         finally:
             with self._count_lock:
                 self._produced += produced
+
+    def topic_names(self, timeout: float) -> set[str] | None:
+        """The topics that exist, from one metadata request for all topics
+        (which never makes a broker create one); None when no broker answered
+        within ``timeout`` s. Blocks: call it in a thread."""
+        try:
+            metadata = self._producer.list_topics(timeout=timeout)
+        except KafkaException:
+            return None
+        if not metadata.brokers:
+            return None
+        return {
+            name
+            for name, topic in metadata.topics.items()
+            if topic.error is None or topic.error.code() not in UNKNOWN_TOPIC
+        }
 
     def queued(self) -> int:
         with self._count_lock:

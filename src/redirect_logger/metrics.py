@@ -66,6 +66,25 @@ class _LedgerCollector(Collector):
             yield GaugeMetricFamily(f"redirect_logger_{name}", _GAUGE_HELP[name], value=value)
 
 
+class TopicsMissing(Collector):
+    """``redirect_logger_topic_missing{topic}``: for each topic the config
+    writes to, 1 when a broker said it does not exist, else 0 (topics.py)."""
+
+    def __init__(self, missing: Callable[[], dict[str, int]]) -> None:
+        self._missing = missing
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "redirect_logger_topic_missing",
+            "1 for a topic the config writes to that does not exist (its records are"
+            " journaled until it does), else 0",
+            labels=["topic"],
+        )
+        for topic, value in self._missing().items():
+            gauge.add_metric([topic], value)
+        yield gauge
+
+
 class RuleHits(Collector):
     """Redirect answers by rule and status: ``redirect_logger_hits_total``.
 
@@ -111,9 +130,15 @@ _GAUGE_HELP = {
 
 
 class Metrics:
-    def __init__(self, ledger: Ledger, gauges: Callable[[], dict[str, float]]) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        gauges: Callable[[], dict[str, float]],
+        topics_missing: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_LedgerCollector(ledger, gauges))
+        self.registry.register(TopicsMissing(topics_missing))
         self.rule_hits = RuleHits()
         self.registry.register(self.rule_hits)
         self.batch_size = Histogram(

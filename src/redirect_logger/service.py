@@ -30,6 +30,7 @@ from .pipeline import Admission, Pipeline, open_pipeline
 from .replay import Replayer, journal_options
 from .rules import RuleTable
 from .spill import Journal, JournalError, Placement, Spill
+from .topics import TopicWatch
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class Service:
             settings.redirects.no_track_param,
             settings.collect.topic,
         )
-        self.metrics = Metrics(self.ledger, self._gauges)
+        # Which topics the config writes to are missing (checked once the producer runs).
+        self.topics = TopicWatch(lambda: self.settings.topics(), self._topic_names)
+        self.metrics = Metrics(self.ledger, self._gauges, self.topics.gauge)
         self.pipeline: Pipeline | None = None
         self.sink: KafkaSink | None = None
         self.spill = Spill(None, self.ledger)  # gets its journal in create_sink()
@@ -142,6 +145,7 @@ class Service:
         ):
             restart.remove("server")  # only bind differs, e.g. serve --bind
         self.settings = merged
+        self.topics.suspect()  # the rules may write to other topics now
         log.info("rules reloaded: %d rules", len(settings.rules))
         if restart:
             log.warning("changed, but applied only at the next start: [%s]", "], [".join(restart))
@@ -164,7 +168,8 @@ class Service:
 
     def readiness(self, *, kafka: bool = True) -> str | None:
         """None when ready to take traffic, else why not. Without ``kafka``
-        only starting and draining count: the producer's state does not."""
+        only starting and draining count: the producer's state and missing
+        topics do not."""
         if self.draining:
             return "draining"
         if self.pipeline is None or self.sink is None:
@@ -175,7 +180,7 @@ class Service:
             return f"producer failed: {self.sink.fatal_error}"
         if not self.sink.reachable:
             return "no Kafka broker reachable"
-        return None
+        return self.topics.reason()
 
     def in_flight(self) -> int:
         return self.pipeline.in_flight() if self.pipeline is not None else 0
@@ -233,6 +238,12 @@ class Service:
             return own
         return await trio.to_thread.run_sync(merge, [own, *others])
 
+    def _topic_names(self, timeout: float) -> set[str] | None:
+        """The topics that exist (``KafkaSink.topic_names``); None before the
+        producer exists. Runs in a thread."""
+        sink = self.sink
+        return None if sink is None else sink.topic_names(timeout)
+
     def create_sink(self) -> KafkaSink:
         """The producer, the spill journal and the replayer (created once).
 
@@ -252,7 +263,7 @@ class Service:
             self.spill.journal = journal
             log.info("spill journal %s (%d bytes waiting)", journal.directory, journal.size)
         reports = _LiveReports(self.ledger, self.spill, self.metrics)
-        self.sink = KafkaSink(settings.kafka, reports)
+        self.sink = KafkaSink(settings.kafka, reports, unknown_topic=self.topics.suspect)
         if settings.spill.enabled:
             self.replayer = Replayer(
                 settings.kafka,
@@ -277,9 +288,13 @@ class Service:
         settings = self.settings
         sink = self.create_sink()
         replayer = self.replayer
-        background: list[Callable[[], Awaitable[None]]] = []
+        background: list[Callable[[], Awaitable[None]]] = [self.topics.run]
         if replayer is not None:
-            background.append(partial(replayer.run, lambda: sink.reachable))
+            # No replay while a topic is missing: it would fail, and back off
+            # for up to a minute after the topic is created.
+            background.append(
+                partial(replayer.run, lambda: sink.reachable and not self.topics.missing)
+            )
         spill_after = settings.spill.queue_full_timeout if settings.spill.enabled else None
         stack = ExitStack()  # what start-up built stays frozen until the drain ends
         try:
