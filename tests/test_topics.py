@@ -32,7 +32,7 @@ class FakeBroker:
         self.existing = existing
         self.calls = 0
 
-    def __call__(self, timeout: float) -> Collection[str] | None:
+    def __call__(self, wanted: list[str], timeout: float) -> Collection[str] | None:
         assert 0 < timeout <= topics.CHECK_TIMEOUT
         self.calls += 1
         return self.existing
@@ -219,24 +219,35 @@ class _NoReports:
     def served(self) -> None: ...
 
 
-def test_the_check_creates_no_topic_on_a_broker_that_auto_creates(kafka_broker: Broker) -> None:
-    """Under librdkafka's producer default (``allow.auto.create.topics`` true)
-    and a broker with ``auto.create.topics.enable=true`` (tests/brokers.py),
-    the check still creates nothing: it asks for all topics, naming none."""
-    existing = unique_topic()
-    _create_topic(kafka_broker.bootstrap, existing)
-    sink = KafkaSink({"bootstrap.servers": kafka_broker.bootstrap}, _NoReports())
+def test_the_check_creates_a_topic_only_as_the_first_record_would(kafka_broker: Broker) -> None:
+    """On a broker with ``auto.create.topics.enable=true`` (tests/brokers.py):
+    with ``allow.auto.create.topics = false`` the check creates nothing and
+    reports the topic missing; under librdkafka's producer default (true),
+    the topic is created as the first record for it would create it, and is
+    not reported missing."""
+    bootstrap = kafka_broker.bootstrap
+    existing, absent = unique_topic(), unique_topic("absent")
+    _create_topic(bootstrap, existing)
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+
+    strict = KafkaSink(
+        {"bootstrap.servers": bootstrap, "allow.auto.create.topics": False}, _NoReports()
+    )
+    watch = TopicWatch(lambda: [existing, absent], strict.topic_names)
     for _ in range(3):
-        names = sink.topic_names(topics.CHECK_TIMEOUT)
-        assert names is not None and existing in names
-    watch = TopicWatch(lambda: [existing, unique_topic("absent")], sink.topic_names)
+        trio.run(watch.check)
+        assert watch.missing == (absent,)
+    assert absent not in admin.list_topics(timeout=10).topics
+    strict.flush(1)
+
+    default = KafkaSink({"bootstrap.servers": bootstrap}, _NoReports())
+    watch = TopicWatch(lambda: [existing, absent], default.topic_names)
     trio.run(watch.check)
-    assert watch.missing and watch.missing[0].startswith("absent-")
-    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap, "log_level": 0})
-    assert watch.missing[0] not in admin.list_topics(timeout=10).topics
-    sink.flush(1)
+    assert watch.missing == ()
+    assert absent in admin.list_topics(timeout=10).topics
+    default.flush(1)
 
 
 def test_an_unreachable_broker_makes_the_check_inconclusive() -> None:
     sink = KafkaSink({"bootstrap.servers": "127.0.0.1:9"}, _NoReports())
-    assert sink.topic_names(0.5) is None
+    assert sink.topic_names(["a"], 0.5) is None

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import TopicMetadata  # type: ignore[attr-defined]
 
 from .config import ConfigError, KafkaValue
 from .hits import Encoded, restored
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 _BUFFER_RETRY = 0.005  # s between produce attempts while librdkafka's queue is full
 _PURGE_REPORTS_WAIT = 1.0  # s for the purged records' (error) reports to be served
+_AUTO_CREATE_WAIT = 1.0  # s for a topic a broker auto-creates to show in its metadata
+_AUTO_CREATE_RETRY = 0.1  # s between metadata requests meanwhile
 
 
 class _RepeatFilter(Throttle, logging.Filter):
@@ -124,6 +127,12 @@ class KafkaSink:
             "logger": _librdkafka_log,
         }
         self._producer = self._create()
+        # librdkafka's producers ask brokers to create the topics they produce to.
+        self._auto_create = str(config.get("allow.auto.create.topics", True)).lower() not in (
+            "false",
+            "f",
+            "0",
+        )
 
     def _create(self) -> Producer:
         try:
@@ -234,21 +243,44 @@ class KafkaSink:
             with self._count_lock:
                 self._produced += produced
 
-    def topic_names(self, timeout: float) -> set[str] | None:
-        """The topics that exist, from one metadata request for all topics
-        (which never makes a broker create one); None when no broker answered
-        within ``timeout`` s. Blocks: call it in a thread."""
+    def topic_names(self, wanted: Collection[str], timeout: float) -> set[str] | None:
+        """Which topics exist, from one metadata request for all topics, which
+        never makes a broker create one. Under librdkafka's default
+        ``allow.auto.create.topics`` (true for a producer) each topic of
+        ``wanted`` not among them is then asked for by name, as the first
+        record for it would be: a broker with ``auto.create.topics.enable``
+        creates it then, and no sooner than that record would have. None when
+        no broker answered within ``timeout`` s in all. Blocks: call it in a thread."""
+        give_up = time.monotonic() + timeout
         try:
             metadata = self._producer.list_topics(timeout=timeout)
+            if not metadata.brokers:
+                return None
+            found = {name for name, topic in metadata.topics.items() if _exists(topic)}
+            if self._auto_create:
+                for name in [name for name in wanted if name not in found]:
+                    if self._created(name, give_up):
+                        found.add(name)
         except KafkaException:
             return None
-        if not metadata.brokers:
-            return None
-        return {
-            name
-            for name, topic in metadata.topics.items()
-            if topic.error is None or topic.error.code() not in UNKNOWN_TOPIC
-        }
+        return found
+
+    def _created(self, name: str, give_up: float) -> bool:
+        """Whether a metadata request naming the topic finds it, within
+        ``_AUTO_CREATE_WAIT`` s: a broker that auto-creates it first answers
+        that it does not exist. Raises KafkaException if no broker answers
+        by ``give_up``."""
+        wait_until = min(give_up, time.monotonic() + _AUTO_CREATE_WAIT)
+        while True:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+            topic = self._producer.list_topics(name, timeout=left).topics.get(name)
+            if topic is not None and _exists(topic):
+                return True
+            if time.monotonic() >= wait_until:
+                return False
+            time.sleep(_AUTO_CREATE_RETRY)
 
     def queued(self) -> int:
         with self._count_lock:
@@ -325,6 +357,11 @@ class KafkaSink:
         while self.queued() and time.monotonic() < give_up:
             producer.poll(0.05)
             self._settle()
+
+
+def _exists(topic: TopicMetadata) -> bool:
+    """Whether a topic of a metadata answer exists (it may have no leader yet)."""
+    return topic.error is None or topic.error.code() not in UNKNOWN_TOPIC
 
 
 def _by_tag(tagged: list[tuple[Encoded, object]]) -> list[tuple[object, list[Encoded]]]:

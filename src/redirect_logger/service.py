@@ -238,11 +238,11 @@ class Service:
             return own
         return await trio.to_thread.run_sync(merge, [own, *others])
 
-    def _topic_names(self, timeout: float) -> set[str] | None:
+    def _topic_names(self, wanted: list[str], timeout: float) -> set[str] | None:
         """The topics that exist (``KafkaSink.topic_names``); None before the
         producer exists. Runs in a thread."""
         sink = self.sink
-        return None if sink is None else sink.topic_names(timeout)
+        return None if sink is None else sink.topic_names(wanted, timeout)
 
     def create_sink(self) -> KafkaSink:
         """The producer, the spill journal and the replayer (created once).

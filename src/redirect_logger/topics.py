@@ -8,10 +8,11 @@ a rule reload, whenever librdkafka reports an unknown topic, and every
 ``RECHECK`` s while a topic is missing, so that a topic created later is seen
 without a restart.
 
-The check is one metadata request for all topics, in a thread: unlike a
-request naming the topic, it never makes a broker with
-``auto.create.topics.enable`` create one (librdkafka's producers ask for that
-by default, ``allow.auto.create.topics``).
+The check runs in a thread (``KafkaSink.topic_names``): one metadata request
+for all topics, which never makes a broker create one; then, only if the
+producer would ask a broker to auto-create its topics (librdkafka's default
+``allow.auto.create.topics``), a request naming each absent topic, as its
+first record would: a topic the broker auto-creates is not reported missing.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ RECHECK = 3.0  # s between checks while a topic is missing
 _MIN_GAP = 1.0  # s at least between two checks that reports of unknown topics ask for
 _LOOK = 0.2  # s between looks at those reports
 
-# The names of the topics that exist, or None when the broker did not answer
-# in time (inconclusive). Runs in a thread; waits at most the given s.
-Lookup = Callable[[float], Collection[str] | None]
+# Given the topics wanted, the names of the topics that exist, or None when
+# no broker answered in time (inconclusive). Runs in a thread; waits at most
+# the given s.
+Lookup = Callable[[list[str], float], Collection[str] | None]
 
 
 class TopicWatch:
@@ -75,7 +77,7 @@ class TopicWatch:
         on its own, within its timeout."""
         topics = self._topics()
         found = await trio.to_thread.run_sync(
-            self._lookup, CHECK_TIMEOUT, limiter=self._limiter, abandon_on_cancel=True
+            self._lookup, topics, CHECK_TIMEOUT, limiter=self._limiter, abandon_on_cancel=True
         )
         if found is None:
             log.debug("topic check inconclusive: no broker answered within %s s", CHECK_TIMEOUT)
