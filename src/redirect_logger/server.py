@@ -49,6 +49,8 @@ def use_limits(config: HypercornConfig, server: ServerSettings) -> None:
     """Map the ``[server]`` limits Hypercorn has a setting for onto its Config
     (both launch modes: under ``hypercorn`` they replace its own options)."""
     config.keep_alive_timeout = server.idle_timeout
+    # A TLS handshake is a wait for the first request: Hypercorn allows 60 s
+    config.ssl_handshake_timeout = server.idle_timeout
     config.h2_max_concurrent_streams = server.h2_max_concurrent_streams
 
 
