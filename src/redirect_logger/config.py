@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from .tls import tls_problem
+
 ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 REDIRECT_STATUSES = (301, 302, 307, 308)
 
@@ -98,6 +100,10 @@ class ServerSettings(_Section):
     h2_max_concurrent_streams: int = Field(100, ge=1, le=10_000)  # per HTTP/2 connection
     # stream resets per second on one HTTP/2 connection; more: GOAWAY, closed
     h2_max_resets_per_second: int = Field(200, ge=1, le=1_000_000)
+    # PEM certificate (chain) and its unencrypted key; both set: HTTPS on `bind`
+    # (HTTP/2 by ALPN), `admin_bind` stays plain HTTP; both empty: plain HTTP
+    certfile: str = ""
+    keyfile: str = ""
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -123,6 +129,9 @@ class ServerSettings(_Section):
             raise ValueError(
                 f"admin_bind: port {min(shared)} is also in bind; the admin port must be its own"
             )
+        problem = tls_problem(self.certfile, self.keyfile)
+        if problem is not None:
+            raise _KeyError(f"server.{problem[0]}", problem[1])
         return self
 
 

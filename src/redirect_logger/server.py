@@ -34,10 +34,20 @@ log = logging.getLogger(__name__)
 def hypercorn_config(settings: Settings, fds: Sequence[int] | None = None) -> HypercornConfig:
     """Hypercorn's Config for ``serve``; docs/operations.md lists the limits it
     sets. With ``fds`` it serves those listening sockets (a supervisor's, in
-    the order of ``server.bind`` then ``server.admin_bind``) instead of binding."""
+    the order of ``server.bind`` then ``server.admin_bind``) instead of binding.
+    With ``server.certfile`` and ``server.keyfile`` the ``bind`` sockets serve
+    HTTPS (HTTP/2 or HTTP/1.1 by ALPN) and the admin ones stay plain HTTP:
+    Hypercorn's secure ``bind`` and its ``insecure_bind``, secure first, so
+    the order of the sockets and of the binds it reports stays the same."""
     config = HypercornConfig()
-    binds = [*settings.server.bind, *settings.server.admin_bind]
-    config.bind = binds if fds is None else [f"fd://{fd}" for fd in fds]
+    server = settings.server
+    binds = [*server.bind, *server.admin_bind] if fds is None else [f"fd://{fd}" for fd in fds]
+    if server.certfile:
+        config.certfile, config.keyfile = server.certfile, server.keyfile
+        public = len(server.bind)
+        config.bind, config.insecure_bind = binds[:public], binds[public:]
+    else:
+        config.bind = binds
     config.graceful_timeout = settings.server.graceful_timeout
     config.accesslog = None
     config.backlog = 1024  # Hypercorn's 100 stalls bursts of new connections
