@@ -3,7 +3,7 @@
 ``serve`` and ``serve --workers 2`` with a certificate of a test CA
 (trustme): redirects over HTTP/1.1 and HTTP/2 (ALPN h2) on the ``bind`` port,
 verified against the CA, recorded with scheme ``https``; the admin port stays
-plain HTTP; the connection limits hold over TLS. Every bad pair of files is
+plain HTTP; the connection limits hold over TLS (both launch modes). Every bad pair of files is
 refused by ``check`` (exit 2) naming the key, and Hypercorn launch refuses a
 config that sets them (its TLS is its own).
 """
@@ -11,14 +11,16 @@ config that sets them (its TLS is its own).
 from __future__ import annotations
 
 import re
-import socket
 import ssl
+import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
 import pytest
+import trio
 import trustme
 
 from brokers import Broker, free_port
@@ -169,47 +171,82 @@ def test_serve_workers_with_tls(broker: Broker, tmp_path: Path, pem: Pem) -> Non
         service.kill()
 
 
-def test_connection_limits_hold_over_tls(tmp_path: Path, pem: Pem) -> None:
-    """The guard sees the socket under the TLS stream: with
-    ``max_connections_per_ip = 1`` a second connection is reset before its
-    handshake while the first is open, and served once the first closed."""
+def _launch(mode: str, path: Path, port: int, admin: int, pem: Pem) -> ServiceProcess:
+    """``serve`` with the config's TLS keys, or ``hypercorn`` with its own
+    ``--certfile``/``--keyfile`` (the config then has none)."""
+    if mode == "serve":
+        return ServiceProcess.cli(path)
+    command = [sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", "1"]
+    command += ["--certfile", str(pem.cert), "--keyfile", str(pem.key)]
+    command += ["-b", f"127.0.0.1:{port}", "--insecure-bind", f"127.0.0.1:{admin}"]
+    command += ["--graceful-timeout", "5", "redirect_logger.asgi:app"]
+    return ServiceProcess(command, env={"REDIRECT_LOGGER_CONFIG": str(path)})
+
+
+async def _tls(port: int, verify: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+    stream = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", port, ssl_context=verify, https_compatible=True
+    )
+    await stream.do_handshake()
+    return stream
+
+
+@pytest.mark.parametrize("mode", ["serve", "hypercorn"])
+async def test_connection_limits_hold_over_tls(
+    broker: Broker, tmp_path: Path, pem: Pem, mode: str
+) -> None:
+    """The guard sees the socket under the TLS stream, in both launch modes:
+    with ``max_connections_per_ip = 1`` a second connection is reset before
+    its handshake while the first is open; a connection that never starts
+    its handshake is closed after ``idle_timeout`` (2 s, not Hypercorn's
+    60 s); and one whose answers go unread is reset by ``send_timeout``
+    (1 s). The service then stops cleanly."""
     port, admin = free_port(), free_port()
-    server = {
+    server: dict[str, Any] = {
         "bind": [f"127.0.0.1:{port}"],
         "admin_bind": [f"127.0.0.1:{admin}"],
-        "certfile": str(pem.cert),
-        "keyfile": str(pem.key),
         "max_connections_per_ip": 1,
+        "idle_timeout": 2.0,
+        "send_timeout": 1.0,
     }
-    path = write_config(tmp_path / "tls.toml", unreachable_config(server=server))
-    service = ServiceProcess.cli(path)
+    if mode == "serve":
+        server |= {"certfile": str(pem.cert), "keyfile": str(pem.key)}
+    config = service_config(broker.bootstrap, unique_topic(), server=server)
+    path = write_config(tmp_path / "tls.toml", config)
+    service = _launch(mode, path, port, admin, pem)
+    verify = _client_context(pem.ca)
     try:
-        service.wait_for(SERVING_RE, timeout=60)
-        verify = _client_context(pem.ca)
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=10) as first,
-            verify.wrap_socket(first, server_hostname="127.0.0.1") as held,
-        ):
-            assert held.version() in ("TLSv1.2", "TLSv1.3")
-            with (
-                pytest.raises((ssl.SSLError, ConnectionError)),
-                socket.create_connection(("127.0.0.1", port), timeout=10) as second,
-                verify.wrap_socket(second, server_hostname="127.0.0.1"),
-            ):
-                pass
-        deadline = time.monotonic() + 10
-        while True:  # the first connection's count ends with its task
-            try:
-                answer = httpx.get(f"https://127.0.0.1:{port}/", verify=verify, timeout=5)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        assert answer.status_code == 302
-        assert service.terminate() in (0, 3), service.output  # 3: the record never delivered
+        await trio.to_thread.run_sync(_until_ready, f"http://127.0.0.1:{admin}")
+        with trio.fail_after(60):
+            held = await _tls(port, verify)
+            with pytest.raises(trio.BrokenResourceError):
+                await _tls(port, verify)
+            await held.aclose()
+
+            await trio.sleep(0.5)  # the first connection's count ends with its task
+            silent = await trio.open_tcp_stream("127.0.0.1", port)
+            started = trio.current_time()
+            with suppress(trio.BrokenResourceError):
+                assert await silent.receive_some(1024) == b""
+            assert 1.5 < trio.current_time() - started < 4.5
+            await silent.aclose()
+
+            await trio.sleep(0.5)
+            stalled = await _tls(port, verify)
+            big = b"GET /docs/" + b"%FF" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            blocked = False
+            while not blocked:  # until the socket buffers are full and sending blocks
+                with trio.move_on_after(0.5) as sending:
+                    await stalled.send_all(big)
+                blocked = sending.cancelled_caught
+            await trio.sleep(4)  # send_timeout, and the kernel's probes
+            with pytest.raises(trio.BrokenResourceError):  # reset, not an idle close
+                while await stalled.receive_some(1 << 20):
+                    pass
+            await trio.aclose_forcefully(stalled)
     finally:
-        service.kill()
+        code = await trio.to_thread.run_sync(service.terminate)
+    assert code == 0, service.output
 
 
 def _bad(tmp_path: Path, pem: Pem, case: str) -> tuple[dict[str, str], str, str]:
