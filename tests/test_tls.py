@@ -350,3 +350,14 @@ def test_hypercorn_launch_refuses_certfile(tmp_path: Path, pem: Pem) -> None:
         assert "--certfile and --keyfile" in service.output
     finally:
         service.kill()
+
+
+def test_check_accepts_a_chain_with_text_around_it(tmp_path: Path, pem: Pem) -> None:
+    """A PEM file as OpenSSL writes them from a PKCS#12 bundle (non-ASCII
+    "Bag Attributes" before the certificates) is a good certfile."""
+    chain = tmp_path / "bagged.pem"
+    chain.write_bytes("Bag Attributes\n    friendlyName: café\n".encode() + pem.cert.read_bytes())
+    server = {"certfile": str(chain), "keyfile": str(pem.key)}
+    path = write_config(tmp_path / "ok.toml", unreachable_config(server=server))
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr

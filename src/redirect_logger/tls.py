@@ -33,10 +33,9 @@ def tls_problem(certfile: str, keyfile: str) -> tuple[str, str] | None:
         except OSError as exc:
             return key, f"cannot read {path!r}: {exc.strerror or exc}"
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        with open(certfile, "rb") as file:
-            context.load_verify_locations(cadata=file.read().decode("ascii"))
-    except (ssl.SSLError, UnicodeDecodeError) as exc:
+    try:  # reads the PEM certificates of the file, and only those
+        context.load_verify_locations(cafile=certfile)
+    except ssl.SSLError as exc:
         return "certfile", f"{certfile!r} holds no PEM certificate ({exc})"
     try:
         context.load_cert_chain(certfile, keyfile, password=_no_password)
