@@ -122,7 +122,8 @@ def _probe_report(directory: Path, half: float, end: float) -> list[str]:
         *failed,
         "",
         "probe (in the service): t min, RSS, traced heap, pymalloc blocks, malloc in use"
-        " / free / held (arena + mmapped), gc objects (MiB unless counted)",
+        " / free / held (arena + mmapped), gc objects, resident heap / anon / file"
+        " (MiB unless counted)",
     ]
     for line in lines:
         malloc = line.get("malloc", {})
@@ -135,6 +136,10 @@ def _probe_report(directory: Path, half: float, end: float) -> list[str]:
             + f" {line['blocks']:>9,}"
             + f" {malloc.get('in_use', 0) / 2**20:7.2f} / {malloc.get('free', 0) / 2**20:6.2f}"
             + f" / {held / 2**20:7.2f} {line['objects']:>9,}"
+            + "".join(
+                f" {line.get('maps', {}).get(kind, 0) / 1024:6.1f}"
+                for kind in ("heap", "anon", "file")
+            )
         )
     loaded = [line for line in lines if line["t"] - start < end - 1] or lines  # under load
     later = [index for index, line in enumerate(loaded) if line["t"] - start >= half]
@@ -185,6 +190,9 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=1, help="tracemalloc's traceback depth")
     parser.add_argument("--malloc-trim", action="store_true", help="the probe trims after each")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument(
+        "--timeout", type=float, default=2.0, help="s: wrk counts a slower answer as a timeout"
+    )
     args = parser.parse_args()
     if not 0 < args.minutes <= MAX_MINUTES:
         parser.error(f"--minutes: more than 0, at most {MAX_MINUTES}")
@@ -248,7 +256,17 @@ def soak(
         print(f"{'t (min)':>7} {'RSS (MiB)':>10} {'received':>12} {'per s':>8}", flush=True)
         start = time.monotonic()
         wrk = subprocess.Popen(
-            ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "-s", str(script), target],
+            [
+                "wrk",
+                "-t1",
+                f"-c{args.connections}",
+                f"-d{seconds}s",
+                f"--timeout={args.timeout:g}s",
+                "--latency",
+                "-s",
+                str(script),
+                target,
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -312,6 +330,12 @@ def summarize(
         f"requests answered: {answered:,} ({float(rps.group(1)) if rps else 0:,.0f}/s)"
         + (f", {answered * args.collect:,} events" if args.collect else "")
     )
+    latency = [
+        line.strip()
+        for line in report.splitlines()
+        if re.match(r"\s*(Latency|Req/Sec|\d+(\.\d+)?%|Socket errors)", line)
+    ]
+    print(f"wrk (timeout {args.timeout:g} s): " + "; ".join(latency))
     print(f"ledger: {ledger}")
     settled = sum(ledger[outcome] for outcome in SETTLED)
     said = f", {dropped:,} of them saying some events were dropped" if args.collect else ""

@@ -62,6 +62,23 @@ def rss_kib() -> int:
     return 0
 
 
+def mappings_kib() -> dict[str, int]:
+    """Resident KiB by kind of mapping (/proc/self/smaps): ``heap`` (glibc's
+    main arena, grown by brk), ``anon`` (other anonymous mappings: glibc's
+    thread arenas and large blocks, pymalloc's arenas, thread stacks) and
+    ``file`` (code and data of the interpreter and its libraries)."""
+    out = {"heap": 0, "anon": 0, "file": 0}
+    kind = "anon"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+            name = fields[5] if len(fields) > 5 else ""
+            kind = "heap" if name == "[heap]" else "file" if name.startswith("/") else "anon"
+        elif fields[0] == "Rss:":
+            out[kind] += int(fields[1])
+    return out
+
+
 def mallinfo() -> dict[str, int]:
     """glibc's view, all arenas: ``arena`` (held, non-mmapped), ``in_use``,
     ``free`` and ``mmapped`` bytes; {} if this libc has no mallinfo2."""
@@ -88,6 +105,7 @@ def sample(dump: Path, index: int, trim: bool) -> dict[str, object]:
         "rss_kib": rss_kib(),
         "blocks": sys.getallocatedblocks(),
         "malloc": mallinfo(),
+        "maps": mappings_kib(),
     }
     if tracemalloc.is_tracing():
         line["traced"] = tracemalloc.get_traced_memory()[0]
