@@ -131,7 +131,11 @@ def _probe_report(directory: Path, half: float, end: float) -> list[str]:
         trimmed = line.get("rss_after_trim_kib")
         out.append(
             f"  {(line['t'] - start) / 60:5.1f} {line['rss_kib'] / 1024:7.1f}"
-            + (f" (trimmed {trimmed / 1024:.1f})" if trimmed else "")
+            + (
+                f" (trimmed {line['rss_before_trim_kib'] / 1024:.1f} -> {trimmed / 1024:.1f})"
+                if trimmed
+                else ""
+            )
             + (f" {line['traced'] / 2**20:7.2f}" if "traced" in line else "      -")
             + f" {line['blocks']:>9,}"
             + f" {malloc.get('in_use', 0) / 2**20:7.2f} / {malloc.get('free', 0) / 2**20:6.2f}"

@@ -114,6 +114,7 @@ def sample(dump: Path, index: int, trim: bool) -> dict[str, object]:
     line["objects"] = sum(counts.values())
     line["types"] = {_name(kind): count for kind, count in counts.items()}
     if trim:
+        line["rss_before_trim_kib"] = rss_kib()  # the sample's own allocations included
         _libc.malloc_trim(0)
         line["rss_after_trim_kib"] = rss_kib()
     line["took"] = round(time.monotonic() - started, 3)
