@@ -122,8 +122,8 @@ def _probe_report(directory: Path, half: float, end: float) -> list[str]:
         *failed,
         "",
         "probe (in the service): t min, RSS, traced heap, pymalloc blocks, malloc in use"
-        " / free / held (arena + mmapped), gc objects, resident heap / anon / file"
-        " (MiB unless counted)",
+        " / free / held (arena + mmapped), gc objects, resident heap / anon / file,"
+        " pymalloc's arenas, threads (MiB unless counted)",
     ]
     for line in lines:
         malloc = line.get("malloc", {})
@@ -144,6 +144,7 @@ def _probe_report(directory: Path, half: float, end: float) -> list[str]:
                 f" {line.get('maps', {}).get(kind, 0) / 1024:6.1f}"
                 for kind in ("heap", "anon", "file")
             )
+            + f" {line.get('pymalloc_arenas', 0) / 2**20:6.1f} {line.get('threads', 0):3}"
         )
     loaded = [line for line in lines if line["t"] - start < end - 1] or lines  # under load
     later = [index for index, line in enumerate(loaded) if line["t"] - start >= half]

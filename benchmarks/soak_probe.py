@@ -21,7 +21,10 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import os
+import re
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -79,6 +82,31 @@ def mappings_kib() -> dict[str, int]:
     return out
 
 
+def pymalloc_arenas() -> int:
+    """Bytes in pymalloc's arenas now (``sys._debugmallocstats``, which
+    writes to the C stderr: caught in a file for the call, and any other
+    line written there meanwhile passed on)."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        text = caught.read()
+    found = re.search(r"^(\d+) arenas \* (\d+) bytes/arena", text, re.M)
+    return int(found.group(1)) * int(found.group(2)) if found else -1
+
+
+def threads() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
 def mallinfo() -> dict[str, int]:
     """glibc's view, all arenas: ``arena`` (held, non-mmapped), ``in_use``,
     ``free`` and ``mmapped`` bytes; {} if this libc has no mallinfo2."""
@@ -106,6 +134,8 @@ def sample(dump: Path, index: int, trim: bool) -> dict[str, object]:
         "blocks": sys.getallocatedblocks(),
         "malloc": mallinfo(),
         "maps": mappings_kib(),
+        "pymalloc_arenas": pymalloc_arenas(),
+        "threads": threads(),
     }
     if tracemalloc.is_tracing():
         line["traced"] = tracemalloc.get_traced_memory()[0]
