@@ -442,12 +442,12 @@ def test_the_link_check_sees_a_missing_heading(tmp_path: Path) -> None:
 
 
 def test_docs_named_in_code_and_config_lead_to_a_heading() -> None:
-    """A ``docs/<file>.md#<anchor>`` in config/, src/ and tests/ (comments,
-    messages, alert annotations)."""
+    """A ``docs/<file>.md#<anchor>`` in config/, src/, tests/, benchmarks/ and
+    docs/examples/ (comments, messages, alert annotations)."""
     broken: list[str] = []
     files = [
         p
-        for folder in ("config", "src", "tests")
+        for folder in ("config", "src", "tests", "benchmarks", "docs/examples")
         for p in (ROOT / folder).rglob("*")
         if p.is_file() and p.suffix in (".py", ".yml", ".yaml", ".toml", ".cfg", ".service", "")
     ]

@@ -39,31 +39,6 @@ log = logging.getLogger("redirect_logger.cli")
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-# Producer-only librdkafka properties, left out of the ``tail`` consumer's config.
-_PRODUCER_ONLY = frozenset(
-    {
-        "acks",
-        "request.required.acks",
-        "enable.idempotence",
-        "compression.type",
-        "compression.codec",
-        "linger.ms",
-        "queue.buffering.max.ms",
-        "queue.buffering.max.messages",
-        "queue.buffering.max.kbytes",
-        "batch.num.messages",
-        "batch.size",
-        "message.timeout.ms",
-        "delivery.timeout.ms",
-        "retries",
-        "message.send.max.retries",
-        "enable.gapless.guarantee",
-        "partitioner",
-        "statistics.interval.ms",
-    }
-)
-
-
 async def _watch_signals(
     stop: trio.Event,
     reload: Callable[[], Awaitable[None]] | None = None,
@@ -285,9 +260,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _tail_config(settings: Settings) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        key: value for key, value in settings.kafka.items() if key not in _PRODUCER_ONLY
-    }
+    config: dict[str, Any] = settings.consumer_kafka()
     config.update(
         {
             "group.id": f"redirect-logger-tail-{uuid.uuid4()}",

@@ -67,6 +67,30 @@ _CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
 KafkaValue = str | int | float | bool
 PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
 
+# Producer-only librdkafka properties, left out of a consumer's config (``tail``).
+PRODUCER_ONLY = frozenset(
+    {
+        "acks",
+        "request.required.acks",
+        "enable.idempotence",
+        "compression.type",
+        "compression.codec",
+        "linger.ms",
+        "queue.buffering.max.ms",
+        "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes",
+        "batch.num.messages",
+        "batch.size",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "retries",
+        "message.send.max.retries",
+        "enable.gapless.guarantee",
+        "partitioner",
+        "statistics.interval.ms",
+    }
+)
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the reason."""
@@ -566,6 +590,11 @@ class Settings(_Section):
         if self.collect.enabled:
             topics.append(self.collect.topic)
         return list(dict.fromkeys(topic for topic in topics if topic is not None))
+
+    def consumer_kafka(self) -> dict[str, KafkaValue]:
+        """The ``[kafka]`` properties without the producer-only ones: what a
+        consumer of these settings' topics connects with (``tail``)."""
+        return {key: value for key, value in self.kafka.items() if key not in PRODUCER_ONLY}
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, with secret Kafka properties masked."""
