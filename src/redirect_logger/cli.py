@@ -39,6 +39,7 @@ log = logging.getLogger("redirect_logger.cli")
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
+
 async def _watch_signals(
     stop: trio.Event,
     reload: Callable[[], Awaitable[None]] | None = None,
