@@ -5,7 +5,7 @@ acks=all (the defaults).
 Each test drives the service (the CLI) under load, takes nodes away, and
 checks by record id that every answered hit is in the topic exactly once,
 and that the service's ledger adds up. The redirect latency around each fault
-is printed for docs/operations.md, not asserted: it depends on the machine.
+is printed for docs/benchmarks.md, not asserted: it depends on the machine.
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ async def test_sigkill_under_memory_loses_at_most_what_memory_held(
     bootstrap = kafka_broker.bootstrap
     ids = await trio.to_thread.run_sync(lambda: topic_ids(bootstrap, topic, set(answered), 5.0))
     missing, duplicates = report_ids("memory", answered, ids)
-    bound = QUEUE_SIZE + 2 * BATCH_SIZE + KAFKA_QUEUE  # docs/operations.md#durability
+    bound = QUEUE_SIZE + 2 * BATCH_SIZE + KAFKA_QUEUE  # docs/durability.md#durability
     assert 0 < missing <= bound
     assert duplicates == 0
 

@@ -1,7 +1,7 @@
 """h2spec, the HTTP/2 conformance suite, against the service over h2c (prior
 knowledge on its plain port), in both launch modes. Every test case must pass
 or be skipped, but the known failures below, each explained in
-docs/operations.md#http2-conformance-h2spec.
+docs/http.md#http2-conformance-h2spec.
 
 h2spec is built with Go from tests/h2spec (the pinned module) into
 ~/.cache/redirect-logger/h2spec. Without Go this test fails, unless
@@ -28,7 +28,7 @@ CACHE = Path.home() / ".cache" / "redirect-logger" / "h2spec"
 # What a redirect answers, and what a miss answers (a 404 with a body)
 REDIRECT, MISS = "/", "/nothing/here"
 
-# Failures explained in docs/operations.md#http2-conformance-h2spec, by the
+# Failures explained in docs/http.md#http2-conformance-h2spec, by the
 # path h2spec asks for: (h2spec's section, the test case's title)
 PREFACE = ("http2/3.5", "Sends invalid connection preface")
 STREAM_LIMIT = (

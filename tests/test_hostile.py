@@ -1,6 +1,6 @@
 """Hostile input at the HTTP edge: fuzzed raw requests, slow, idle and stalled clients, HTTP/2.
 
-What the service does (docs/operations.md, "Hostile input and limits"):
+What the service does (docs/http.md, "Hostile input and limits"):
 
 - A request head h11 cannot parse: 400; a Transfer-Encoding other than
   ``chunked``: 501. Both come from Hypercorn before the app runs: no

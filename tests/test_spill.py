@@ -232,7 +232,7 @@ def test_a_set_aside_segment_is_never_overwritten_after_a_restart(tmp_path: Path
 
 
 def test_a_frame_is_laid_out_as_documented(tmp_path: Path) -> None:
-    """docs/operations.md, "The journal on disk": format 2, byte for byte."""
+    """docs/durability.md, "The journal on disk": format 2, byte for byte."""
     journal = Journal(tmp_path, max_bytes=10**6, segment_bytes=10**6)
     journal.append([Encoded("t\u00e9", b"key", b"{}", 1_700_000_000_123, [("n", b"vv")])])
     [path] = journal.seal()

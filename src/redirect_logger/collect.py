@@ -5,7 +5,7 @@ the body within ``[collect]``'s limits, parses it (one JSON object, an
 ``{"events": [...]}`` object, or NDJSON) and hands the events to the same
 bounded channel as hits (``Intake.submit_all``); their records are built in
 the workers. Then it answers: ``202 {"accepted": n}``, or an error that says
-why (docs/operations.md#the-collect-endpoint).
+why (docs/collect.md).
 """
 
 from __future__ import annotations

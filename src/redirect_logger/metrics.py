@@ -18,7 +18,7 @@ from .limits import REFUSALS
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
-# Why the collect endpoint refused a request (docs/operations.md#the-collect-endpoint).
+# Why the collect endpoint refused a request (docs/collect.md).
 COLLECT_REJECTIONS = (
     "method",
     "origin",

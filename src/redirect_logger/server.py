@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def hypercorn_config(settings: Settings, fds: Sequence[int] | None = None) -> HypercornConfig:
-    """Hypercorn's Config for ``serve``; docs/operations.md lists the limits it
+    """Hypercorn's Config for ``serve``; docs/http.md lists the limits it
     sets. With ``fds`` it serves those listening sockets (a supervisor's, in
     the order of ``server.bind`` then ``server.admin_bind``) instead of binding.
     With ``server.certfile`` and ``server.keyfile`` the ``bind`` sockets serve
