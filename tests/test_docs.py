@@ -1,7 +1,7 @@
 """The reference docs against the code: docs/configuration.md's key tables
 against the pydantic models, docs/cli.md against the argparse parser, and the
-README's Hypercorn line against config/example.toml, and every link and
-anchor of the docs.
+README's Hypercorn line against config/example.toml, `check`'s sample output
+against what it prints, and every link and anchor of the docs.
 
 Conventions the parsers rely on (docs/configuration.md keeps them):
 
@@ -17,8 +17,11 @@ Conventions the parsers rely on (docs/configuration.md keeps them):
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 import types
 import typing
@@ -339,6 +342,56 @@ def test_cli_reference_documents_every_command_and_option() -> None:
                 assert default == "required", f"{command} {option}: required"
             elif isinstance(action.default, int | float) and not isinstance(action.default, bool):
                 assert number(code_spans(default)[0]) == action.default, f"{command} {option}"
+
+
+# ---------------------------------------------------------------- check's sample
+
+CHECK_SAMPLE_CONFIG = """
+[server]
+bind = ["127.0.0.1:8080"]
+[[rules]]
+name = "home"
+path = "/"
+target = "https://example.com/"
+[records]
+topic = "redirect-hits"
+[kafka]
+"bootstrap.servers" = "kafka-1:9092"
+"sasl.password" = "not-shown"
+"""
+
+
+def matches_sample(sample: Any, actual: Any, where: str = "") -> list[str]:
+    """Where ``actual`` differs from the documented ``sample``; a table with
+    the key ``"…"`` is shortened: its other keys must match, the rest may be."""
+    if isinstance(sample, dict) and isinstance(actual, dict):
+        keys = set(sample) - {"…"}
+        drift = [] if "…" in sample else [f"{where}.{k}: undocumented" for k in set(actual) - keys]
+        for key in sorted(keys):
+            if key not in actual:
+                drift.append(f"{where}.{key}: documented, not printed")
+            else:
+                drift += matches_sample(sample[key], actual[key], f"{where}.{key}")
+        return drift
+    return [] if sample == actual else [f"{where}: documented {sample!r}, printed {actual!r}"]
+
+
+def test_check_sample_output_is_what_check_prints(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    section = sections(text)["`redirect-logger check`"]
+    [sample] = re.findall(r"```json\n(.*?)```", section, flags=re.DOTALL)
+    path = tmp_path / "site.toml"
+    path.write_text(CHECK_SAMPLE_CONFIG)
+    printed = subprocess.run(
+        [sys.executable, "-m", "redirect_logger.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    drift = matches_sample(json.loads(sample), json.loads(printed))
+    assert not drift, "; ".join(drift)
+    assert matches_sample({"a": 1, "…": "…"}, {"a": 2, "b": 3}) == [".a: documented 1, printed 2"]
 
 
 # ---------------------------------------------------------------- the README
