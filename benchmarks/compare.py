@@ -18,6 +18,8 @@ Systems (benchmarks/apps.py has B, C and E):
   J  A with records.durability = "journal" (spill.fsync "interval")   (only with --systems)
   S  A with records.durability = "journal" and spill.fsync = "always" (only with --systems)
   K  A with records.durability = "kafka"                              (only with --systems)
+  T  A over HTTPS: server.certfile and server.keyfile, a certificate made for the run
+     (trustme); wrk speaks TLS 1.3 and HTTP/1.1 to it                  (only with --systems)
 
 Every run starts the system afresh, loads it with ``wrk -t1 --latency``
 (keep-alive, loopback; with --close a new connection per request, as clicks
@@ -297,7 +299,20 @@ DURABILITY = {
     "J": ('durability = "journal"', 'fsync = "interval"'),
     "S": ('durability = "journal"', 'fsync = "always"'),
     "K": ('durability = "kafka"', ""),
+    "T": ("", ""),  # and TLS: _tls_lines()
 }
+
+
+def _tls_lines(work: Path) -> str:
+    """``[server]`` lines for HTTPS with a certificate for 127.0.0.1, made once per run."""
+    cert, key = work / "tls-cert.pem", work / "tls-key.pem"
+    if not cert.exists():
+        import trustme
+
+        issued = trustme.CA().issue_cert("127.0.0.1", "localhost")
+        issued.private_key_pem.write_to_path(str(key))
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+    return f'certfile = "{cert}"\nkeyfile = "{key}"'
 
 
 def _service_config(work: Path, bootstrap: str, topic: str, system: str = "A") -> Path:
@@ -307,6 +322,7 @@ def _service_config(work: Path, bootstrap: str, topic: str, system: str = "A") -
         bootstrap,
         topic,
         work / "spill" / topic,
+        server=_tls_lines(work) if system == "T" else "",
         records=records,
         spill_options=spill,
     )
@@ -334,7 +350,7 @@ def measure(
         app = {"B": "stock", "C": "raw", "E": "naive"}[system]
         server = _hypercorn(f"apps:{app}", {"BENCH_BOOTSTRAP": bootstrap, "BENCH_TOPIC": topic})
     check = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", server.url + PATH],
+        ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", server.url + PATH],
         capture_output=True,
         text=True,
         timeout=10,
@@ -429,7 +445,7 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
                 f"| {_median(mine, 'max'):.1f} | {_median(mine, 'cpu_per_1k'):.3f} "
                 f"| {_median(mine, 'peak_rss'):.1f} | {kept} |"
             )
-    if "A" in systems:
+    if "A" in systems and any(s in systems for s in "BCDE"):
         lines += [
             "",
             "| conns | A/B req/s | A/C | A/D | A/E | A/B p99 | A/C p99 | A/C CPU |",
@@ -449,7 +465,7 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
             cells.append("-" if ratio is None else f"{ratio:.2f}")
         lines.append(f"| {connections} | " + " | ".join(cells) + " |")
     lines += _anchored(runs, connection_counts, systems)
-    variants = [s for s in "JSK" if s in systems]
+    variants = [s for s in "JSKT" if s in systems]
     if "A" in systems and variants:
         lines += [
             "",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
-BIND_RE = re.compile(r"Running on (http://[0-9.]+:\d+)")
+BIND_RE = re.compile(r"Running on (https?://[0-9.]+:\d+)")
 LEDGER_RE = re.compile(r"ledger (\{.*\})")
 
 
@@ -24,6 +24,7 @@ def write_config(
     topic: str,
     spill: Path,
     *,
+    server: str = "",
     records: str = "",
     kafka: str = "",
     shutdown: str = "",
@@ -41,6 +42,7 @@ graceful_timeout = 5.0
 # wrk's connections all come from 127.0.0.1, and /metrics is read on the
 # same port: up to 256 of them, the scrape would be the one refused.
 max_connections_per_ip = 0
+{server}
 [[rules]]
 name = "docs"
 path = "/docs/*"
