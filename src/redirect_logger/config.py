@@ -343,7 +343,8 @@ class RecordsSettings(_Section):
     durability: Literal["memory", "journal", "kafka"] = "memory"
     # s a response may wait for Kafka under "kafka" before the record is journaled instead
     ack_timeout: float = Field(2.0, gt=0, le=60)
-    # s of broker outage to ride through without loss when spilling is off
+    # s of broker outage during which no record may expire in librdkafka when
+    # spilling is off; it makes no room: the channel and librdkafka's queue fill
     # (librdkafka's message.timeout.ms must be at least this long)
     outage_tolerance: float = Field(300.0, ge=0, le=86_400)
 
