@@ -19,7 +19,9 @@ Systems (benchmarks/apps.py has B, C and E):
   S  A with records.durability = "journal" and spill.fsync = "always" (only with --systems)
   K  A with records.durability = "kafka"                              (only with --systems)
   T  A over HTTPS: server.certfile and server.keyfile, a certificate made for the run
-     (trustme); wrk speaks TLS 1.3 and HTTP/1.1 to it                  (only with --systems)
+     (trustme, ECDSA); wrk speaks TLS 1.3 and HTTP/1.1 to it           (only with --systems)
+  V  C over HTTPS, Hypercorn's own TLS (--certfile, --keyfile), the same certificate
+                                                                       (only with --systems)
 
 Every run starts the system afresh, loads it with ``wrk -t1 --latency``
 (keep-alive, loopback; with --close a new connection per request, as clicks
@@ -196,7 +198,7 @@ class _Process:
             start_new_session=True,
         )
         self.pid = self.process.pid
-        host, port = url.removeprefix("http://").rsplit(":", 1)
+        host, port = url.split("://", 1)[1].rsplit(":", 1)
         deadline = time.monotonic() + 30
         import socket
 
@@ -220,12 +222,21 @@ class _Process:
 
 
 def _hypercorn(
-    app: str, env: dict[str, str], workers: int = 0, log: Path | None = None
+    app: str,
+    env: dict[str, str],
+    workers: int = 0,
+    log: Path | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> _Process:
+    """Hypercorn's trio worker serving ``app``; with ``tls`` (certificate, key)
+    over HTTPS, Hypercorn's own."""
     port = _free_port()
     command = [sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", str(workers)]
-    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", app]
-    return _Process(command, f"http://127.0.0.1:{port}", HERE, env, log)
+    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5"]
+    if tls is not None:
+        command += ["--certfile", str(tls[0]), "--keyfile", str(tls[1])]
+    scheme = "https" if tls else "http"
+    return _Process([*command, app], f"{scheme}://127.0.0.1:{port}", HERE, env, log)
 
 
 def _logged_ledgers(log: Path) -> dict[str, int]:
@@ -303,8 +314,8 @@ DURABILITY = {
 }
 
 
-def _tls_lines(work: Path) -> str:
-    """``[server]`` lines for HTTPS with a certificate for 127.0.0.1, made once per run."""
+def _certificate(work: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (ECDSA P-256), made once per run."""
     cert, key = work / "tls-cert.pem", work / "tls-key.pem"
     if not cert.exists():
         import trustme
@@ -312,6 +323,12 @@ def _tls_lines(work: Path) -> str:
         issued = trustme.CA().issue_cert("127.0.0.1", "localhost")
         issued.private_key_pem.write_to_path(str(key))
         issued.cert_chain_pems[0].write_to_path(str(cert))
+    return cert, key
+
+
+def _tls_lines(work: Path) -> str:
+    """``[server]`` lines for HTTPS."""
+    cert, key = _certificate(work)
     return f'certfile = "{cert}"\nkeyfile = "{key}"'
 
 
@@ -341,6 +358,8 @@ def measure(
         server = _nginx(work)
     elif system == "U":
         server = _goanchor(work, bootstrap, topic)
+    elif system == "V":  # C over HTTPS: Hypercorn's own TLS
+        server = _hypercorn("apps:raw", {}, tls=_certificate(work))
     elif system in "FG":  # the service under hypercorn, 1 or 2 worker processes
         env = {"REDIRECT_LOGGER_CONFIG": str(_service_config(work, bootstrap, topic))}
         workers = 1 if system == "F" else 2
@@ -489,7 +508,11 @@ def report(runs: list[Run], connection_counts: list[int], systems: str) -> str:
                 for v in variants
             ]
             lines.append(f"| {connections} | " + " | ".join(cells) + " |")
-    pairs = [(two, one) for two, one in (("G", "F"), ("Q", "P"), ("Q", "G")) if two in systems]
+    pairs = [
+        (two, one)
+        for two, one in (("G", "F"), ("Q", "P"), ("Q", "G"), ("V", "C"))
+        if two in systems
+    ]
     pairs = [(two, one) for two, one in pairs if one in systems]
     if pairs:
         lines += [
