@@ -290,12 +290,17 @@ class ServiceProcess:
 
     @classmethod
     def hypercorn(
-        cls, config: Path, workers: int, binds: tuple[str, ...] = ("127.0.0.1:0",)
+        cls,
+        config: Path,
+        workers: int,
+        binds: tuple[str, ...] = ("127.0.0.1:0",),
+        options: tuple[str, ...] = (),
     ) -> ServiceProcess:
+        """``hypercorn -k trio`` serving the app, with Hypercorn's ``options`` too."""
         command = [sys.executable, "-m", "hypercorn", "-k", "trio", "--workers", str(workers)]
         for bind in binds:
             command += ["-b", bind]
-        command += ["--graceful-timeout", "5", "redirect_logger.asgi:app"]
+        command += ["--graceful-timeout", "5", *options, "redirect_logger.asgi:app"]
         return cls(command, env={"REDIRECT_LOGGER_CONFIG": str(config)})
 
     def _read(self) -> None:

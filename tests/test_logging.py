@@ -19,6 +19,7 @@ from redirect_logger.config import ConfigError, parse_settings
 from redirect_logger.logs import JsonFormatter
 from support import (
     RFC3339_MS,
+    ROOT,
     UNREACHABLE,
     ServiceProcess,
     ledger_counts,
@@ -132,19 +133,26 @@ def _messages(lines: list[dict[str, Any]], start: str) -> list[dict[str, Any]]:
     return [line for line in lines if line["message"].startswith(start)]
 
 
-@pytest.mark.parametrize(("mode", "processes"), [("serve", 1), ("serve", 2), ("hypercorn", 2)])
+@pytest.mark.parametrize(
+    ("mode", "processes"),
+    [("serve", 1), ("serve", 2), ("hypercorn", 2), ("hypercorn-log-config", 2)],
+)
 async def test_every_launch_mode_logs_json_lines_down_to_librdkafka_and_the_ledger(
     tmp_path: Path, mode: str, processes: int
 ) -> None:
     """``serve`` (with Hypercorn's own lines) and its workers, or each of
-    Hypercorn's workers (Hypercorn's own lines keep Hypercorn's format)."""
+    Hypercorn's workers: Hypercorn's own lines keep Hypercorn's format, unless
+    ``--log-config json:config/hypercorn-logging.json`` makes them JSON too."""
     port = free_port()
     config = unreachable_config(
         server={"bind": [f"127.0.0.1:{port}"]}, logging={"format": "json", "level": "info"}
     )
     path = write_config(tmp_path / "c.toml", config)
-    if mode == "hypercorn":
-        service = ServiceProcess.hypercorn(path, processes, (f"127.0.0.1:{port}",))
+    if mode.startswith("hypercorn"):
+        options = ("--log-config", f"json:{ROOT / 'config' / 'hypercorn-logging.json'}")
+        service = ServiceProcess.hypercorn(
+            path, processes, (f"127.0.0.1:{port}",), options if mode != "hypercorn" else ()
+        )
     else:
         service = ServiceProcess.cli(
             path, *(["--workers", str(processes)] if processes > 1 else [])
@@ -165,7 +173,8 @@ async def test_every_launch_mode_logs_json_lines_down_to_librdkafka_and_the_ledg
     for line in lines:
         assert RFC3339_MS.match(line["ts"]), line
         assert line["level"] in ("INFO", "WARNING", "ERROR"), line
-        assert line["logger"].startswith("redirect_logger"), line
+        assert line["logger"].startswith(("redirect_logger", "hypercorn.error")), line
+        assert line["logger"].startswith("redirect_logger") or mode != "serve", line
         assert isinstance(line["pid"], int)
     ledgers = _messages(lines, "ledger ")
     assert len(ledgers) == processes
@@ -178,9 +187,11 @@ async def test_every_launch_mode_logs_json_lines_down_to_librdkafka_and_the_ledg
     assert refused, service.output
     assert "Connection refused" in refused[0]["message"]
     assert refused[0]["level"] == "ERROR"
+    running = [line["logger"] for line in _messages(lines, "Running on http://")]
     if mode == "serve":
-        running = _messages(lines, "Running on http://")
-        assert [line["logger"] for line in running] == ["redirect_logger.hypercorn"] * processes
+        assert running == ["redirect_logger.hypercorn"] * processes
+    elif mode == "hypercorn-log-config":  # every line of the run was JSON
+        assert running == ["hypercorn.error"] * processes
 
 
 async def test_the_level_hides_info_and_the_environment_wins(tmp_path: Path) -> None:
