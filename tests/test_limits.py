@@ -89,6 +89,15 @@ def refusals(samples: Samples) -> dict[str, int]:
     }
 
 
+def closes(samples: Samples) -> dict[str, int]:
+    """``redirect_logger_connections_closed_total`` by reason."""
+    return {
+        dict(labels)["reason"]: int(value)
+        for (name, labels), value in samples.items()
+        if name == "redirect_logger_connections_closed_total"
+    }
+
+
 async def answered(url: str, local_address: str | None = None) -> tuple[trio.SocketStream, bytes]:
     """A new keep-alive connection whose first request was answered 301: the
     stream, still open, and the answer's hit id."""
@@ -324,8 +333,8 @@ async def test_every_connection_limit_holds_in_both_launch_modes(
     the 6th to 8th connections (counted in /metrics); idle_timeout = 2 s
     closes an idle connection; HTTP/2 streams past 2 are refused, and 6
     resets in a second get GOAWAY; send_timeout = 1 s resets a connection
-    whose answers go unread. The service then stops cleanly, every answered hit
-    delivered."""
+    whose answers go unread. Each close by a timeout is counted by its
+    reason. The service then stops cleanly, every answered hit delivered."""
     port, admin_port = free_port(), free_port()
     public, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     topic = unique_topic()
@@ -398,6 +407,7 @@ async def test_every_connection_limit_holds_in_both_launch_modes(
             "h2_resets": 1,
         }
         assert samples[("redirect_logger_h2_streams_refused_total", ())] == 2
+        assert closes(samples) == {"idle_timeout": 1, "send_timeout": 1}
     finally:
         code = await trio.to_thread.run_sync(service.terminate)
     assert code == 0, service.output

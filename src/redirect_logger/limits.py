@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # Why a connection was refused or ended early (the ``reason`` label of
 # redirect_logger_connections_refused_total; docs/configuration.md#connection-limits).
 REFUSALS = ("max_connections", "max_connections_per_ip", "h2_resets")
+# Why the service closed a connection it had admitted, on a timeout (the
+# ``reason`` label of redirect_logger_connections_closed_total).
+CLOSES = ("idle_timeout", "send_timeout")
 
 # File descriptors a process needs besides its connections: listening
 # sockets, librdkafka's broker connections, the journal, the group's sockets.
@@ -53,6 +56,7 @@ class ConnectionGate:
         count_refusal: Callable[[str], None],
         admin_ports: frozenset[int] | None = None,
         count_refused_streams: Callable[[int], None] = lambda count: None,
+        count_close: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.limits = server
         self.streams_refused = count_refused_streams  # HTTP/2 streams past the limit
@@ -60,6 +64,7 @@ class ConnectionGate:
         self.open = 0
         self._per_ip: Counter[str] = Counter()
         self._count_refusal = count_refusal
+        self.closed = count_close  # of an admitted connection, by one of CLOSES
         self._log = RateLimitedLog(log)
 
     def admit(self, peer: str | None) -> bool:

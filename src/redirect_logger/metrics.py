@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .ledger import OUTCOMES, Ledger
-from .limits import REFUSALS
+from .limits import CLOSES, REFUSALS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -174,6 +174,14 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "redirect_logger_connections_closed",
+            "Client connections the service closed on a timeout, by reason: idle_timeout"
+            " (no complete request head within server.idle_timeout), send_timeout (its"
+            " answers unread for server.send_timeout: the kernel aborted it)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.h2_streams_refused = Counter(
             "redirect_logger_h2_streams_refused",
             "HTTP/2 streams refused (REFUSED_STREAM) past server.h2_max_concurrent_streams",
@@ -181,6 +189,8 @@ class Metrics:
         )
         for reason in REFUSALS:
             self.connections_refused.labels(reason)
+        for reason in CLOSES:
+            self.connections_closed.labels(reason)
         for reason in COLLECT_REJECTIONS:
             self.collect_rejected.labels(reason)
         for outcome in COLLECT_EVENT_OUTCOMES:

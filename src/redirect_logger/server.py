@@ -7,7 +7,9 @@ docs/architecture.md#hypercorn-overridden lists what is overridden and why.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import socket
 import struct
 import weakref
@@ -19,8 +21,8 @@ import hypercorn.protocol
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import Event, Updated
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
 from .config import ServerSettings, Settings
@@ -105,14 +107,31 @@ class _GuardedTCPServer(TCPServer):
     closed it, until its idle timer (``keep_alive_timeout``) runs out; here
     the end of reading stops the timer, so the task, and the connection's
     count, end with the connection.
+
+    The connections closed by ``idle_timeout`` (Hypercorn's idle close, but
+    at a shutdown) and aborted by ``send_timeout`` (a send or a read fails
+    with ETIMEDOUT) are counted, once each, by ``ConnectionGate.closed``: to
+    see that, the socket sends and reads of Hypercorn's ``protocol_send``
+    and ``_read_data`` are done here, as Hypercorn 0.18 does them.
     """
 
     _log = RateLimitedLog(log)
     _busy = False  # a request is in hand
     _closing = False  # the idle close has begun
     _read_ended = False  # the client closed, or the connection failed
+    _timed_out = False  # the kernel aborted the connection (send_timeout)
+    _counted = False  # held to the limits (not an admin port's)
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            async with self.send_lock:
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._count_send_timeout(exc)
+                    await self.protocol.handle(Closed())
+            return
         if isinstance(event, Updated):
             if not event.idle and self._closing:
                 raise _RequestAfterIdleClose
@@ -123,24 +142,47 @@ class _GuardedTCPServer(TCPServer):
         if self._busy:
             return
         self._closing = True
+        if self._counted and not self.context.terminated.is_set():  # else a shutdown's close
+            _counted_gate().closed("idle_timeout")
         await super()._initiate_server_close()
 
     async def _read_data(self) -> None:
         try:
-            await super()._read_data()
+            while True:
+                try:
+                    with trio.fail_after(self.config.read_timeout or math.inf):
+                        data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+                    self._count_send_timeout(exc)
+                    break
+                except trio.TooSlowError:
+                    break
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+            await self.protocol.handle(Closed())
         finally:
             self._read_ended = True
             await self.idle_task.stop()
+
+    def _count_send_timeout(self, error: Exception) -> None:
+        """Count the connection as closed by ``send_timeout`` if ``error`` is
+        the kernel's abort (ETIMEDOUT, TCP_USER_TIMEOUT), once."""
+        cause = error.__cause__
+        if isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT and not self._timed_out:
+            self._timed_out = True
+            if self._counted:
+                _counted_gate().closed("send_timeout")
 
     async def _idle_timeout(self) -> None:
         if not self._read_ended:  # else nothing is left to time out
             await super()._idle_timeout()
 
     async def run(self) -> None:
-        gate = _gate
-        assert gate is not None  # set with the guard, by guard_connections()
+        gate = _counted_gate()
         sock: trio.socket.SocketType = getattr(self.stream, "transport_stream", self.stream).socket
         counted = gate.admin_ports is None or _local_port(sock) not in gate.admin_ports
+        self._counted = counted
         peer = _peer_ip(sock)
         if counted and not gate.admit(peer):
             _reset(sock)
@@ -238,6 +280,11 @@ def leaf_errors(error: BaseException) -> list[BaseException]:
 
 
 _gate: ConnectionGate | None = None  # this process's, from the last guard_connections()
+
+
+def _counted_gate() -> ConnectionGate:
+    assert _gate is not None  # set with the guard, by guard_connections()
+    return _gate
 
 
 def guard_connections(gate: ConnectionGate) -> None:

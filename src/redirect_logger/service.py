@@ -111,12 +111,13 @@ class Service:
         # Local ports that serve only the admin endpoints; None: admin on every port.
         admin = settings.server.admin_bind
         self.admin_ports = frozenset(port_of(b) for b in admin) if admin else None
-        refused = self.metrics.connections_refused
+        refused, closed = self.metrics.connections_refused, self.metrics.connections_closed
         self.connections = ConnectionGate(
             settings.server,
             lambda reason: refused.labels(reason).inc(),
             self.admin_ports,
             self.metrics.h2_streams_refused.inc,
+            lambda reason: closed.labels(reason).inc(),
         )
 
     def use_rules(self, settings: Settings) -> None:
