@@ -16,7 +16,7 @@ import h2.errors
 import h2.events
 import trio
 from h2.events import Event as H2Event
-from hypercorn.events import Closed
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h2 import H2Protocol
 from hyperframe.frame import Frame, HeadersFrame
 
@@ -59,7 +59,15 @@ class GuardedH2Protocol(H2Protocol):
     a second gets GOAWAY ``ENHANCE_YOUR_CALM`` and is closed: the "rapid
     reset" attack (CVE-2023-44487), where each reset stream costs the server
     a request and the client nothing. The requests read before the reset past
-    the limit are handled as usual; none after it reaches the app."""
+    the limit are handled as usual; none after it reaches the app.
+
+    What the connection reads (up to 64 KiB at a time) is handed to h2
+    ``SLICE`` bytes at a time, so that the bytes read after the reset past
+    the limit are not parsed: a rapid-reset client's read of 64 KiB holds
+    some 2,000 streams, each costing the Trio thread a header block to
+    decode, while the connection's other tasks and connections wait."""
+
+    SLICE = 4096  # bytes handed to h2 at once
 
     gate: ConnectionGate | None = None  # this process's (server.guard_connections)
 
@@ -76,6 +84,17 @@ class GuardedH2Protocol(H2Protocol):
         self._resets = 0  # in that second
         self._refused = 0  # of the connection's refused streams, those counted
         self._last_request = 0  # the highest stream id handed to the app
+        self._calmed = False  # GOAWAY ENHANCE_YOUR_CALM sent
+
+    async def handle(self, event: Event) -> None:
+        if not isinstance(event, RawData) or len(event.data) <= self.SLICE:
+            await super().handle(event)
+            return
+        data = event.data
+        for start in range(0, len(data), self.SLICE):
+            if self._calmed or self.closed:
+                return
+            await super().handle(RawData(data[start : start + self.SLICE]))
 
     async def _handle_events(self, events: list[H2Event]) -> None:
         now = trio.current_time()
@@ -97,6 +116,7 @@ class GuardedH2Protocol(H2Protocol):
                 self._gate.refused(
                     "h2_resets", f"{self._resets} HTTP/2 stream resets within a second"
                 )
+                self._calmed = True
                 code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
                 self.connection.close_connection(code, last_stream_id=self._last_request)
                 await self._flush()
