@@ -1,0 +1,263 @@
+"""Ordinary load beside each attack on the connection limits, with and without the limits.
+
+    python benchmarks/attack.py [--bootstrap HOST:PORT] [--seconds 10] [--rounds 2]
+
+Each run starts ``redirect-logger serve`` (the real CLI, one process) afresh,
+loads it with ``wrk -t1 -c64 --latency`` (keep-alive, from 127.0.0.1, on the
+redirect ``/docs/bench``) for --seconds and, from 0.5 s after wrk's start
+until its end, runs one attack of tests/attackers.py in a process of its own
+(with ``--repeat``: a connection the server closes is opened again). The
+attacks, each from its own loopback addresses:
+
+- ``idle``: 4,000 connections that send nothing;
+- ``slowloris``: 2,000 connections sending a request head a byte a second;
+- ``never_read``: 100 connections with a 4 KB receive buffer asking for 22
+  answers of 48 KB each (the largest the service gives) and never reading;
+- ``one_address``: 1,000 connections from one address, each one request;
+- ``h2_flood``: 10 clients opening 1,000 HTTP/2 streams per connection;
+- ``rapid_reset``: 4 clients opening and resetting HTTP/2 streams as fast
+  as they can (CVE-2023-44487).
+
+``none`` is the same load with no attack. Two configurations: ``limits``
+(``max_connections = 2000``, ``max_connections_per_ip = 256``,
+``idle_timeout = 5``, ``send_timeout = 2``, ``h2_max_concurrent_streams =
+100``, ``h2_max_resets_per_second = 200``) and ``no limits`` (each set as
+high as it goes, ``max_connections_per_ip = 0``). Cases are interleaved,
+round after round. It prints wrk's req/s and p99 per run, then per
+configuration and attack the means over the rounds and their ratios to the
+same configuration's ``none``; the target is at least 0.7 times the req/s and at most
+twice the p99.
+Every run must add up (ledger received = delivered, nothing failed or lost,
+the topic holding as many records as delivered), or the script exits 1.
+Without --bootstrap it starts Apache Kafka itself (tests/brokers.py).
+Bounded: each run stops after --seconds (the attacker within 60 s more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from compare import _broker, _records, wrk_figures
+from served import ROOT, Served
+
+CONNECTIONS = 64
+ATTACKS = {  # attack: connections (or HTTP/2 clients)
+    "idle": 4000,
+    "slowloris": 2000,
+    "never_read": 100,
+    "one_address": 1000,
+    "h2_flood": 10,
+    "rapid_reset": 4,
+}
+CONFIGS = {
+    "limits": {
+        "max_connections": 2000,
+        "max_connections_per_ip": 256,
+        "idle_timeout": 5.0,
+        "send_timeout": 2.0,
+        "h2_max_concurrent_streams": 100,
+        "h2_max_resets_per_second": 200,
+    },
+    "no limits": {
+        "max_connections": 1_000_000,
+        "max_connections_per_ip": 0,
+        "idle_timeout": 3600.0,
+        "send_timeout": 3600.0,
+        "h2_max_concurrent_streams": 10_000,
+        "h2_max_resets_per_second": 1_000_000,
+    },
+}
+REQ_RATIO, P99_RATIO = 0.7, 2.0  # the targets
+
+
+def write_config(
+    path: Path, bootstrap: str, topic: str, admin: int, limits: dict[str, float]
+) -> Path:
+    server = "\n".join(f"{key} = {value}" for key, value in limits.items())
+    path.write_text(
+        f"""[server]
+bind = ["127.0.0.1:0"]
+admin_bind = ["127.0.0.1:{admin}"]
+graceful_timeout = 5.0
+{server}
+[[rules]]
+name = "docs"
+path = "/docs/*"
+target = "https://docs.example.com/"
+status = 301
+forward_path = true
+[records]
+topic = "{topic}"
+[kafka]
+"bootstrap.servers" = "{bootstrap}"
+[spill]
+directory = "{path.parent / ("spill-" + topic)}"
+"""
+    )
+    return path
+
+
+@dataclass
+class Run:
+    config: str
+    attack: str
+    rps: float
+    p99: float  # ms
+    errors: str  # wrk's socket errors line, "" if none
+    seen: dict[str, object]  # what the attacker reported (counts only)
+    counted: dict[str, int]  # the service's refusals and closes by reason
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _counted(admin: str) -> dict[str, int]:
+    text = httpx.get(f"{admin}/metrics", timeout=10).text
+    counted: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (
+                "redirect_logger_connections_refused_total",
+                "redirect_logger_connections_closed_total",
+            ) and int(sample.value):
+                counted[sample.labels["reason"]] = int(sample.value)
+            elif sample.name == "redirect_logger_h2_streams_refused_total" and sample.value:
+                counted["h2_streams_refused"] = int(sample.value)
+    return counted
+
+
+def _ready(admin: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{admin}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the service was not ready within 60 s")
+
+
+def one_run(work: Path, bootstrap: str, config: str, attack: str, seconds: int) -> Run:
+    topic = f"attack-{uuid.uuid4().hex[:12]}"
+    admin_port = _free_port()
+    admin = f"http://127.0.0.1:{admin_port}"
+    path = write_config(work / f"{topic}.toml", bootstrap, topic, admin_port, CONFIGS[config])
+    served = Served(path)
+    attacker = None
+    try:
+        _ready(admin)
+        url = served.url
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        wrk = subprocess.Popen(
+            ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", f"{url}/docs/bench"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if attack != "none":
+            time.sleep(0.5)
+            attacker = subprocess.Popen(
+                [
+                    *(sys.executable, str(ROOT / "tests" / "attackers.py"), attack, host, port),
+                    *("--count", str(ATTACKS[attack]), "--seconds", str(seconds), "--repeat"),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        report, _ = wrk.communicate(timeout=seconds + 60)
+        seen: dict[str, object] = {}
+        if attacker is not None:
+            output, _ = attacker.communicate(timeout=seconds + 60)
+            found = json.loads(output)
+            seen = {
+                key: (len(value) if key == "hits" else value)
+                for key, value in found.items()
+                if key != "goaways"
+            }
+            if "goaways" in found:
+                seen["goaways"] = sum(1 for code in found["goaways"] if code is not None)
+        counted = _counted(admin)
+    finally:
+        if attacker is not None and attacker.poll() is None:
+            attacker.kill()
+        ledger = served.stop()
+    rps, _, p99, _ = wrk_figures(report)
+    errors = next((line.strip() for line in report.splitlines() if "Socket errors" in line), "")
+    bad = [k for k in ("failed", "dropped", "shed", "in_flight") if ledger.get(k)]
+    in_topic = _records(bootstrap, topic)
+    if bad or ledger["received"] != ledger["delivered"] or in_topic != ledger["delivered"]:
+        raise RuntimeError(f"{config}/{attack}: records do not add up: {ledger}, topic {in_topic}")
+    return Run(config, attack, rps, p99, errors, seen, counted)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bootstrap", help="an existing broker (default: start Apache Kafka)")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the service and attackers inherit it
+    cases = [(config, attack) for config in CONFIGS for attack in ["none", *args.attacks]]
+    runs: list[Run] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="attack-") as tmp,
+        _broker(args.bootstrap, Path(tmp)) as bootstrap,
+    ):
+        for round_ in range(args.rounds):
+            shift = round_ % len(cases)
+            for config, attack in cases[shift:] + cases[:shift]:
+                run = one_run(Path(tmp), bootstrap, config, attack, args.seconds)
+                runs.append(run)
+                print(
+                    f"round {round_ + 1} | {config} | {attack} | {run.rps:,.0f} req/s |"
+                    f" p99 {run.p99:.1f} ms | {run.errors or 'no socket errors'} |"
+                    f" attacker {run.seen} | counted {run.counted}",
+                    flush=True,
+                )
+    print()
+    print("| configuration | attack | req/s | p99 (ms) | req/s ratio | p99 ratio | target |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for config in CONFIGS:
+        base = [run for run in runs if (run.config, run.attack) == (config, "none")]
+        base_rps = sum(run.rps for run in base) / len(base)
+        base_p99 = sum(run.p99 for run in base) / len(base)
+        spread = ", ".join(f"{run.rps:,.0f} req/s p99 {run.p99:.1f} ms" for run in base)
+        print(f"| {config} | none | {base_rps:,.0f} | {base_p99:.1f} | 1 | 1 | ({spread}) |")
+        for attack in args.attacks:
+            mine = [run for run in runs if (run.config, run.attack) == (config, attack)]
+            rps = sum(run.rps for run in mine) / len(mine)
+            p99 = sum(run.p99 for run in mine) / len(mine)
+            met = rps >= REQ_RATIO * base_rps and p99 <= P99_RATIO * base_p99
+            print(
+                f"| {config} | {attack} | {rps:,.0f} | {p99:.1f} | {rps / base_rps:.2f} |"
+                f" {p99 / base_p99:.2f} | {'met' if met else 'missed'} |"
+            )
+    print(f"\ntarget: >= {REQ_RATIO}x req/s and <= {P99_RATIO}x p99 of 'none', with the limits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
