@@ -160,6 +160,9 @@ async def test_every_launch_mode_logs_json_lines_down_to_librdkafka_and_the_ledg
     try:
         started = re.compile(r'"message":"pipeline running: ')
         await trio.to_thread.run_sync(lambda: service.wait_for(started, processes, 60))
+        # serve logs "pipeline running" before its listeners are bound
+        listening = re.compile(r"Running on http://")
+        await trio.to_thread.run_sync(lambda: service.wait_for(listening, processes, 60))
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             assert (await client.get("/docs/a")).status_code == 301
         code = await trio.to_thread.run_sync(service.terminate)
