@@ -133,7 +133,7 @@ async def test_each_form_is_one_record_per_event_with_the_hit_envelope(broker: B
 
     messages = await trio.to_thread.run_sync(read_messages, broker.bootstrap, events_topic, 30.0, 9)
     assert [message.headers for message in messages] == [
-        [("schema-version", b"2"), ("kind", b"event"), ("rule", b"")]
+        [("schema-version", b"3"), ("kind", b"event"), ("rule", b"")]
     ] * 9
     records = [message.record for message in messages]
     assert sorted(record["data"]["n"] for record in records) == list(range(9))
@@ -148,7 +148,7 @@ async def test_each_form_is_one_record_per_event_with_the_hit_envelope(broker: B
         assert RFC3339_MS.match(record["ts"]) and record["logged_at"] >= record["ts"]
         envelope = {key: value for key, value in record.items() if key not in ("id", "ts", "data")}
         assert envelope == {
-            "v": 2,
+            "v": 3,
             "method": "POST",
             "scheme": "http",
             "host": base.removeprefix("http://"),

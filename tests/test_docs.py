@@ -17,6 +17,7 @@ Conventions the parsers rely on (docs/configuration.md keeps them):
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import shlex
@@ -43,6 +44,7 @@ KEY_HEADER = ["Key", "Type", "Default", "Unit", "Rule"]
 VALIDATED_CHOICES: dict[tuple[str, str], set[object]] = {
     ("[[rules]]", "status"): set(REDIRECT_STATUSES),
     ("[fallback]", "status"): {404, *REDIRECT_STATUSES},
+    ("[[rules]]", "expired_status"): {404, 410, *REDIRECT_STATUSES},
 }
 # Lengths that a validator's pattern (not the field) enforces: (section, key) -> pattern.
 VALIDATED_PATTERNS = {("[records]", "topic"): config._TOPIC_RE.pattern}
@@ -161,7 +163,13 @@ def type_name(annotation: Any) -> str:
     if origin is typing.Literal:
         [kind] = {type(arg) for arg in typing.get_args(annotation)}
         annotation = kind
-    names = {bool: "boolean", int: "integer", float: "float", str: "string"}
+    names = {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        datetime.datetime: "date-time",
+    }
     return names[annotation]
 
 

@@ -115,7 +115,7 @@ def test_record_fields_and_key() -> None:
     record = orjson.loads(encoded.value)
     logged_at = record.pop("logged_at")
     assert record == {
-        "v": 2,
+        "v": 3,
         "id": "01a20e9d-83a8-729b-bc18-e7921e0374f1",
         "ts": "2026-11-24T17:32:13.608Z",
         "method": "GET",
@@ -138,7 +138,7 @@ def test_record_fields_and_key() -> None:
     assert encoded.key == "/docs/caf\u00e9".encode()
     assert encoded.timestamp_ms == 1795541533608
     assert encoded.headers == [
-        ("schema-version", b"2"),
+        ("schema-version", b"3"),
         ("kind", b"redirect"),
         ("rule", b"docs"),
     ]
@@ -465,13 +465,13 @@ def test_message_headers_name_the_kind_and_rule_and_are_shared() -> None:
     assert first is not None and second is not None and miss is not None
     assert fallback is not None
     assert first.headers == [
-        ("schema-version", b"2"),
+        ("schema-version", b"3"),
         ("kind", b"redirect"),
         ("rule", b"r\xc3\xa9gle"),
     ]
     assert first.headers is second.headers  # one list per (kind, rule), not per record
-    assert miss.headers == [("schema-version", b"2"), ("kind", b"miss"), ("rule", b"")]
-    assert fallback.headers == [("schema-version", b"2"), ("kind", b"redirect"), ("rule", b"")]
+    assert miss.headers == [("schema-version", b"3"), ("kind", b"miss"), ("rule", b"")]
+    assert fallback.headers == [("schema-version", b"3"), ("kind", b"redirect"), ("rule", b"")]
     for encoded in (first, miss, fallback):  # what a delivery report gives back
         assert headers_of_value(encoded.value) == encoded.headers
 

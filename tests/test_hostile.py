@@ -250,7 +250,7 @@ class Sent:
         """The record docs/records.md describes for this request."""
         agent = _text(self.user_agent)
         record: dict[str, object] = {
-            "v": 2,
+            "v": 3,
             "id": hit_id,
             "method": self.method,
             "scheme": "http",

@@ -319,7 +319,7 @@ async def test_records_the_service_journaled_are_replayed_with_their_headers(
     rule = {"/": b"home", "/docs/a": b"docs", "/missing": b""}
     assert {read.record["id"]: read.headers for read in messages} == {
         hit_id: [
-            ("schema-version", b"2"),
+            ("schema-version", b"3"),
             ("kind", b"miss" if target == "/missing" else b"redirect"),
             ("rule", rule[target]),
         ]

@@ -98,23 +98,23 @@ async def test_every_answered_hit_is_delivered_once_with_its_fields(broker: Brok
     assert len(ids) == len(set(ids)) == 300
     assert set(ids) == set(sent)
     assert Counter(tuple(message.headers) for message in messages) == {
-        (("schema-version", b"2"), ("kind", b"redirect"), ("rule", b"home")): 100,
-        (("schema-version", b"2"), ("kind", b"redirect"), ("rule", b"docs")): 150,
-        (("schema-version", b"2"), ("kind", b"miss"), ("rule", b"")): 50,
+        (("schema-version", b"3"), ("kind", b"redirect"), ("rule", b"home")): 100,
+        (("schema-version", b"3"), ("kind", b"redirect"), ("rule", b"docs")): 150,
+        (("schema-version", b"3"), ("kind", b"miss"), ("rule", b"")): 50,
     }
     rule_of = {"/": "home", "/docs": "docs", "/missing": None}
     for message in messages:
         record = message.record
         rule = rule_of.get(record["path"], "docs")
         assert message.headers == [
-            ("schema-version", b"2"),
+            ("schema-version", b"3"),
             ("kind", record["kind"].encode()),
             ("rule", b"" if rule is None else rule.encode()),
         ]
         method, target, status, location, agent = sent[record["id"]]
         path, _, query = target.partition("?")
         assert UUID7.match(record["id"])
-        assert record["v"] == 2
+        assert record["v"] == 3
         assert (record["method"], record["scheme"], record["path"], record["query"]) == (
             method,
             "http",
@@ -195,7 +195,7 @@ async def test_unreachable_kafka_still_redirects_and_journals_every_record() -> 
     journaled = [r for path in journal.seal() for r in read_segment(path).records]
     assert {orjson.loads(r.value)["id"] for r in journaled} == ids
     assert len(journaled) == 20
-    home = [("schema-version", b"2"), ("kind", b"redirect"), ("rule", b"home")]
+    home = [("schema-version", b"3"), ("kind", b"redirect"), ("rule", b"home")]
     assert [r.headers for r in journaled] == [home] * 20
 
 
@@ -300,7 +300,7 @@ async def test_a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing(
     assert codes == [0]
     assert sink.rebuilds == 1
     assert set(ids) <= {message.record["id"] for message in messages}  # at least once
-    home = [("schema-version", b"2"), ("kind", b"redirect"), ("rule", b"home")]
+    home = [("schema-version", b"3"), ("kind", b"redirect"), ("rule", b"home")]
     assert all(message.headers == home for message in messages)  # carried ones too
     ledger = service.ledger_snapshot()
     assert (ledger["received"], ledger["failed"], ledger["in_flight"]) == (400, 0, 0)

@@ -28,6 +28,7 @@ from .collect import Collector
 from .hits import Hit
 from .metrics import CONTENT_TYPE
 from .pipeline import Admission
+from .pixel import PIXEL_METHODS, Pixel
 from .server import guard_connections
 from .service import EXIT_OK, Service
 
@@ -38,6 +39,8 @@ ASGIApp = Any
 
 _NOT_FOUND = b"not found\n"
 _OVERLOADED = b"overloaded, retry later\n"
+# The body of an answer without a Location, by status
+_BODIES = {404: _NOT_FOUND, 410: b"gone\n", 400: b"redirect target not allowed\n"}
 
 # The ASGI messages of an answer: to an HTTP request, and to a WebSocket
 # upgrade that is denied (the "websocket.http.response" extension)
@@ -70,12 +73,15 @@ class Frontend:
         )
         self._collect_path = collect.path if collect.enabled else None
         self._count_hit = service.metrics.rule_hits.count
+        self._pixel = Pixel(service.admit)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http" and not self._service.is_admin(scope):
             if scope["path"] == self._collect_path and self._collector is not None:
                 await self._collector(scope, receive, send)  # every method: collect.path wins
+            elif scope["path"] == self._service.pixel_path and scope["method"] in PIXEL_METHODS:
+                await self._pixel(scope, send)
             else:
                 await self._hit(scope, send)
         elif kind == "websocket" and not self._service.is_admin(scope):
@@ -143,17 +149,23 @@ class Frontend:
         if rules.by_host:  # only then is the Host header looked up; the last one, as recorded
             host = next((v for k, v in reversed(scope["headers"]) if k == b"host"), None)
         target, remainder = rules.match(scope["path"], host)
-        location = target.location(remainder, scope["query_string"])
+        detail = None
+        if target.live is None:
+            location = target.location(remainder, scope["query_string"])
+        else:  # a window, macros or a dynamic target (links.py)
+            target, location, detail = target.live.resolve(
+                scope["path"], remainder, scope["query_string"], hit_id, now
+            )
         status = target.status
         admission = await service.admit(
-            Hit.from_scope(scope, hit_id, now, status, location, target.name)
+            Hit.from_scope(scope, hit_id, now, status, location, target.name, detail=detail)
         )
         headers = [(b"x-hit-id", hit_id.encode())]
         if admission is Admission.SHED:
             status, body = 503, _OVERLOADED
             headers += [(b"retry-after", b"1"), (b"cache-control", b"no-store")]
         elif location is None:
-            body = _NOT_FOUND
+            body = _BODIES.get(status, _NOT_FOUND)
             headers.append((b"cache-control", b"no-store"))  # a 404 is not an answer to keep
         else:
             body = b""

@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -26,10 +27,12 @@ from pydantic import (
     model_validator,
 )
 
+from .links import allowed_host, macro_problem
 from .tls import tls_problem
 
 ADMIN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 REDIRECT_STATUSES = (301, 302, 307, 308)
+EXPIRED_STATUSES = (404, 410, *REDIRECT_STATUSES)
 
 KAFKA_DEFAULTS: dict[str, str | int | float | bool] = {
     "acks": "all",
@@ -213,22 +216,57 @@ class _Target(_Section):
     @field_validator("target")
     @classmethod
     def _check_target(cls, target: str | None) -> str | None:
-        if target is None:
-            return None
-        if _CONTROL_RE.search(target) or "\\" in target:
-            raise ValueError("must not contain spaces, backslashes or control characters")
-        parts = urlsplit(target)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an absolute http:// or https:// URL")
-        if not target.isascii():
-            raise ValueError("must be ASCII (percent-encode anything else)")
-        return target
+        return _target_url(target)
+
+
+def _target_url(target: str | None) -> str | None:
+    """A redirect target as it may be configured (docs/configuration.md#rules)."""
+    if target is None:
+        return None
+    if _CONTROL_RE.search(target) or "\\" in target:
+        raise ValueError("must not contain spaces, backslashes or control characters")
+    parts = urlsplit(target)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if not target.isascii():
+        raise ValueError("must be ASCII (percent-encode anything else)")
+    problem = macro_problem(target)
+    if problem is not None:
+        raise ValueError(problem)
+    return target
+
+
+def _offset_datetime(value: object) -> object:
+    """A TOML offset date-time, or its RFC 3339 text (what a reload's dump and
+    an interpolated string give); a date-time without an offset is refused."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a date-time such as 2026-12-01T00:00:00Z") from None
+    if isinstance(value, datetime) and value.utcoffset() is None:
+        raise ValueError("needs a UTC offset (2026-12-01T00:00:00Z or 2026-12-01T01:00:00+01:00)")
+    return value
 
 
 class Rule(_Target):
     name: str = Field(min_length=1, max_length=200)
     path: str
-    target: str
+    # Exactly one of target and target_param
+    target: str | None = None
+    # The rule answers only from valid_from on and before valid_until; None: no bound
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    # The answer outside the window: 404, 410, or a redirect to expired_target
+    expired_status: int = 404
+    expired_target: str | None = None
+    # A query key whose value is the target (an absolute http(s) URL) whose
+    # host must be in allowed_hosts
+    target_param: str | None = Field(None, pattern=r"^[A-Za-z0-9._~-]{1,100}$")
+    # "host", "*.domain", either with ":port"; IDNA names in any form
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # A dynamic target refused: a 400 ("reject"), or [fallback]'s answer ("fallback")
+    on_refused: Literal["reject", "fallback"] = "reject"
     # The request Host this rule answers: "go.example.com", or "*.example.com"
     # for any name below example.com; None: any host. Compared without port.
     host: str | None = Field(None, max_length=253)
@@ -255,6 +293,38 @@ class Rule(_Target):
             raise ValueError(f"must be one of {', '.join(map(str, REDIRECT_STATUSES))}")
         return status
 
+    @field_validator("expired_status")
+    @classmethod
+    def _check_expired_status(cls, status: int) -> int:
+        if status not in EXPIRED_STATUSES:
+            raise ValueError(f"must be one of {', '.join(map(str, EXPIRED_STATUSES))}")
+        return status
+
+    @field_validator("valid_from", "valid_until", mode="before")
+    @classmethod
+    def _parse_datetime(cls, value: object) -> object:
+        return _offset_datetime(value)
+
+    @field_validator("expired_target")
+    @classmethod
+    def _check_expired_target(cls, target: str | None) -> str | None:
+        return _target_url(target)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, hosts: list[str]) -> list[str]:
+        normalized = []
+        for entry in hosts:
+            host = allowed_host(entry)
+            if host is None:
+                raise ValueError(
+                    f'{entry!r} is not a host: a name ("example.com") or a wildcard '
+                    '("*.example.com"), optionally with a port (":8443"); no scheme, '
+                    "path, user or IP address"
+                )
+            normalized.append(host)
+        return normalized
+
     @field_validator("path")
     @classmethod
     def _check_path(cls, path: str) -> str:
@@ -267,6 +337,37 @@ class Rule(_Target):
         if path in ADMIN_PATHS:
             raise ValueError(f"{path} is reserved for the admin endpoints")
         return path
+
+    @model_validator(mode="after")
+    def _check_links(self) -> Rule:
+        if (self.target is None) == (self.target_param is None):
+            raise ValueError("target: exactly one of target and target_param is required")
+        if self.target_param is not None:
+            if not self.allowed_hosts:
+                raise ValueError("allowed_hosts: target_param needs at least one allowed host")
+            if self.forward_path:
+                raise ValueError("forward_path: not with target_param (its target has a path)")
+        elif self.allowed_hosts:
+            raise ValueError("allowed_hosts: only with target_param")
+        elif self.on_refused != "reject":
+            raise ValueError("on_refused: only with target_param")
+        if (
+            self.valid_from is not None
+            and self.valid_until is not None
+            and self.valid_until <= self.valid_from
+        ):
+            raise ValueError(
+                f"valid_until: {self.valid_until.isoformat()} is not after "
+                f"valid_from ({self.valid_from.isoformat()})"
+            )
+        redirect = self.expired_status in REDIRECT_STATUSES
+        if redirect and self.expired_target is None:
+            raise ValueError(f"expired_target: required with expired_status {self.expired_status}")
+        if not redirect and self.expired_target is not None:
+            raise ValueError(
+                f"expired_target: not allowed with expired_status {self.expired_status}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_forward_path(self) -> Rule:
@@ -286,6 +387,8 @@ class Fallback(_Target):
 
     @model_validator(mode="after")
     def _check(self) -> Fallback:
+        if self.target is not None and macro_problem(self.target, allowed=False) is not None:
+            raise ValueError("target: {hit_id} and {rule} are replaced in [[rules]] targets only")
         if self.status == 404:
             if self.target is not None:
                 raise ValueError("target: not allowed with status 404")
@@ -419,13 +522,7 @@ class CollectSettings(_Section):
     @field_validator("path")
     @classmethod
     def _check_collect_path(cls, path: str) -> str:
-        if not path.startswith("/") or path == "/":
-            raise ValueError('must start with "/" and name a path below it')
-        if not path.isascii() or _CONTROL_RE.search(path) or any(c in path for c in "*?#%\\"):
-            raise ValueError("must be printable ASCII without spaces, *, ?, #, % or backslashes")
-        if path in ADMIN_PATHS:
-            raise ValueError(f"{path} is reserved for the admin endpoints")
-        return path
+        return _endpoint_path(path)
 
     @field_validator("content_types")
     @classmethod
@@ -452,6 +549,17 @@ class CollectSettings(_Section):
     @classmethod
     def _check_collect_topic(cls, topic: str | None) -> str | None:
         return None if topic is None else _topic_name(topic)
+
+
+def _endpoint_path(path: str) -> str:
+    """The path of an endpoint that wins over the rules (``collect.path``, ``pixel.path``)."""
+    if not path.startswith("/") or path == "/":
+        raise ValueError('must start with "/" and name a path below it')
+    if not path.isascii() or _CONTROL_RE.search(path) or any(c in path for c in "*?#%\\"):
+        raise ValueError("must be printable ASCII without spaces, *, ?, #, % or backslashes")
+    if path in ADMIN_PATHS:
+        raise ValueError(f"{path} is reserved for the admin endpoints")
+    return path
 
 
 def _origin_form(origin: str) -> str | None:
@@ -498,6 +606,19 @@ class ShutdownSettings(_Section):
         return self
 
 
+class PixelSettings(_Section):
+    """``GET pixel.path``: a 1x1 transparent GIF, one record per request
+    (docs/configuration.md#pixel)."""
+
+    enabled: bool = False
+    path: str = "/p.gif"  # wins over [[rules]] for GET and HEAD
+
+    @field_validator("path")
+    @classmethod
+    def _check_pixel_path(cls, path: str) -> str:
+        return _endpoint_path(path)
+
+
 class LoggingSettings(_Section):
     """Our own log lines (docs/configuration.md#logging): applied at start."""
 
@@ -511,6 +632,10 @@ class LoggingSettings(_Section):
         return level.upper() if isinstance(level, str) else level
 
 
+# The tables a reload (SIGHUP) applies; the others need a restart.
+RELOADED = ("rules", "fallback", "redirects", "pixel")
+
+
 class Settings(_Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     rules: list[Rule] = Field(default_factory=list)
@@ -521,6 +646,7 @@ class Settings(_Section):
     spill: SpillSettings = Field(default_factory=SpillSettings)
     redirects: RedirectsSettings = Field(default_factory=RedirectsSettings)
     collect: CollectSettings = Field(default_factory=CollectSettings)
+    pixel: PixelSettings = Field(default_factory=PixelSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("kafka")
@@ -557,6 +683,7 @@ class Settings(_Section):
             seen_paths.add((rule.host, rule.path))
         _cross_check_kafka(self)
         _cross_check_collect(self)
+        _cross_check_pixel(self)
         records = self.records
         if records.when_full == "block" and records.max_block > self.server.graceful_timeout:
             raise _KeyError(
@@ -574,12 +701,13 @@ class Settings(_Section):
         return self
 
     def with_rules_of(self, other: Settings) -> Settings:
-        """These settings with ``other``'s ``[[rules]]``, ``[fallback]`` and
-        ``[redirects]`` (what a reload applies), checked as a whole: raises
+        """These settings with ``other``'s ``[[rules]]``, ``[fallback]``,
+        ``[redirects]`` and ``[pixel]`` (``RELOADED``, what a reload applies),
+        checked as a whole: raises
         ConfigError when those contradict the tables in use (a rule on the
         running ``collect.path``, say)."""
         data = self.model_dump(mode="json")
-        for name in ("rules", "fallback", "redirects"):
+        for name in RELOADED:
             data[name] = other.model_dump(mode="json")[name]
         return parse_settings(data, "the rules with the settings in use")
 
@@ -710,6 +838,20 @@ def _cross_check_collect(settings: Settings) -> None:
             f"{collect.max_events} is larger than records.queue_size ({queue_size}): "
             "a request's events could never all fit in the channel",
         )
+
+
+def _cross_check_pixel(settings: Settings) -> None:
+    pixel = settings.pixel
+    if not pixel.enabled:
+        return
+    if settings.collect.enabled and settings.collect.path == pixel.path:
+        raise _KeyError("pixel.path", f"{pixel.path!r} is collect.path too")
+    for index, rule in enumerate(settings.rules):
+        if rule.path == pixel.path:
+            raise _KeyError(
+                f"rules.{index}.path",
+                f"{rule.path!r} is pixel.path: the pixel answers it (GET and HEAD)",
+            )
 
 
 def _cross_check_durability(settings: Settings) -> None:

@@ -25,7 +25,7 @@ from .commit import Commit
 from .config import RecordsSettings, Rule, ServerSettings
 from .rules import query_pairs
 
-SCHEMA_VERSION = 2  # docs/records.md, "Schema versions"
+SCHEMA_VERSION = 3  # docs/records.md, "Schema versions"
 
 # Longest text kept per field (characters); longer values are cut and the
 # field is named in the record's "truncated" list. Keeps a record well under
@@ -73,6 +73,9 @@ class Hit(NamedTuple):
     # The group commit its request awaits (records.durability "journal" or
     # "kafka"); set by the intake, None under "memory"
     commit: Commit | None = None
+    # "expired" (outside its rule's window), why a dynamic target was
+    # refused (links.REASONS), or None
+    detail: str | None = None
 
     @classmethod
     def from_scope(
@@ -84,6 +87,7 @@ class Hit(NamedTuple):
         location: str | None = None,
         rule: str | None = None,
         data: bytes | None = None,
+        detail: str | None = None,
     ) -> Hit:
         """The hit of an ASGI HTTP request, answered ``status``: the one place
         a hit (or a collect event) is built from a request. A WebSocket
@@ -106,6 +110,8 @@ class Hit(NamedTuple):
             location,
             rule,
             data,
+            None,
+            detail,
         )
 
     @classmethod
@@ -115,9 +121,9 @@ class Hit(NamedTuple):
         """The events of one collect request, answered ``status``: ``from_scope``
         for each event's JSON in ``data``, each with an id of its own. The
         request's fields are read once (a request may carry a thousand events)."""
-        request = cls.from_scope(scope, "", ts, status)[1:11]  # all but id, data, commit
+        request = cls.from_scope(scope, "", ts, status)[1:11]  # all but id, data, commit, detail
         new = tuple.__new__
-        return [new(cls, (str(uuid7()), *request, event, None)) for event in data]
+        return [new(cls, (str(uuid7()), *request, event, None, None)) for event in data]
 
 
 class Encoded(NamedTuple):
@@ -292,6 +298,15 @@ def _within(ip: str, networks: tuple[Network, ...]) -> bool:
     return address is not None and any(address in network for network in networks)
 
 
+def _kind(status: int, location: str | None, data: bytes | None) -> str:
+    """The record's ``kind`` (docs/records.md#fields)."""
+    if data is not None:
+        return "event" if status == 202 else "pixel"
+    if location is not None:
+        return "redirect"
+    return "refused" if status == 400 else "miss"
+
+
 class Enricher:
     """Turns a ``Hit`` into the Kafka message: key, JSON value, timestamp, headers."""
 
@@ -379,6 +394,7 @@ class Enricher:
         hit_id, ts, method, scheme, path, query, headers, client, status, location, rule, data = (
             hit[:12]
         )
+        detail = hit[13]
         host = user_agent = referer = None
         for name, value in headers:
             if name == b"host":
@@ -415,7 +431,7 @@ class Enricher:
             "status": status,
             "location": location,
             "rule": rule,
-            "kind": "event" if data is not None else "miss" if location is None else "redirect",
+            "kind": _kind(status, location, data),
             "client_ip": client_ip,
             "remote_address": remote,
             "user_agent": user_agent if self._user_agent else None,
@@ -437,6 +453,11 @@ class Enricher:
             record["tracked"] = False
         if data is not None:
             record["data"] = orjson.Fragment(data)  # embedded as it is
+        if detail is not None:
+            if detail == "expired":
+                record["expired"] = True
+            else:
+                record["reason"] = detail
         return record
 
     def _untracked(self, query: bytes) -> bool:

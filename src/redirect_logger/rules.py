@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from functools import partial
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .config import Fallback, RedirectsSettings, Rule, Settings
+from .links import Live, is_live
 
 # RFC 3986 pchar minus "%": a forwarded path segment keeps its slashes and
 # sub-delims; everything else (including "\", "%", CR/LF, NUL, non-ASCII) is escaped.
@@ -39,6 +41,8 @@ class Target:
     query_allow: frozenset[str] | None = None  # request query keys forwarded; None: all
     query_drop: frozenset[str] = frozenset()  # request query keys never forwarded
     cache_control: bytes = b""  # the redirect's Cache-Control header value
+    # A rule with a window, macros or target_param answers through this (links.py)
+    live: Live | None = None
 
     @classmethod
     def compile(
@@ -96,6 +100,27 @@ class Target:
             else self.query
         )
         return self._assemble(path, query)
+
+    def location_at(
+        self,
+        origin: str,
+        path: str,
+        query: bytes,
+        fragment: str,
+        remainder: str,
+        query_string: bytes,
+    ) -> str:
+        """The Location ``location`` gives for a target with this origin,
+        path, query and fragment instead of its own (a live rule's: its hit
+        id filled in, or a dynamic target), forwarding as this target does."""
+        if self.forward_path and remainder:
+            path = _join_path(path, remainder)
+        if self.forward_query and query_string:
+            query = merge_query(query, query_string, self.query_allow, self.query_drop)
+        location = origin + path
+        if query:
+            location += "?" + query.decode("ascii")
+        return location + fragment
 
     def _assemble(self, path: str, query: bytes) -> str:
         location = self.origin + path
@@ -269,8 +294,14 @@ class RuleTable:
         self._hosts: dict[str, _HostRules] = {}
         self._wildcards: dict[str, _HostRules] = {}  # "example.com" for "*.example.com"
         self._any = _HostRules()
+        self.fallback = Target.compile(None, fallback, redirects)
         for index, rule in enumerate(rules):
             target = Target.compile(rule.name, rule, redirects)
+            if is_live(rule):
+                live = Live(
+                    rule, partial(Target.compile, rule.name, redirects=redirects), self.fallback
+                )
+                target = replace(target, live=live)
             if rule.host is None:
                 group = self._any
             elif rule.host.startswith("*."):
@@ -282,7 +313,6 @@ class RuleTable:
             group.finish()
         # Whether a match needs the request's host at all.
         self.by_host = bool(self._hosts or self._wildcards)
-        self.fallback = Target.compile(None, fallback, redirects)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuleTable:

@@ -17,7 +17,7 @@ import orjson
 import trio
 from confluent_kafka import Message
 
-from .config import ADMIN_PATHS, ConfigError, Settings, port_of
+from .config import ADMIN_PATHS, RELOADED, ConfigError, Settings, port_of
 from .durable import Flight
 from .group import group_directory, merge, read_members, serve_member
 from .heap import settled
@@ -82,12 +82,18 @@ class _LiveReports:
             self._spill.journal.flush_marks()
 
 
+def _pixel_path(settings: Settings) -> str | None:
+    """The path the pixel answers, or None when it is off."""
+    return settings.pixel.path if settings.pixel.enabled else None
+
+
 class Service:
     """State shared by the request path, the admin routes and the lifecycle."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.rules = RuleTable.from_settings(settings)
+        self.pixel_path = _pixel_path(settings)
         self.ledger = Ledger()
         self.enricher = Enricher(
             settings.records,
@@ -121,9 +127,10 @@ class Service:
         )
 
     def use_rules(self, settings: Settings) -> None:
-        """Swap in the ``[[rules]]``, ``[fallback]`` and ``[redirects]`` of newly
-        loaded settings: one assignment for the request path, so a request sees
-        the old table or the new one, never a mix. The other tables need a
+        """Swap in the ``[[rules]]``, ``[fallback]``, ``[redirects]`` and
+        ``[pixel]`` of newly loaded settings: one assignment each for the
+        request path, so a request sees the old table or the new one, never a
+        mix. The other tables need a
         restart; a change to them is logged and not applied. Raises ConfigError,
         changing nothing, when the new rules contradict the tables in use (a
         rule on the collect path in use, say)."""
@@ -134,11 +141,11 @@ class Service:
             merged.rules, merged.fallback.topic, merged.redirects.no_track_param
         )
         self.rules = table
+        self.pixel_path = _pixel_path(merged)
         restart = [
             name
             for name in type(old).model_fields
-            if name not in ("rules", "fallback", "redirects")
-            and getattr(old, name) != getattr(settings, name)
+            if name not in RELOADED and getattr(old, name) != getattr(settings, name)
         ]
         if (
             "server" in restart

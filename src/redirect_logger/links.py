@@ -1,0 +1,314 @@
+"""Rules that answer by more than their path: validity windows, click-id
+macros, and dynamic targets restricted to an allow-list.
+
+A plain rule never comes here on the request path: its ``Target.live`` is
+None. A rule that uses one of these features has a ``Live`` that answers
+each hit (``Live.resolve``) from the clock, the hit id and the query.
+
+Safety property (that of rules.py, extended): a ``Location`` starts with the
+``scheme://host`` of a configured target, or, for a dynamic target, with that
+of a URL whose host, as a browser's parser (WHATWG, through ``ada-url``)
+reads it, is in the rule's ``allowed_hosts``; the URL sent is the one that
+parser serialized, so the browser reads the same host again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, NamedTuple
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from ada_url import URL
+
+if TYPE_CHECKING:
+    from .config import Fallback, Rule
+    from .rules import Target
+
+MACROS = ("{hit_id}", "{rule}")
+_MACRO_RE = re.compile(r"\{(?:hit_id|rule)\}")
+_HIT_ID = b"{hit_id}"
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+# Why a dynamic target was refused: the record's "reason" (docs/records.md).
+REASONS = ("missing", "repeated", "malformed", "scheme", "userinfo", "host", "port")
+
+
+def macro_problem(target: str, *, allowed: bool = True) -> str | None:
+    """Why the macros in ``target`` are misplaced, or None when they are not.
+
+    Macros may stand in the values of the query only; with ``allowed`` False
+    nowhere. Braces that do not spell a macro are left alone.
+    """
+    found = _MACRO_RE.search(target)
+    if found is None:
+        return None
+    if not allowed:
+        return f"{found.group()}: macros are replaced in [[rules]] targets only"
+    parts = urlsplit(target)
+    for where, text in (
+        ("scheme", parts.scheme),
+        ("host", parts.netloc),
+        ("path", parts.path),
+        ("fragment", parts.fragment),
+    ):
+        found = _MACRO_RE.search(text)
+        if found is not None:
+            return f"{found.group()} in the {where}: macros are replaced in query values only"
+    for pair in parts.query.split("&"):
+        found = _MACRO_RE.search(pair.partition("=")[0])
+        if found is not None:
+            return f"{found.group()} in a query key: macros are replaced in query values only"
+    return None
+
+
+def allowed_host(entry: str) -> str | None:
+    """An ``allowed_hosts`` entry normalized (``name``, ``*.domain``, either
+    with ``:port``): the name as a browser reads it (IDNA, lower case, no
+    final dot); None when it is not a host name (an IP address, a URL, a
+    user, a path, an empty label)."""
+    host, colon, port = entry.rpartition(":")
+    if not colon:
+        host, port = entry, ""
+    elif not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return None
+    wildcard = host.startswith("*.")
+    name = host[2:] if wildcard else host
+    if not name or any(c in name for c in "/\\@?#%[]:* ") or not name.isprintable():
+        return None
+    try:
+        parsed = URL(f"http://{name}/").hostname
+    except ValueError:
+        return None
+    parsed = parsed.removesuffix(".")
+    if not _NAME_RE.match(parsed) or _is_ip(parsed):
+        return None
+    normalized = f"*.{parsed}" if wildcard else parsed
+    return f"{normalized}:{int(port)}" if port else normalized
+
+
+def _is_ip(name: str) -> bool:
+    """Whether a browser takes ``name`` for an IPv4 address (its last label numeric)."""
+    last = name.rpartition(".")[2]
+    if last.isdigit() or last.startswith("0x"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class AllowList:
+    """``allowed_hosts``: exact names, and ``*.domain`` for the names below
+    ``domain``, each with the ports it allows ("" for none, or the scheme's
+    default)."""
+
+    def __init__(self, entries: list[str]) -> None:
+        exact: dict[str, set[str]] = {}
+        below: dict[str, set[str]] = {}
+        for entry in entries:
+            host, colon, port = entry.rpartition(":")
+            if not colon:
+                host, port = entry, ""
+            if host.startswith("*."):
+                below.setdefault(host[2:], set()).add(port)
+            else:
+                exact.setdefault(host, set()).add(port)
+        self._exact = {host: frozenset(ports) for host, ports in exact.items()}
+        self._below = {host: frozenset(ports) for host, ports in below.items()}
+
+    def refusal(self, host: str, port: str) -> str | None:
+        """None when ``host`` (as the WHATWG parser gives it) with ``port`` is
+        allowed; otherwise ``"host"``, or ``"port"`` when only the port is not."""
+        host = host.removesuffix(".")
+        listed = False
+        ports = self._exact.get(host)
+        if ports is not None:
+            if port in ports:
+                return None
+            listed = True
+        dot = host.find(".")
+        while dot != -1:
+            ports = self._below.get(host[dot + 1 :])
+            if ports is not None:
+                if port in ports:
+                    return None
+                listed = True
+            dot = host.find(".", dot + 1)
+        return "port" if listed else "host"
+
+
+def given_url(query: bytes, param: str, allow: AllowList) -> URL | str:
+    """The URL the query's ``param`` gives, parsed as a browser would, when
+    it may be redirected to; otherwise the reason it may not (``REASONS``)."""
+    values = [
+        value
+        for key, value in parse_qsl(
+            query.decode("utf-8", "replace"), keep_blank_values=True, errors="replace"
+        )
+        if key == param
+    ]
+    if not values or not values[0]:
+        return "missing" if len(values) < 2 else "repeated"
+    if len(values) > 1:
+        return "repeated"
+    try:
+        url = URL(values[0])
+    except ValueError:
+        return "malformed"
+    if url.protocol not in ("http:", "https:"):
+        return "scheme"
+    if url.username or url.password:
+        return "userinfo"
+    refused = allow.refusal(url.hostname, url.port)
+    if refused is not None:
+        return refused
+    if not url.href.isascii():  # the parser percent-encodes: never seen
+        return "malformed"
+    return url
+
+
+class Answer(NamedTuple):
+    """How a live rule answers one hit."""
+
+    target: Target  # its status, Cache-Control and (rule) name answer
+    location: str | None
+    detail: str | None  # "expired", a refusal's reason, or None
+
+
+class Live:
+    """A rule's window, macros or dynamic target, compiled."""
+
+    __slots__ = (
+        "_dynamic",
+        "_end",
+        "_expired",
+        "_expired_query",
+        "_fallback",
+        "_forward_fallback_path",
+        "_param",
+        "_query",
+        "_refused",
+        "_start",
+        "_target",
+    )
+
+    def __init__(
+        self,
+        rule: Rule,
+        compile_target: Callable[[Rule | Fallback], Target],
+        fallback: Target,
+    ) -> None:
+        self._start = -float("inf") if rule.valid_from is None else rule.valid_from.timestamp()
+        self._end = float("inf") if rule.valid_until is None else rule.valid_until.timestamp()
+        name = quote(rule.name, safe="")
+        if rule.target_param is None:
+            spec = rule.model_copy(update={"target": rule.target.replace("{rule}", name)})  # type: ignore[union-attr]
+        else:  # the origin, path and query are the request's: stand-ins for now
+            spec = rule.model_copy(update={"target": "https://dynamic.invalid/"})
+        target, self._query = _with_macros(compile_target(spec))
+        self._dynamic = None if rule.target_param is None else AllowList(rule.allowed_hosts)
+        self._param = rule.target_param or ""
+        if rule.target_param is not None:
+            target = replace(target, query_drop=target.query_drop | {rule.target_param})
+        self._target = target
+        expired = rule.model_copy(
+            update={
+                "target": None
+                if rule.expired_target is None
+                else rule.expired_target.replace("{rule}", name),
+                "status": rule.expired_status,
+            }
+        )
+        self._expired, self._expired_query = _with_macros(compile_target(expired))
+        if rule.on_refused == "fallback":
+            self._refused = replace(fallback, name=rule.name)
+        else:
+            self._refused = replace(target, status=400, static_location=None)
+        self._fallback = rule.on_refused == "fallback"
+        self._forward_fallback_path = fallback.forward_path
+
+    def resolve(
+        self, path: str, remainder: str, query_string: bytes, hit_id: str, now: float
+    ) -> Answer:
+        """The answer to one hit at ``now`` (seconds since the epoch): outside
+        the window the expired answer; a dynamic target refused, a 400 or
+        the fallback's answer (``on_refused``), with the reason; otherwise
+        the target, its macros filled in."""
+        if not self._start <= now < self._end:
+            expired = self._expired
+            location = (
+                None
+                if expired.static_location is None
+                else _filled(expired, self._expired_query, remainder, query_string, hit_id)
+            )
+            return Answer(expired, location, "expired")
+        target = self._target
+        if self._dynamic is None:
+            return Answer(
+                target, _filled(target, self._query, remainder, query_string, hit_id), None
+            )
+        given = given_url(query_string, self._param, self._dynamic)
+        if isinstance(given, str):
+            refused = self._refused
+            if not self._fallback:
+                return Answer(refused, None, given)
+            rest = path if self._forward_fallback_path else ""
+            return Answer(refused, refused.location(rest, query_string), given)
+        location = target.location_at(
+            f"{given.protocol}//{given.host}",
+            given.pathname,
+            given.search[1:].encode("ascii"),
+            given.hash,
+            "",
+            query_string,
+        )
+        return Answer(target, location, None)
+
+
+def _with_macros(target: Target) -> tuple[Target, tuple[bytes, ...] | None]:
+    """The target with its query's macro keys kept from the request (the
+    request never overrides a macro's value), and its query cut at each
+    ``{hit_id}``; None when it has none."""
+    if _HIT_ID not in target.query:
+        return target, None
+    keys = {
+        key
+        for key, value in parse_qsl(target.query.decode("latin-1"), encoding="latin-1")
+        if "{hit_id}" in value
+    }
+    return replace(target, query_drop=target.query_drop | keys), tuple(target.query.split(_HIT_ID))
+
+
+def _filled(
+    target: Target,
+    pieces: tuple[bytes, ...] | None,
+    remainder: str,
+    query_string: bytes,
+    hit_id: str,
+) -> str | None:
+    if pieces is None:
+        return target.location(remainder, query_string)
+    # A hit id (a UUID) is all unreserved characters: it needs no encoding.
+    query = hit_id.encode("ascii").join(pieces)
+    return target.location_at(
+        target.origin, target.path, query, target.fragment, remainder, query_string
+    )
+
+
+def is_live(rule: Rule) -> bool:
+    """Whether the rule needs a ``Live``: a window, a macro or a target_param."""
+    return (
+        rule.valid_from is not None
+        or rule.valid_until is not None
+        or rule.target_param is not None
+        or any(
+            url is not None and _MACRO_RE.search(url) is not None
+            for url in (rule.target, rule.expired_target)
+        )
+    )
