@@ -15,6 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from redirect_logger.config import ConfigError, parse_settings
+from redirect_logger.links import answer
 from redirect_logger.rules import RuleTable, Target, merge_query, request_host
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
@@ -29,9 +30,14 @@ def build_table(
     return RuleTable.from_settings(parse_settings(data))
 
 
+HIT_ID = "019ad3c2-5c1e-7a00-8000-00000000000a"
+
+
 def resolve(table: RuleTable, path: str, query: bytes = b"") -> tuple[Target, str | None]:
-    target, remainder = table.match(path)
-    return target, target.location(remainder, query)
+    """The answering target and the Location, as the service works them out
+    (a rule with macros through links.py, its hit id ``HIT_ID``)."""
+    found = answer(table, path, query, hit_id=HIT_ID)
+    return found.target, found.location
 
 
 def byte_pairs(query: bytes) -> list[tuple[bytes, bytes]]:
@@ -121,21 +127,25 @@ NASTY_QUERIES = [
 EXACT_URL = "https://exact.example/landing?src=x#top"
 PREFIX_URL = "https://docs.example.com/base"
 FALLBACK_URL = "http://fallback.example:8080/f/?z=1"
+# Macros fill query values only: the origin and path are the target's.
+MACRO_URL = "https://macro.example/m/?id={hit_id}&r={rule}&k=1#f"
 
 MIXED = build_table(
     rules=[
         {"name": "exact", "path": "/go", "target": EXACT_URL},
         {"name": "prefix", "path": "/docs/*", "target": PREFIX_URL, "forward_path": True},
+        {"name": "macro", "path": "/m/*", "target": MACRO_URL, "forward_path": True},
     ],
     fallback={"status": 302, "target": FALLBACK_URL, "forward_path": True},
 )
-URL_BY_NAME = {"exact": EXACT_URL, "prefix": PREFIX_URL, None: FALLBACK_URL}
+URL_BY_NAME = {"exact": EXACT_URL, "prefix": PREFIX_URL, "macro": MACRO_URL, None: FALLBACK_URL}
 
 any_path = st.one_of(
     st.text(),
     st.text().map(lambda text: "/" + text),
     st.text().map(lambda text: "/docs/" + text),
-    st.sampled_from(["/go", "/docs", "/docs/", *NASTY_PATHS]),
+    st.text().map(lambda text: "/m/" + text),
+    st.sampled_from(["/go", "/docs", "/docs/", "/m", *NASTY_PATHS]),
 )
 # Query-shaped bytes that hit the separators and escapes, next to arbitrary bytes.
 query_pieces = st.sampled_from(
@@ -148,8 +158,10 @@ def nasty_examples(test: Any) -> Any:
     for path in NASTY_PATHS:
         test = example(path=path, query=b"a=1")(test)
         test = example(path="/docs/" + path, query=b"")(test)
+        test = example(path="/m/" + path, query=b"id=%2F%2Fevil.com")(test)
     for query in NASTY_QUERIES:
         test = example(path="/go", query=query)(test)
+        test = example(path="/m/x", query=query)(test)
         test = example(path="/docs//evil.com", query=query)(test)
     return test
 
@@ -159,10 +171,17 @@ def nasty_examples(test: Any) -> Any:
 def test_any_request_stays_on_the_rule_targets_origin(path: str, query: bytes) -> None:
     target, location = resolve(MIXED, path, query)
     assert_on_origin(location, URL_BY_NAME[target.name])
+    if target.name == "macro":  # the macros' values, whatever the request says
+        assert location is not None
+        pairs = parse_qsl(urlsplit(location).query)
+        assert pairs[:2] == [("id", HIT_ID), ("r", "macro")]
+        assert [key for key, _ in pairs].count("id") == 1
+        assert urlsplit(location).path.startswith("/m/")
+        assert location.endswith("#f")
 
 
 @pytest.mark.parametrize("query", NASTY_QUERIES)
-@pytest.mark.parametrize("path", ["/go", "/docs/x", "/docs//evil.com", "//evil.com"])
+@pytest.mark.parametrize("path", ["/go", "/docs/x", "/docs//evil.com", "//evil.com", "/m/x"])
 def test_nasty_queries_stay_on_origin(path: str, query: bytes) -> None:
     target, location = resolve(MIXED, path, query)
     assert_on_origin(location, URL_BY_NAME[target.name])

@@ -25,7 +25,7 @@ from ada_url import URL
 
 if TYPE_CHECKING:
     from .config import Fallback, Rule
-    from .rules import Target
+    from .rules import RuleTable, Target
 
 MACROS = ("{hit_id}", "{rule}")
 _MACRO_RE = re.compile(r"\{(?:hit_id|rule)\}")
@@ -143,16 +143,12 @@ class AllowList:
         return "port" if listed else "host"
 
 
-def given_url(query: bytes, param: str, allow: AllowList) -> URL | str:
+def given_url(query: bytes, param: str, allow: AllowList) -> tuple[URL, bool] | str:
     """The URL the query's ``param`` gives, parsed as a browser would, when
-    it may be redirected to; otherwise the reason it may not (``REASONS``)."""
-    values = [
-        value
-        for key, value in parse_qsl(
-            query.decode("utf-8", "replace"), keep_blank_values=True, errors="replace"
-        )
-        if key == param
-    ]
+    it may be redirected to, and whether the query has other keys; otherwise
+    the reason it may not (``REASONS``)."""
+    pairs = parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=True, errors="replace")
+    values = [value for key, value in pairs if key == param]
     if not values or not values[0]:
         return "missing" if len(values) < 2 else "repeated"
     if len(values) > 1:
@@ -170,7 +166,7 @@ def given_url(query: bytes, param: str, allow: AllowList) -> URL | str:
         return refused
     if not url.href.isascii():  # the parser percent-encodes: never seen
         return "malformed"
-    return url
+    return url, len(values) < len(pairs)
 
 
 class Answer(NamedTuple):
@@ -211,7 +207,7 @@ class Live:
             spec = rule.model_copy(update={"target": rule.target.replace("{rule}", name)})  # type: ignore[union-attr]
         else:  # the origin, path and query are the request's: stand-ins for now
             spec = rule.model_copy(update={"target": "https://dynamic.invalid/"})
-        target, self._query = _with_macros(compile_target(spec))
+        target, self._query = _with_macros(compile_target(spec), rule.target)
         self._dynamic = None if rule.target_param is None else AllowList(rule.allowed_hosts)
         self._param = rule.target_param or ""
         if rule.target_param is not None:
@@ -225,7 +221,9 @@ class Live:
                 "status": rule.expired_status,
             }
         )
-        self._expired, self._expired_query = _with_macros(compile_target(expired))
+        self._expired, self._expired_query = _with_macros(
+            compile_target(expired), rule.expired_target
+        )
         if rule.on_refused == "fallback":
             self._refused = replace(fallback, name=rule.name)
         else:
@@ -260,29 +258,34 @@ class Live:
                 return Answer(refused, None, given)
             rest = path if self._forward_fallback_path else ""
             return Answer(refused, refused.location(rest, query_string), given)
+        url, others = given
         location = target.location_at(
-            f"{given.protocol}//{given.host}",
-            given.pathname,
-            given.search[1:].encode("ascii"),
-            given.hash,
+            f"{url.protocol}//{url.host}",
+            url.pathname,
+            url.search[1:].encode("ascii"),
+            url.hash,
             "",
-            query_string,
+            query_string if others else b"",  # its own query as the parser wrote it
         )
         return Answer(target, location, None)
 
 
-def _with_macros(target: Target) -> tuple[Target, tuple[bytes, ...] | None]:
-    """The target with its query's macro keys kept from the request (the
-    request never overrides a macro's value), and its query cut at each
-    ``{hit_id}``; None when it has none."""
-    if _HIT_ID not in target.query:
+def _with_macros(target: Target, url: str | None) -> tuple[Target, tuple[bytes, ...] | None]:
+    """The target with the keys whose values hold macros in ``url`` (its
+    configured form) kept from the request (a request never overrides a
+    macro's value), and its query cut at each ``{hit_id}`` (None when it has
+    none)."""
+    if url is None or _MACRO_RE.search(url) is None:
         return target, None
     keys = {
         key
-        for key, value in parse_qsl(target.query.decode("latin-1"), encoding="latin-1")
-        if "{hit_id}" in value
+        for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True, encoding="latin-1")
+        if _MACRO_RE.search(value)
     }
-    return replace(target, query_drop=target.query_drop | keys), tuple(target.query.split(_HIT_ID))
+    target = replace(target, query_drop=target.query_drop | keys)
+    if _HIT_ID not in target.query:
+        return target, None
+    return target, tuple(target.query.split(_HIT_ID))
 
 
 def _filled(
@@ -312,3 +315,19 @@ def is_live(rule: Rule) -> bool:
             for url in (rule.target, rule.expired_target)
         )
     )
+
+
+def answer(
+    table: RuleTable,
+    path: str,
+    query_string: bytes = b"",
+    host: bytes | None = None,
+    hit_id: str = "",
+    now: float = 0.0,
+) -> Answer:
+    """How ``table`` answers a request, as the Frontend (app.py) works it out:
+    for tests, recipes and benchmarks, which set the hit id and the clock."""
+    target, remainder = table.match(path, host)
+    if target.live is None:
+        return Answer(target, target.location(remainder, query_string), None)
+    return target.live.resolve(path, remainder, query_string, hit_id, now)
