@@ -11,14 +11,19 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import jsonschema
+import orjson
 import pytest
 from ada_url import URL
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from redirect_logger.config import ConfigError, parse_settings
+from redirect_logger.hits import Enricher, Hit
 from redirect_logger.links import REASONS, allowed_host, answer
+from redirect_logger.pixel import GIF, query_object
 from redirect_logger.rules import RuleTable
+from support import check_record_schema
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
 HIT_ID = "019ad3c2-5c1e-7a00-8000-00000000000a"
@@ -450,3 +455,111 @@ def test_an_allowed_answer_is_the_parsed_url(value: str) -> None:
         given, sent = URL(value), URL(location)
         parts = ("protocol", "host", "pathname", "search", "hash")
         assert [getattr(sent, part) for part in parts] == [getattr(given, part) for part in parts]
+
+
+# ---------------------------------------------------------------- records
+
+
+def record_of(status: int, location: str | None, rule: str | None, **fields: Any) -> Any:
+    settings = parse_settings(config([]))
+    enricher = Enricher(settings.records, settings.server)
+    hit = Hit(
+        HIT_ID,
+        1795541533.608,
+        "GET",
+        "https",
+        "/out",
+        b"u=https://evil.com/",
+        [(b"host", b"t.example")],
+        ("192.0.2.1", 4000),
+        status,
+        location,
+        rule,
+        **fields,
+    )
+    encoded = enricher.encode(hit)
+    assert encoded is not None
+    record = orjson.loads(encoded.value)
+    check_record_schema(record)
+    return record, dict(encoded.headers)
+
+
+@pytest.mark.parametrize(
+    ("status", "location", "rule", "detail", "kind", "extra"),
+    [
+        (400, None, "out", "host", "refused", {"reason": "host"}),
+        (302, "https://example.com/sorry", "out", "port", "redirect", {"reason": "port"}),
+        (404, None, "out", "missing", "miss", {"reason": "missing"}),
+        (410, None, "camp", "expired", "miss", {"expired": True}),
+        (404, None, "camp", "expired", "miss", {"expired": True}),
+        (307, "https://x.example/ended", "camp", "expired", "redirect", {"expired": True}),
+        (302, "https://x.example/", "camp", None, "redirect", {}),
+    ],
+)
+def test_records_say_expired_or_why_refused(
+    status: int,
+    location: str | None,
+    rule: str,
+    detail: str | None,
+    kind: str,
+    extra: dict[str, Any],
+) -> None:
+    record, headers = record_of(status, location, rule, detail=detail)
+    assert (record["status"], record["location"], record["rule"]) == (status, location, rule)
+    assert record["kind"] == kind and headers["kind"] == kind.encode()
+    assert record["v"] == 3 and headers["schema-version"] == b"3"
+    assert {key: record[key] for key in ("expired", "reason") if key in record} == extra
+
+
+def test_the_schema_holds_the_new_fields_to_their_kinds() -> None:
+    record, _ = record_of(400, None, "out", detail="host")
+    for wrong in (
+        {**record, "reason": "because"},
+        {key: value for key, value in record.items() if key != "reason"},
+        {**record, "expired": False},
+        {**record, "rule": None},
+        {**record, "kind": "pixel"},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            check_record_schema(wrong)
+    expired, _ = record_of(410, None, "camp", detail="expired")
+    with pytest.raises(jsonschema.ValidationError):
+        check_record_schema({**expired, "kind": "refused", "status": 400})
+
+
+@pytest.mark.parametrize(
+    ("query", "data"),
+    [
+        (b"", {}),
+        (b"c=spring&r=42", {"c": "spring", "r": "42"}),
+        (b"t=a&t=b&t=c&x", {"t": ["a", "b", "c"], "x": ""}),
+        (
+            b"q=caf%C3%A9+au+lait&e=%FF&raw=\xff",
+            {"q": "café au lait", "e": "\\xff", "raw": "\\xff"},
+        ),
+        (b"a=%26%3D&&=v", {"a": "&=", "": "v"}),
+    ],
+)
+def test_the_pixel_records_its_query_as_an_object(query: bytes, data: dict[str, Any]) -> None:
+    assert query_object(query) == data
+    record, headers = record_of(200, None, None, data=orjson.dumps(query_object(query)))
+    assert record["kind"] == "pixel" and headers["kind"] == b"pixel"
+    assert record["data"] == data and record["status"] == 200
+    assert "expired" not in record and "reason" not in record
+
+
+def test_the_pixels_data_is_cut_as_its_query_is() -> None:
+    data = query_object(b"a=" + b"x" * 5000 + b"&b=1")
+    assert data == {"a": "x" * 4094}
+
+
+def test_the_pixel_is_a_one_by_one_transparent_gif() -> None:
+    assert GIF[:6] == b"GIF89a" and GIF[-1:] == b";"
+    assert int.from_bytes(GIF[6:8], "little") == int.from_bytes(GIF[8:10], "little") == 1
+    flags = GIF[10]
+    assert flags & 0x80  # a global colour table of 2 ** ((flags & 7) + 1) colours
+    table_end = 13 + 3 * 2 ** ((flags & 7) + 1)
+    control = GIF[table_end : table_end + 8]
+    assert control[:3] == b"!\xf9\x04" and control[3] & 1  # transparent colour index...
+    assert control[6] == GIF[11] == 0  # ...0, also the background
+    assert len(GIF) == 43
