@@ -3,8 +3,11 @@ service in-process against Apache Kafka, each answer's record read back by id.""
 
 from __future__ import annotations
 
+import re
+import signal
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +17,7 @@ from brokers import Broker
 from redirect_logger.config import parse_settings
 from redirect_logger.pixel import GIF
 from support import (
+    ServiceProcess,
     check_record_schema,
     ledger_counts,
     read_messages,
@@ -304,3 +308,78 @@ def test_check_names_each_bad_key(tmp_path: Any) -> None:
     path = write_config(tmp_path / "ok.toml", good)
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 0, result.stderr
+
+
+async def test_sighup_reloads_windows_macros_allowed_hosts_and_the_pixel(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """``serve`` reads the file again on SIGHUP: a new allow-list, a window
+    that has ended, a macro and the pixel's new path answer at once; a file
+    with a bad allow-list entry keeps them."""
+    topic = unique_topic()
+    first = config(kafka_broker.bootstrap, topic)
+    path = write_config(tmp_path / "c.toml", first)
+    changed = config(kafka_broker.bootstrap, topic, "2020-06-01T00:00:00Z", path="/o.gif")
+    changed["rules"][4]["allowed_hosts"] = ["evil.com"]  # "out"
+    changed["rules"][3]["target"] = "https://example.com/app?id={hit_id}&r={rule}"  # "app"
+    service = ServiceProcess.cli(path)
+    sent: Sent = {}
+    try:
+        url = await trio.to_thread.run_sync(service.url)
+        async with httpx.AsyncClient(base_url=url) as client:
+            before = [
+                await hit(client, sent, target)
+                for target in ("/live", "/app", "/out?u=https://evil.com/", "/p.gif?a=1")
+            ]
+            write_config(path, changed)
+            service.process.send_signal(signal.SIGHUP)
+            await trio.to_thread.run_sync(
+                lambda: service.wait_for(re.compile("rules reloaded"), timeout=30)
+            )
+            after = [
+                await hit(client, sent, target)
+                for target in ("/live", "/app", "/out?u=https://evil.com/", "/o.gif?a=1")
+            ]
+            bad = {**changed, "rules": [{**changed["rules"][4], "allowed_hosts": ["a b"]}]}
+            write_config(path, bad)
+            service.process.send_signal(signal.SIGHUP)
+            await trio.to_thread.run_sync(
+                lambda: service.wait_for(re.compile("reload refused"), timeout=30)
+            )
+            kept = await hit(client, sent, "/out?u=https://evil.com/")
+        code = await trio.to_thread.run_sync(service.terminate)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    assert "rules.0.allowed_hosts: 'a b' is not a host" in service.output
+    assert [(r.status_code, r.headers.get("location")) for r in before] == [
+        (302, "https://shop.example/sale"),
+        (302, f"https://example.com/app?click={before[1].headers['x-hit-id']}"),
+        (400, None),
+        (200, None),
+    ]
+    assert [(r.status_code, r.headers.get("location")) for r in after] == [
+        (404, None),
+        (302, f"https://example.com/app?id={after[1].headers['x-hit-id']}&r=app"),
+        (302, "https://evil.com/"),
+        (200, None),
+    ]
+    assert (kept.status_code, kept.headers["location"]) == (302, "https://evil.com/")
+    [ledger] = service.ledgers()
+    assert ledger == ledger_counts(received=9, delivered=9)
+    messages = await trio.to_thread.run_sync(
+        lambda: read_messages(kafka_broker.bootstrap, topic, expected=9)
+    )
+    records = {message.record["id"]: message.record for message in messages}
+    assert set(records) == set(sent) and len(messages) == 9
+    for hit_id, (_, target, status, location) in sent.items():
+        record = records[hit_id]
+        check_record_schema(record)
+        assert (record["status"], record["location"]) == (status, location), target
+    kinds = [records[hit_id]["kind"] for hit_id in sent]
+    assert kinds == [
+        *("redirect", "redirect", "refused", "pixel"),  # before the reload
+        *("miss", "redirect", "redirect", "pixel"),  # after it
+        "redirect",  # after the refused one
+    ]
+    assert [records[hit_id].get("expired") for hit_id in sent][4] is True
