@@ -249,6 +249,7 @@ def dynamic(query: bytes | str, rules: RuleTable = DYNAMIC) -> tuple[int, str | 
         ("https://127.0.0.1/", (400, None, "host")),
         ("https://example.com:8443/", (400, None, "port")),
         ("https://app.example.net/", (400, None, "port")),
+        ("http://app.example.net:8443/", (302, "http://app.example.net:8443/", None)),
         ("https://example.com@evil.com/", (400, None, "userinfo")),
         ("https://evil.com@example.com/", (400, None, "userinfo")),
         ("//example.com/", (400, None, "malformed")),
@@ -366,11 +367,10 @@ def allowed(url: str) -> bool:
     """The allow-list ALLOWED, written out by hand: is the browser's host of
     ``url`` (and its port) one of them?"""
     parsed = URL(url)
-    host, port = parsed.hostname.removesuffix("."), parsed.port
-    if host in ("example.com", "xn--bcher-kva.example"):
-        return port == ""
-    if host.endswith(".example.org"):
-        return port == ""
+    host = parsed.hostname.removesuffix(".")
+    port = parsed.port or {"http:": "80", "https:": "443"}[parsed.protocol]
+    if host in ("example.com", "xn--bcher-kva.example") or host.endswith(".example.org"):
+        return parsed.port == ""  # the scheme's default port (the parser drops it)
     return host == "app.example.net" and port == "8443"
 
 
@@ -563,3 +563,45 @@ def test_the_pixel_is_a_one_by_one_transparent_gif() -> None:
     assert control[:3] == b"!\xf9\x04" and control[3] & 1  # transparent colour index...
     assert control[6] == GIF[11] == 0  # ...0, also the background
     assert len(GIF) == 43
+
+
+@given(entry=st.text(TEXT, max_size=40))
+@example(entry="*.B\u00fccher.example.:443")
+@example(entry="\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com")
+def test_an_accepted_allowed_host_is_normalized_for_good(entry: str) -> None:
+    """Whatever is accepted comes out lower-case ASCII, stays the same when
+    normalized again, and allows exactly the host a browser reads in it."""
+    normalized = allowed_host(entry)
+    if normalized is None:
+        return
+    assert normalized.isascii() and normalized == normalized.lower()
+    assert allowed_host(normalized) == normalized
+    host, _, port = normalized.removeprefix("*.").partition(":")
+    url = f"https://{'a.' if normalized.startswith('*.') else ''}{host}:{port or 443}/"
+    rules = table([{**OUT, "allowed_hosts": [entry]}])
+    sent = answer(rules, "/out", b"u=" + quote(url, safe="").encode()).location
+    assert sent is not None and URL(sent).hostname.endswith(host)
+
+
+@pytest.mark.parametrize(
+    ("pixel", "rules", "message"),
+    [
+        ({"path": "/"}, [], "pixel.path: Value error, must start with"),
+        ({"path": "/healthz"}, [], "pixel.path: Value error, /healthz is reserved"),
+        ({"path": "/p?x"}, [], "pixel.path: Value error, must be printable ASCII"),
+        ({"enabled": True}, [{**OUT, "path": "/p.gif"}], "rules.0.path: '/p.gif' is pixel.path"),
+    ],
+)
+def test_bad_pixel_settings_are_refused_naming_the_key(
+    pixel: dict[str, Any], rules: list[dict[str, Any]], message: str
+) -> None:
+    assert message.replace("Value error, ", "") in refused(rules, pixel=pixel)
+
+
+def test_the_pixel_and_collect_cannot_share_a_path() -> None:
+    error = refused(
+        [], pixel={"enabled": True, "path": "/e"}, collect={"enabled": True, "path": "/e"}
+    )
+    assert "pixel.path: '/e' is collect.path too" in error
+    # Off, its path is anybody's.
+    parse_settings(config([{**OUT, "path": "/p.gif"}], pixel={"enabled": False}))

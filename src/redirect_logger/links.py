@@ -34,6 +34,8 @@ _HIT_ID = b"{hit_id}"
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 
+_DEFAULT_PORTS = {"http:": "80", "https:": "443"}
+
 # Why a dynamic target was refused: the record's "reason" (docs/records.md).
 REASONS = ("missing", "repeated", "malformed", "scheme", "userinfo", "host", "port")
 
@@ -122,21 +124,24 @@ class AllowList:
         self._exact = {host: frozenset(ports) for host, ports in exact.items()}
         self._below = {host: frozenset(ports) for host, ports in below.items()}
 
-    def refusal(self, host: str, port: str) -> str | None:
-        """None when ``host`` (as the WHATWG parser gives it) with ``port`` is
-        allowed; otherwise ``"host"``, or ``"port"`` when only the port is not."""
+    def refusal(self, host: str, port: str, default: str) -> str | None:
+        """None when ``host`` with ``port`` (as the WHATWG parser gives them:
+        "" for the scheme's ``default`` port) is allowed; otherwise
+        ``"host"``, or ``"port"`` when only the port is not. An entry that
+        lists the default port allows it, written or not."""
         host = host.removesuffix(".")
+        wanted = (port, default) if port == "" else (port,)
         listed = False
         ports = self._exact.get(host)
         if ports is not None:
-            if port in ports:
+            if not ports.isdisjoint(wanted):
                 return None
             listed = True
         dot = host.find(".")
         while dot != -1:
             ports = self._below.get(host[dot + 1 :])
             if ports is not None:
-                if port in ports:
+                if not ports.isdisjoint(wanted):
                     return None
                 listed = True
             dot = host.find(".", dot + 1)
@@ -161,7 +166,7 @@ def given_url(query: bytes, param: str, allow: AllowList) -> tuple[URL, bool] | 
         return "scheme"
     if url.username or url.password:
         return "userinfo"
-    refused = allow.refusal(url.hostname, url.port)
+    refused = allow.refusal(url.hostname, url.port, _DEFAULT_PORTS[url.protocol])
     if refused is not None:
         return refused
     if not url.href.isascii():  # the parser percent-encodes: never seen
