@@ -126,12 +126,15 @@ def test_record_fields_and_key() -> None:
         "status": 301,
         "location": "https://docs.example.com/caf%C3%A9",
         "rule": "docs",
+        "route": None,
+        "variant": None,
         "kind": "redirect",
         "client_ip": "::1",
         "remote_address": "[::1]:4711",
         "user_agent": "ua\\xff",
         "referer": "https://r/",
         "bot": False,
+        "country": None,
         "instance": "test-1",
     }
     assert logged_at >= record["ts"]

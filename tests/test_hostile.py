@@ -260,12 +260,15 @@ class Sent:
             "status": self.status,
             "location": self.location,
             "rule": self.rule,
+            "route": None,
+            "variant": None,
             "kind": "miss" if self.location is None else "redirect",
             "client_ip": "127.0.0.1",
             "user_agent": _text(self.user_agent),
             "referer": _text(self.referer),
             # as the service works it out: from the method and the agent as recorded
             "bot": BOTS.is_bot(self.method, agent and agent[: LIMITS["user_agent"]]),
+            "country": None,
         }
         truncated = []
         for name, limit in LIMITS.items():

@@ -149,16 +149,20 @@ class Frontend:
         if rules.by_host:  # only then is the Host header looked up; the last one, as recorded
             host = next((v for k, v in reversed(scope["headers"]) if k == b"host"), None)
         target, remainder = rules.match(scope["path"], host)
-        detail = None
-        if target.live is None:
-            location = target.location(remainder, scope["query_string"])
-        else:  # a window, macros or a dynamic target (links.py)
+        detail = route = variant = cookie = None
+        if target.live is not None:  # a window, macros or a dynamic target (links.py)
             target, location, detail = target.live.resolve(
                 scope["path"], remainder, scope["query_string"], hit_id, now
             )
+        else:
+            if target.routing is not None:  # the rule has routes or a split (routing.py)
+                target, route, variant, cookie = target.routing.choose(scope, service.clients)
+            location = target.location(remainder, scope["query_string"])
         status = target.status
         admission = await service.admit(
-            Hit.from_scope(scope, hit_id, now, status, location, target.name, detail=detail)
+            Hit.from_scope(
+                scope, hit_id, now, status, location, target.name, None, detail, route, variant
+            )
         )
         headers = [(b"x-hit-id", hit_id.encode())]
         if admission is Admission.SHED:
@@ -173,6 +177,8 @@ class Frontend:
                 (b"location", location.encode("ascii")),
                 (b"cache-control", target.cache_control),
             ]
+            if cookie is not None:  # a split's variant, drawn for this client
+                headers.append((b"set-cookie", cookie))
         self._count_hit(target.name, status)
         headers.append((b"content-length", str(len(body)).encode()))
         if body:

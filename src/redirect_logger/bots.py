@@ -1,4 +1,9 @@
-"""The ``bot`` flag of a record: the request method and uap-core's patterns.
+"""User-Agents read with uap-core's patterns: the ``bot`` flag of a record,
+and the OS family that routes (routing.py) compare.
+
+Each distinct agent is looked at once per process (``Agents``, a bounded LRU
+cache shared by both), and only for what is asked of it: the device patterns
+for the bot flag, the OS patterns for a route's ``os``.
 
 A hit is a bot hit when its method is ``HEAD``, when it has no User-Agent
 (or a blank one), or when uap-core's device patterns (the ``ua-parser-builtins``
@@ -9,6 +14,7 @@ package, matched by ua-parser's Rust resolver) name its agent's device
 from __future__ import annotations
 
 import functools
+import re
 from operator import attrgetter
 
 import ua_parser_rs
@@ -34,25 +40,131 @@ def _devices() -> ua_parser_rs.DeviceExtractor:
     return ua_parser_rs.DeviceExtractor(map(fields, devices))
 
 
-class BotDetector:
-    """Bot verdicts for hits, cached per User-Agent text in a bounded LRU cache."""
+@functools.cache
+def _oses() -> ua_parser_rs.OSExtractor:
+    """uap-core's OS patterns, compiled once per process, as ua-parser's
+    ``regex`` resolver builds them (only when some route has ``os``)."""
+    _, oses, _ = load_lazy_builtins()
+    fields = attrgetter("regex", "family", "major", "minor", "patch", "patch_minor")
+    return ua_parser_rs.OSExtractor(map(fields, oses))
+
+
+class Agent:
+    """One User-Agent text; what is asked of it is worked out once."""
+
+    __slots__ = ("_os", "_spider", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._spider: bool | None = None
+        self._os: str | None = None
+
+    @property
+    def spider(self) -> bool:
+        """Whether uap-core names the agent's device ``Spider``."""
+        if self._spider is None:
+            device = _devices().extract(self.text)
+            self._spider = device is not None and device.family == "Spider"
+        return self._spider
+
+    @property
+    def os(self) -> str:
+        """uap-core's OS family of the agent (``"iOS"``, ``"Android"``);
+        ``"Other"`` when no pattern matches, as ua-parser says."""
+        if self._os is None:
+            found = _oses().extract(self.text)
+            self._os = "Other" if found is None else found.family
+        return self._os
+
+
+class Agents:
+    """``Agent``s by text, in a bounded LRU cache: one per process, shared by
+    the bot flag (in the workers) and the routes (on the request path), which
+    run on the same thread."""
 
     def __init__(self, cache_size: int = CACHE_SIZE) -> None:
-        self._devices = _devices()
-        self._spider = functools.lru_cache(maxsize=cache_size)(self._match)
+        self.get = functools.lru_cache(maxsize=cache_size)(Agent)
 
-    def _match(self, agent: str) -> bool:
-        device = self._devices.extract(agent)
-        return device is not None and device.family == "Spider"
+    @property
+    def cached(self) -> int:
+        """Agents in the cache now (at most its size)."""
+        return self.get.cache_info().currsize
+
+
+class BotDetector:
+    """Bot verdicts for hits, from the agents' cache."""
+
+    def __init__(self, cache_size: int = CACHE_SIZE, agents: Agents | None = None) -> None:
+        _devices()  # compiled at start-up, not on the first hit
+        self._agents = agents or Agents(cache_size)
 
     def is_bot(self, method: str, agent: str | None) -> bool:
         """Whether a hit with this (upper-case) method and User-Agent text comes
         from a bot: ``HEAD``, no or a blank agent, or a crawler's agent."""
         if method == "HEAD" or agent is None or not agent.strip():
             return True
-        return self._spider(agent)
+        return self._agents.get(agent).spider
 
     @property
     def cached(self) -> int:
-        """Agents whose verdict is in the cache now (at most its size)."""
-        return self._spider.cache_info().currsize
+        """Agents in the cache now (at most its size)."""
+        return self._agents.cached
+
+
+# A pattern's first group that names its family by plain alternatives:
+# letters, digits, spaces, "|", "(?:", ")", "\b" and escaped characters.
+_PLAIN_GROUP = re.compile(r"(?:[\w ^|]|\\.|\(\?:|\))*")
+
+
+@functools.cache
+def os_families() -> frozenset[str]:
+    """The OS families uap-core's patterns can name: each pattern's family,
+    or, for one taken from the agent ("$1"), the names its first group spells
+    out when that group is plain alternatives (``(Windows|Android)``). For
+    ``redirect-logger check``'s warning about an unknown name in ``os``."""
+    _, oses, _ = load_lazy_builtins()
+    families = {"Other"}
+    for matcher in oses:
+        family, regex = attrgetter("family", "regex")(matcher)
+        if family and "$" not in family:
+            families.add(family)
+        elif family == "$1":
+            group = _first_group(regex)
+            if group is not None and _PLAIN_GROUP.fullmatch(group):
+                families.update(_spelled(group))
+    return frozenset(families)
+
+
+def _first_group(pattern: str) -> str | None:
+    """The text of ``pattern``'s first capturing group, without its brackets."""
+    start = depth = 0
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == "(":
+            if depth == 0 and start == 0 and not pattern.startswith("(?", index):
+                start = index + 1
+            if start:
+                depth += 1
+        elif char == ")" and start:
+            depth -= 1
+            if depth == 0:
+                return pattern[start:index]
+        index += 1
+    return None
+
+
+def _spelled(group: str) -> set[str]:
+    """The texts a plain group matches: its alternatives, with one level of
+    ``(?:a|b)`` expanded."""
+    inner = re.search(r"\(\?:([^()]*)\)", group)
+    if inner is not None:
+        head, tail = group[: inner.start()], group[inner.end() :]
+        names: set[str] = set()
+        for choice in inner.group(1).split("|"):
+            names |= _spelled(head + choice + tail)
+        return names
+    return {re.sub(r"\\b|\^", "", part).replace("\\", "") for part in group.split("|") if part}

@@ -249,6 +249,87 @@ def _offset_datetime(value: object) -> object:
     return value
 
 
+# Names that may appear in a cookie (rl_<rule>=<variant>) as they are.
+_COOKIE_TOKEN = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class Route(_Section):
+    """``[[rules.routes]]``: a target for the requests that meet every condition
+    given (docs/configuration.md#rulesroutes); routing.py applies them."""
+
+    # Recorded as "route"; None: the route's index (0 for the first)
+    name: str | None = Field(None, min_length=1, max_length=200)
+    os: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        None, min_length=1
+    )  # ua-parser OS families ("iOS", "Android")
+    # Accept-Language primary tags ("de"), lower-cased
+    languages: list[str] | None = Field(None, min_length=1)
+    # ISO 3166-1 alpha-2 codes ("DE"), upper-cased; needs records.geoip_database
+    countries: list[str] | None = Field(None, min_length=1)
+    query: dict[str, str] | None = Field(None, min_length=1)  # keys and values present
+    target: str
+
+    @field_validator("languages")
+    @classmethod
+    def _check_languages(cls, languages: list[str] | None) -> list[str] | None:
+        if languages is None:
+            return None
+        for language in languages:
+            if not re.fullmatch(r"[A-Za-z]{1,8}", language):
+                raise ValueError(
+                    f'{language!r} is not a primary language tag (1 to 8 letters, as "de")'
+                )
+        return [language.lower() for language in languages]
+
+    @field_validator("countries")
+    @classmethod
+    def _check_countries(cls, countries: list[str] | None) -> list[str] | None:
+        if countries is None:
+            return None
+        for country in countries:
+            if not re.fullmatch(r"[A-Za-z]{2}", country):
+                raise ValueError(f'{country!r} is not an ISO 3166-1 alpha-2 code (as "DE")')
+        return [country.upper() for country in countries]
+
+    @field_validator("target")
+    @classmethod
+    def _check_route_target(cls, target: str) -> str:
+        _target_url(target)
+        return target
+
+    @model_validator(mode="after")
+    def _check_conditions(self) -> Route:
+        if (
+            self.os is None
+            and self.languages is None
+            and self.countries is None
+            and (self.query is None)
+        ):
+            raise ValueError(
+                "a route needs a condition (os, languages, countries or query); "
+                "the rule's own target is for every other request"
+            )
+        return self
+
+
+class Variant(_Section):
+    """``[[rules.split]]``: one variant of a weighted split (routing.py)."""
+
+    name: str = Field(pattern=_COOKIE_TOKEN)  # recorded as "variant"; the cookie's value
+    weight: int = Field(ge=0, le=1_000_000)  # relative to the other variants' weights
+    target: str
+
+    @field_validator("target")
+    @classmethod
+    def _check_variant_target(cls, target: str) -> str:
+        _target_url(target)
+        return target
+
+
+# s a split's sticky cookie lives by default: 30 days
+SPLIT_COOKIE_MAX_AGE = 30 * 86_400
+
+
 class Rule(_Target):
     name: str = Field(min_length=1, max_length=200)
     path: str
@@ -272,6 +353,11 @@ class Rule(_Target):
     host: str | None = Field(None, max_length=253)
     case_insensitive: bool = False  # compare the path's ASCII letters without case
     trailing_slash: bool = False  # "/a" also answers "/a/", and "/a/" also "/a"
+    # Routes by device, language, country or query, tried in order; then the split
+    routes: list[Route] = Field(default_factory=list)
+    split: list[Variant] = Field(default_factory=list)  # weighted variants, sticky per client
+    # s the split's cookie (rl_<name>) keeps a client on its variant
+    split_cookie_max_age: int = Field(SPLIT_COOKIE_MAX_AGE, ge=60, le=34_560_000)
 
     @field_validator("host")
     @classmethod
@@ -380,6 +466,22 @@ class Rule(_Target):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_split(self) -> Rule:
+        if not self.split:
+            return self
+        if not re.fullmatch(_COOKIE_TOKEN, self.name):
+            raise ValueError(
+                f"split: the rule's name {self.name!r} names its cookie (rl_<name>): "
+                "1 to 64 letters, digits, '.', '_' or '-'"
+            )
+        names = [variant.name for variant in self.split]
+        if len(set(names)) != len(names):
+            raise ValueError("split: variant names must be unique")
+        if sum(variant.weight for variant in self.split) <= 0:
+            raise ValueError("split: the weights must add up to more than 0")
+        return self
+
 
 class Fallback(_Target):
     status: int = 404
@@ -450,6 +552,20 @@ class RecordsSettings(_Section):
     # spilling is off; it makes no room: the channel and librdkafka's queue fill
     # (librdkafka's message.timeout.ms must be at least this long)
     outage_tolerance: float = Field(300.0, ge=0, le=86_400)
+    # A MaxMind DB (GeoLite2-Country, say): records gain "country"; routes may
+    # use countries. None: no country lookups. Reopened by a reload.
+    geoip_database: str | None = Field(None, min_length=1)
+
+    @field_validator("geoip_database")
+    @classmethod
+    def _check_geoip_database(cls, path: str | None) -> str | None:
+        if path is not None:
+            from .geo import database_problem  # maxminddb, loaded only when used
+
+            problem = database_problem(path)
+            if problem is not None:
+                raise ValueError(problem)
+        return path
 
     @field_validator("topic")
     @classmethod
@@ -684,6 +800,7 @@ class Settings(_Section):
         _cross_check_kafka(self)
         _cross_check_collect(self)
         _cross_check_pixel(self)
+        _cross_check_routes(self)
         records = self.records
         if records.when_full == "block" and records.max_block > self.server.graceful_timeout:
             raise _KeyError(
@@ -702,13 +819,14 @@ class Settings(_Section):
 
     def with_rules_of(self, other: Settings) -> Settings:
         """These settings with ``other``'s ``[[rules]]``, ``[fallback]``,
-        ``[redirects]`` and ``[pixel]`` (``RELOADED``, what a reload applies),
-        checked as a whole: raises
+        ``[redirects]``, ``[pixel]`` and ``records.geoip_database``
+        (``RELOADED``, what a reload applies), checked as a whole: raises
         ConfigError when those contradict the tables in use (a rule on the
         running ``collect.path``, say)."""
         data = self.model_dump(mode="json")
         for name in RELOADED:
             data[name] = other.model_dump(mode="json")[name]
+        data["records"]["geoip_database"] = other.records.geoip_database
         return parse_settings(data, "the rules with the settings in use")
 
     def topics(self) -> list[str]:
@@ -852,6 +970,33 @@ def _cross_check_pixel(settings: Settings) -> None:
                 f"rules.{index}.path",
                 f"{rule.path!r} is pixel.path: the pixel answers it (GET and HEAD)",
             )
+
+
+def _cross_check_routes(settings: Settings) -> None:
+    from .links import MACROS, is_live  # links.py builds on these models
+
+    for index, rule in enumerate(settings.rules):
+        if (rule.routes or rule.split) and is_live(rule):
+            raise _KeyError(
+                f"rules.{index}.{'routes' if rule.routes else 'split'}",
+                "routes and splits do not combine with valid_from, valid_until, "
+                "target_param or macros in the same rule",
+            )
+        for where, choices in (("routes", rule.routes), ("split", rule.split)):
+            for number, choice in enumerate(choices):
+                if any(macro in choice.target for macro in MACROS):
+                    raise _KeyError(
+                        f"rules.{index}.{where}.{number}.target",
+                        "macros ({hit_id}, {rule}) are for a rule's own target",
+                    )
+        if settings.records.geoip_database is not None:
+            continue
+        for number, route in enumerate(rule.routes):
+            if route.countries is not None:
+                raise _KeyError(
+                    f"rules.{index}.routes.{number}.countries",
+                    "needs records.geoip_database (a MaxMind DB to look countries up in)",
+                )
 
 
 def _cross_check_durability(settings: Settings) -> None:

@@ -15,15 +15,18 @@ import os
 import socket
 import time
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from uuid_utils import uuid7
 
-from .bots import BotDetector
+from .bots import Agents, BotDetector
 from .commit import Commit
 from .config import RecordsSettings, Rule, ServerSettings
 from .rules import query_pairs
+
+if TYPE_CHECKING:
+    from .geo import Countries
 
 SCHEMA_VERSION = 3  # docs/records.md, "Schema versions"
 
@@ -76,6 +79,8 @@ class Hit(NamedTuple):
     # "expired" (outside its rule's window), why a dynamic target was
     # refused (links.REASONS), or None
     detail: str | None = None
+    route: int | str | None = None  # the route that chose the target (routing.py)
+    variant: str | None = None  # the split's variant that did
 
     @classmethod
     def from_scope(
@@ -88,6 +93,8 @@ class Hit(NamedTuple):
         rule: str | None = None,
         data: bytes | None = None,
         detail: str | None = None,
+        route: int | str | None = None,
+        variant: str | None = None,
     ) -> Hit:
         """The hit of an ASGI HTTP request, answered ``status``: the one place
         a hit (or a collect event) is built from a request. A WebSocket
@@ -112,6 +119,8 @@ class Hit(NamedTuple):
             data,
             None,
             detail,
+            route,
+            variant,
         )
 
     @classmethod
@@ -121,9 +130,11 @@ class Hit(NamedTuple):
         """The events of one collect request, answered ``status``: ``from_scope``
         for each event's JSON in ``data``, each with an id of its own. The
         request's fields are read once (a request may carry a thousand events)."""
-        request = cls.from_scope(scope, "", ts, status)[1:11]  # all but id, data, commit, detail
+        request = cls.from_scope(scope, "", ts, status)[
+            1:11
+        ]  # all but id, data, commit, detail, route, variant
         new = tuple.__new__
-        return [new(cls, (str(uuid7()), *request, event, None, None)) for event in data]
+        return [new(cls, (str(uuid7()), *request, event, None, None, None, None)) for event in data]
 
 
 class Encoded(NamedTuple):
@@ -318,6 +329,7 @@ class Enricher:
         fallback_topic: str | None = None,
         no_track_param: str | None = None,
         event_topic: str | None = None,
+        agents: Agents | None = None,
     ) -> None:
         self._key = records.key
         self._default_topic = records.topic
@@ -326,7 +338,9 @@ class Enricher:
         self._ip = records.ip
         self._user_agent = records.user_agent
         self._referer = records.referer
-        self._bots = BotDetector() if records.bot_detection else None
+        self._bots = BotDetector(agents=agents) if records.bot_detection else None
+        # records.geoip_database, opened (and reopened on reload) by the service
+        self.countries: Countries | None = None
         self._excluded: tuple[Network, ...] = tuple(records.exclude_ips)
         self._trusted: tuple[Network, ...] = tuple(server.trusted_proxies)
         self._ip_headers = tuple(name.lower().encode() for name in server.client_ip_headers)
@@ -394,7 +408,7 @@ class Enricher:
         hit_id, ts, method, scheme, path, query, headers, client, status, location, rule, data = (
             hit[:12]
         )
-        detail = hit[13]
+        detail, route, variant = hit[13:16]
         host = user_agent = referer = None
         for name, value in headers:
             if name == b"host":
@@ -411,6 +425,10 @@ class Enricher:
         client_ip = self.client_ip(peer, headers) if self._trusted else peer
         if self._excluded and client_ip is not None and _within(client_ip, self._excluded):
             return None
+        # Looked up with the full address, before records.ip cuts or drops it
+        country = None
+        if self.countries is not None and client_ip is not None:
+            country = self.countries.of(client_ip)
         if self._ip == "anonymized":  # and the peer's port left out
             client_ip, remote = anonymized(client_ip), anonymized(peer)
         elif self._ip == "none":
@@ -431,12 +449,15 @@ class Enricher:
             "status": status,
             "location": location,
             "rule": rule,
+            "route": route,
+            "variant": variant,
             "kind": _kind(status, location, data),
             "client_ip": client_ip,
             "remote_address": remote,
             "user_agent": user_agent if self._user_agent else None,
             "referer": referer if self._referer else None,
             "bot": bot,
+            "country": country,
             "logged_at": self._logged.text(time.time()),
             "instance": self.instance,
         }

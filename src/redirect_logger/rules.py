@@ -10,10 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .config import Fallback, RedirectsSettings, Rule, Settings
 from .links import Live, is_live
+
+if TYPE_CHECKING:
+    from .routing import Routing
 
 # RFC 3986 pchar minus "%": a forwarded path segment keeps its slashes and
 # sub-delims; everything else (including "\", "%", CR/LF, NUL, non-ASCII) is escaped.
@@ -43,6 +47,8 @@ class Target:
     cache_control: bytes = b""  # the redirect's Cache-Control header value
     # A rule with a window, macros or target_param answers through this (links.py)
     live: Live | None = None
+    # The rule's routes and split (routing.py); None for a rule without them
+    routing: Routing | None = None
 
     @classmethod
     def compile(
@@ -302,6 +308,10 @@ class RuleTable:
                     rule, partial(Target.compile, rule.name, redirects=redirects), self.fallback
                 )
                 target = replace(target, live=live)
+            elif rule.routes or rule.split:
+                from .routing import Routing  # it builds on Target
+
+                target = replace(target, routing=Routing.compile(rule, target, redirects))
             if rule.host is None:
                 group = self._any
             elif rule.host.startswith("*."):

@@ -17,8 +17,10 @@ import orjson
 import trio
 from confluent_kafka import Message
 
+from .bots import Agents
 from .config import ADMIN_PATHS, RELOADED, ConfigError, Settings, port_of
 from .durable import Flight
+from .geo import Countries, InvalidDatabaseError
 from .group import group_directory, merge, read_members, serve_member
 from .heap import settled
 from .hits import Encoded, Enricher, Hit, record_id
@@ -28,6 +30,7 @@ from .limits import ConnectionGate
 from .metrics import Metrics
 from .pipeline import Admission, Pipeline, open_pipeline
 from .replay import Replayer, journal_options
+from .routing import Clients
 from .rules import RuleTable
 from .spill import Journal, JournalError, Placement, Spill
 from .topics import TopicWatch
@@ -95,6 +98,7 @@ class Service:
         self.rules = RuleTable.from_settings(settings)
         self.pixel_path = _pixel_path(settings)
         self.ledger = Ledger()
+        agents = Agents()  # parsed User-Agents, shared by the bot flag and the routes
         self.enricher = Enricher(
             settings.records,
             settings.server,
@@ -102,7 +106,10 @@ class Service:
             settings.fallback.topic,
             settings.redirects.no_track_param,
             settings.collect.topic,
+            agents,
         )
+        self.clients = Clients(agents, settings.records, settings.server, self.enricher.client_ip)
+        self._use_countries(settings.records.geoip_database)
         # Which topics the config writes to are missing (checked once the producer runs).
         self.topics = TopicWatch(lambda: self.settings.topics(), self._topic_names)
         self.metrics = Metrics(self.ledger, self._gauges, self.topics.gauge)
@@ -128,15 +135,16 @@ class Service:
 
     def use_rules(self, settings: Settings) -> None:
         """Swap in the ``[[rules]]``, ``[fallback]``, ``[redirects]`` and
-        ``[pixel]`` of newly loaded settings: one assignment each for the
-        request path, so a request sees the old table or the new one, never a
-        mix. The other tables need a
+        ``[pixel]`` and ``records.geoip_database`` (reopened) of newly loaded
+        settings: one assignment each for the request path, so a request sees
+        the old table or the new one, never a mix. The other tables need a
         restart; a change to them is logged and not applied. Raises ConfigError,
         changing nothing, when the new rules contradict the tables in use (a
         rule on the collect path in use, say)."""
         old = self.settings
         merged = old.with_rules_of(settings)
         table = RuleTable.from_settings(merged)
+        self._use_countries(merged.records.geoip_database)
         self.enricher.use_rules(
             merged.rules, merged.fallback.topic, merged.redirects.no_track_param
         )
@@ -145,7 +153,8 @@ class Service:
         restart = [
             name
             for name in type(old).model_fields
-            if name not in RELOADED and getattr(old, name) != getattr(settings, name)
+            if name not in RELOADED
+            and getattr(merged if name == "records" else old, name) != getattr(settings, name)
         ]
         if (
             "server" in restart
@@ -157,6 +166,21 @@ class Service:
         log.info("rules reloaded: %d rules", len(settings.rules))
         if restart:
             log.warning("changed, but applied only at the next start: [%s]", "], [".join(restart))
+
+    def _use_countries(self, path: str | None) -> None:
+        """Open ``records.geoip_database`` (again: a reload picks up a file
+        replaced in place) for the records and the routes. Raises ConfigError
+        naming the key, keeping the database in use, when it cannot be read."""
+        countries = None
+        if path is not None:
+            try:
+                countries = Countries(path)
+            except (OSError, ValueError, InvalidDatabaseError) as exc:
+                raise ConfigError(f"records.geoip_database: {path!r}: {exc}") from exc
+        old = self.clients.countries
+        self.clients.countries = self.enricher.countries = countries
+        if old is not None:
+            old.close()
 
     def listening(self, binds: list[str]) -> None:
         """Record the bound addresses (``server.bind`` first, then ``admin_bind``),

@@ -1,0 +1,271 @@
+"""Routes and splits: which of a rule's targets answers a request.
+
+A rule with ``[[rules.routes]]`` or ``[[rules.split]]`` carries a ``Routing``
+on its compiled target (``Target.routing``); every other rule has None there,
+and the request path pays one attribute test for it. docs/configuration.md
+(``[[rules.routes]]``, ``[[rules.split]]``) describes the behaviour.
+
+Every target here is a compiled ``Target`` of the rule's own status and
+forwarding, so the Location of a route or a variant keeps the no-open-redirect
+property of rules.py: it starts with a configured target's ``scheme://host``.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import random
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from werkzeug.datastructures import LanguageAccept
+from werkzeug.http import parse_accept_header, parse_cookie
+
+from .bots import Agents
+from .config import RecordsSettings, RedirectsSettings, Rule, ServerSettings
+
+if TYPE_CHECKING:
+    from .geo import Countries
+    from .rules import Target
+
+Headers = list[tuple[bytes, bytes]]
+Label = int | str  # a route's name, else its index
+# (target, route, variant, Set-Cookie value or None)
+Choice = tuple["Target", Label | None, str | None, bytes | None]
+
+# The longest User-Agent looked at: as the bot flag classifies it (hits.FIELD_LIMITS)
+_AGENT_LIMIT = 1024
+# Characters a cookie's Path attribute keeps as they are (no ";" or ",")
+_COOKIE_PATH_SAFE = "/-._~!$&'()*+=:@"
+
+
+class Clients:
+    """What routes and splits need to know of a request's client: its agent
+    (parsed once per distinct agent, in the cache the bot flag shares), its
+    country, whether it came over TLS. One per process."""
+
+    def __init__(
+        self,
+        agents: Agents,
+        records: RecordsSettings,
+        server: ServerSettings,
+        client_ip: Callable[[str | None, Headers], str | None],
+    ) -> None:
+        self.agents = agents
+        self.countries: Countries | None = None  # set by the service
+        # records.ip = "none": no client may be recognised again, so no cookie
+        self.anonymous = records.ip == "none"
+        self._client_ip = client_ip
+        self._trusted = tuple(server.trusted_proxies)
+
+    def os(self, headers: Headers) -> str:
+        """uap-core's OS family of the request's (last) User-Agent; ``"Other"``
+        for none."""
+        agent = next((v for k, v in reversed(headers) if k == b"user-agent"), b"")
+        text = agent.decode("utf-8", "backslashreplace")[:_AGENT_LIMIT]
+        return self.agents.get(text).os
+
+    def country(self, scope: dict[str, Any]) -> str | None:
+        """The country of the request's client (its full address, resolved
+        through ``server.trusted_proxies``); None when unknown."""
+        if self.countries is None:
+            return None
+        client = scope.get("client")
+        ip = self._client_ip(client[0] if client else None, scope["headers"])
+        return None if ip is None else self.countries.of(ip)
+
+    def secure(self, scope: dict[str, Any]) -> bool:
+        """Whether the request came over TLS: to this server, or, as a trusted
+        proxy says (``X-Forwarded-Proto`` or ``Forwarded: proto=``), to it."""
+        if scope["scheme"] in ("https", "wss"):
+            return True
+        client = scope.get("client")
+        if not self._trusted or not client or not self._trusted_peer(client[0]):
+            return False
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-proto":
+                return bool(value.strip().lower() == b"https")
+            if name == b"forwarded" and b"proto=https" in value.lower().replace(b'"', b""):
+                return True
+        return False
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one Clients per process
+    def _trusted_peer(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+
+@functools.lru_cache(maxsize=4096)
+def languages_of(accept_language: bytes) -> tuple[str, ...]:
+    """The primary tags of an ``Accept-Language`` value, lower case, in the
+    client's order of preference (q, as werkzeug sorts it); without those of
+    q=0 and ``*``."""
+    accepted = parse_accept_header(accept_language.decode("latin-1"), LanguageAccept)
+    tags = (tag.partition("-")[0].lower() for tag, q in accepted if q > 0 and tag != "*")
+    return tuple(dict.fromkeys(tags))
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A compiled ``[[rules.routes]]``: its conditions (None: not asked)."""
+
+    label: Label
+    target: Target
+    os: frozenset[str] | None
+    languages: frozenset[str] | None
+    countries: frozenset[str] | None
+    query: frozenset[tuple[str, str]] | None  # pairs as query_pairs decodes them
+
+
+class Routing:
+    """The routes and the split of one rule, and its own target."""
+
+    def __init__(
+        self,
+        rule: Rule,
+        default: Target,
+        routes: list[Route],
+        variants: list[tuple[str, int, Target]],
+    ) -> None:
+        self.default = default
+        self.routes = routes
+        # Every language some route names: the client's first of these decides
+        self.offered = frozenset().union(*(r.languages or () for r in routes))
+        self.needs_query = any(route.query is not None for route in routes)
+        self.variants = {name: target for name, weight, target in variants if weight > 0}
+        self._names = [name for name, _, _ in variants]
+        self._targets = [target for _, _, target in variants]
+        self._cumulative: list[int] = []
+        total = 0
+        for _, weight, _ in variants:
+            total += weight
+            self._cumulative.append(total)
+        self._total = total
+        self.cookie_name = f"rl_{rule.name}"
+        path = rule.path.removesuffix("*").removesuffix("/") or "/"
+        attributes = (
+            f"; Max-Age={rule.split_cookie_max_age}; "
+            f"Path={quote(path, safe=_COOKIE_PATH_SAFE)}; SameSite=Lax; HttpOnly"
+        )
+        # Set-Cookie values by (variant, secure)
+        self._cookies = {
+            (
+                name,
+                secure,
+            ): f"{self.cookie_name}={name}{attributes}{'; Secure' if secure else ''}".encode(
+                "ascii"
+            )
+            for name in self._names
+            for secure in (False, True)
+        }
+        self._cookie_marker = f"{self.cookie_name}=".encode("ascii")
+
+    @classmethod
+    def compile(cls, rule: Rule, default: Target, redirects: RedirectsSettings | None) -> Routing:
+        from .rules import Target  # rules.py builds routings: imported when it does
+
+        def target(url: str) -> Target:
+            spec = rule.model_copy(update={"target": url, "routes": [], "split": []})
+            return Target.compile(rule.name, spec, redirects)
+
+        routes = [
+            Route(
+                index if route.name is None else route.name,
+                target(route.target),
+                None if route.os is None else frozenset(route.os),
+                None if route.languages is None else frozenset(route.languages),
+                None if route.countries is None else frozenset(route.countries),
+                None
+                if route.query is None
+                else frozenset((_as_latin1(k), _as_latin1(v)) for k, v in route.query.items()),
+            )
+            for index, route in enumerate(rule.routes)
+        ]
+        variants = [(v.name, v.weight, target(v.target)) for v in rule.split]
+        return cls(rule, replace(default, routing=None), routes, variants)
+
+    def choose(self, scope: dict[str, Any], clients: Clients) -> Choice:
+        """The target that answers this request, the route that chose it, the
+        split's variant, and a ``Set-Cookie`` value when a new variant was
+        drawn for a client that can be recognised again."""
+        if self.routes:
+            found = self._route(scope, clients)
+            if found is not None:
+                return found.target, found.label, None, None
+        if not self._total:
+            return self.default, None, None, None
+        if clients.anonymous:
+            name, target = self._draw()
+            return target, None, name, None
+        kept = self._kept(scope["headers"])
+        if kept is not None:
+            return self.variants[kept], None, kept, None
+        name, target = self._draw()
+        return target, None, name, self._cookies[name, clients.secure(scope)]
+
+    def _route(self, scope: dict[str, Any], clients: Clients) -> Route | None:
+        headers = scope["headers"]
+        os = language = country = None
+        pairs: frozenset[tuple[str, str]] | None = None
+        asked_language = asked_country = False
+        for route in self.routes:
+            if route.os is not None:
+                if os is None:
+                    os = clients.os(headers)
+                if os not in route.os:
+                    continue
+            if route.languages is not None:
+                if not asked_language:
+                    asked_language, language = True, self._language(headers)
+                if language not in route.languages:
+                    continue
+            if route.countries is not None:
+                if not asked_country:
+                    asked_country, country = True, clients.country(scope)
+                if country not in route.countries:
+                    continue
+            if route.query is not None:
+                if pairs is None:
+                    from .rules import query_pairs
+
+                    pairs = frozenset(query_pairs(scope["query_string"]))
+                if not route.query <= pairs:
+                    continue
+            return route
+        return None
+
+    def _language(self, headers: Headers) -> str | None:
+        """The client's most preferred language that some route names."""
+        values = [v for k, v in headers if k == b"accept-language"]
+        if not values:
+            return None
+        for tag in languages_of(b",".join(values)):
+            if tag in self.offered:
+                return tag
+        return None
+
+    def _kept(self, headers: Headers) -> str | None:
+        """The variant the client's cookie names, when it is still one drawn."""
+        values = [v for k, v in headers if k == b"cookie"]
+        if not values or not any(self._cookie_marker in value for value in values):
+            return None
+        cookies = parse_cookie(b"; ".join(values).decode("latin-1"))
+        kept = cookies.get(self.cookie_name)
+        return kept if kept in self.variants else None
+
+    def _draw(self) -> tuple[str, Target]:
+        index = bisect_right(self._cumulative, random.random() * self._total)
+        index = min(index, len(self._names) - 1)  # random() * total < total, but be safe
+        return self._names[index], self._targets[index]
+
+
+def _as_latin1(text: str) -> str:
+    """A configured query text as ``rules.query_pairs`` decodes a request's:
+    its UTF-8 bytes, one character each."""
+    return text.encode("utf-8").decode("latin-1")
