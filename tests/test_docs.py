@@ -109,16 +109,21 @@ def number(text: str) -> float:
 # ---------------------------------------------------------------- configuration
 
 
-def config_sections() -> dict[str, type[BaseModel]]:
-    """The model of each table of the config file, by its TOML heading."""
+def config_sections(
+    model: type[BaseModel] = Settings, prefix: str = ""
+) -> dict[str, type[BaseModel]]:
+    """The model of each table of the config file, by its TOML heading; tables
+    nested in an array of tables too (``[[rules.routes]]``)."""
     found: dict[str, type[BaseModel]] = {}
-    for name, field in Settings.model_fields.items():
+    for name, field in model.model_fields.items():
         annotation = field.annotation
         if typing.get_origin(annotation) is list:
-            [model] = typing.get_args(annotation)
-            found[f"[[{name}]]"] = model
+            [item] = typing.get_args(annotation)
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                found[f"[[{prefix}{name}]]"] = item
+                found.update(config_sections(item, f"{prefix}{name}."))
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            found[f"[{name}]"] = annotation
+            found[f"[{prefix}{name}]"] = annotation
     return found
 
 
@@ -127,7 +132,7 @@ def documented_sections() -> dict[str, str]:
     return {
         title.strip("`"): body
         for title, body in sections(text).items()
-        if re.fullmatch(r"`\[\[?[a-z_]+\]?\]`", title)
+        if re.fullmatch(r"`\[\[?[a-z_.]+\]?\]`", title)
     }
 
 
@@ -159,7 +164,12 @@ def type_name(annotation: Any) -> str:
     annotation, _ = unwrap(annotation)
     origin = typing.get_origin(annotation)
     if origin is list:
+        [item] = typing.get_args(annotation)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return "array of tables"
         return "array of strings"
+    if origin is dict:
+        return "table"
     if origin is typing.Literal:
         [kind] = {type(arg) for arg in typing.get_args(annotation)}
         annotation = kind

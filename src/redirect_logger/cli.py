@@ -29,6 +29,7 @@ from .config import ConfigError, Settings, load_settings, parse_settings
 from .devbroker import DevBrokerError, run_dev_broker
 from .limits import descriptor_shortfall
 from .logs import configure_logging
+from .routing import routing_warnings
 from .server import hypercorn_config, leaf_errors
 from .service import Service
 from .steps import StepTrace
@@ -211,6 +212,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     shortfall = descriptor_shortfall(settings.server)
     if shortfall is not None:
         print(f"warning: {args.config}: {shortfall}", file=sys.stderr)
+    for warning in routing_warnings(settings.rules):
+        print(f"warning: {args.config}: {warning}", file=sys.stderr)
     sys.stdout.write(orjson.dumps(settings.redacted(), option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write("\n")
     return 0

@@ -269,3 +269,31 @@ def _as_latin1(text: str) -> str:
     """A configured query text as ``rules.query_pairs`` decodes a request's:
     its UTF-8 bytes, one character each."""
     return text.encode("utf-8").decode("latin-1")
+
+
+def routing_warnings(rules: list[Rule]) -> list[str]:
+    """What in the rules' routes and splits is allowed but likely a mistake,
+    each naming its key: an ``os`` name uap-core never gives (the comparison
+    is exact), and a permanent status (301, 308) that browsers cache, so a
+    client would keep its first answer whatever the routes or split say."""
+    from .bots import os_families
+
+    found = []
+    families = os_families() if any(route.os for rule in rules for route in rule.routes) else ()
+    for index, rule in enumerate(rules):
+        for number, route in enumerate(rule.routes):
+            for name in route.os or ():
+                if name not in families:
+                    near = [f for f in families if f.lower() == name.lower()]
+                    hint = f' (did you mean "{near[0]}"?)' if near else ""
+                    found.append(
+                        f"rules.{index}.routes.{number}.os: {name!r} is not an OS family "
+                        f'uap-core names{hint}; it never matches. iPads are "iOS" (or, '
+                        'asking for desktop sites, "Mac OS X")'
+                    )
+        if (rule.routes or rule.split) and rule.status in (301, 308):
+            found.append(
+                f"rules.{index}.status: {rule.status} is permanent: browsers cache it, and "
+                "a client keeps its first route or variant; 302 or 307 ask each time"
+            )
+    return found

@@ -30,7 +30,7 @@ from .limits import ConnectionGate
 from .metrics import Metrics
 from .pipeline import Admission, Pipeline, open_pipeline
 from .replay import Replayer, journal_options
-from .routing import Clients
+from .routing import Clients, routing_warnings
 from .rules import RuleTable
 from .spill import Journal, JournalError, Placement, Spill
 from .topics import TopicWatch
@@ -110,6 +110,8 @@ class Service:
         )
         self.clients = Clients(agents, settings.records, settings.server, self.enricher.client_ip)
         self._use_countries(settings.records.geoip_database)
+        for warning in routing_warnings(settings.rules):
+            log.warning("%s", warning)
         # Which topics the config writes to are missing (checked once the producer runs).
         self.topics = TopicWatch(lambda: self.settings.topics(), self._topic_names)
         self.metrics = Metrics(self.ledger, self._gauges, self.topics.gauge)
@@ -163,6 +165,8 @@ class Service:
             restart.remove("server")  # only bind differs, e.g. serve --bind
         self.settings = merged
         self.topics.suspect()  # the rules may write to other topics now
+        for warning in routing_warnings(merged.rules):
+            log.warning("%s", warning)
         log.info("rules reloaded: %d rules", len(settings.rules))
         if restart:
             log.warning("changed, but applied only at the next start: [%s]", "], [".join(restart))
