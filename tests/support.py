@@ -548,3 +548,17 @@ def until_replayed(spill: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while list(spill.glob("slot-*/segment-*.log")) and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+def write_country_db(path: Path, countries: Mapping[str, str]) -> Path:
+    """A MaxMind DB (IPv6, IPv4 mapped in, as GeoLite2's) at ``path`` that
+    gives each network (CIDR) its country: ``{"country": {"iso_code": ...}}``,
+    the shape of GeoLite2-Country's records. Written with mmdb-writer."""
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    writer = MMDBWriter(6, "GeoLite2-Country", ipv4_compatible=True, description="test")
+    for network, country in countries.items():
+        writer.insert_network(IPSet([network]), {"country": {"iso_code": country}})
+    writer.to_db_file(str(path))
+    return path

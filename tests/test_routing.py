@@ -1,0 +1,453 @@
+"""Routes and splits (routing.py), countries (geo.py): unit tests without a
+broker. tests/test_routing_e2e.py reads their records back from Kafka."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from redirect_logger.bots import Agents, os_families
+from redirect_logger.config import ConfigError, RecordsSettings, ServerSettings, parse_settings
+from redirect_logger.geo import Countries
+from redirect_logger.hits import Enricher, Hit
+from redirect_logger.routing import Clients, Routing, languages_of, routing_warnings
+from redirect_logger.rules import RuleTable
+from support import write_country_db
+
+KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
+IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 Mobile"
+IPAD = "Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148"
+ANDROID = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/120 Mobile Safari"
+WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120 Safari/537.36"
+
+APP = {
+    "name": "app",
+    "path": "/app",
+    "target": "https://example.com/app",
+    "routes": [
+        {"os": ["iOS"], "target": "https://apps.apple.com/app/id1"},
+        {"name": "android", "os": ["Android"], "target": "https://play.google.com/store"},
+        {"languages": ["de"], "query": {"ref": "newsletter"}, "target": "https://example.com/de"},
+        {"languages": ["fr"], "target": "https://example.com/fr"},
+    ],
+}
+SPLIT = {
+    "name": "landing",
+    "path": "/landing",
+    "target": "https://example.com/landing",
+    "split": [
+        {"name": "a", "weight": 70, "target": "https://example.com/a"},
+        {"name": "b", "weight": 30, "target": "https://example.com/b"},
+    ],
+}
+
+
+def settings(*rules: dict[str, Any], **records: Any) -> Any:
+    return parse_settings({"kafka": dict(KAFKA), "rules": list(rules), "records": records})
+
+
+def clients(
+    records: RecordsSettings | None = None, server: ServerSettings | None = None
+) -> Clients:
+    return Clients(
+        Agents(), records or RecordsSettings(), server or ServerSettings(), lambda peer, _: peer
+    )
+
+
+def scope(
+    path: str,
+    query: bytes = b"",
+    *,
+    agent: str | None = None,
+    language: str | None = None,
+    cookie: str | None = None,
+    scheme: str = "http",
+    client: str = "192.0.2.1",
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> dict[str, Any]:
+    headers = [(b"host", b"go.example")]
+    if agent is not None:
+        headers.append((b"user-agent", agent.encode()))
+    if language is not None:
+        headers.append((b"accept-language", language.encode()))
+    if cookie is not None:
+        headers.append((b"cookie", cookie.encode()))
+    headers += extra or []
+    return {
+        "type": "http",
+        "method": "GET",
+        "scheme": scheme,
+        "path": path,
+        "query_string": query,
+        "headers": headers,
+        "client": (client, 40000),
+    }
+
+
+def answer(table: RuleTable, request: dict[str, Any], who: Clients) -> tuple[Any, ...]:
+    """(Location, route, variant, Set-Cookie) as app.Frontend works them out."""
+    target, remainder = table.match(request["path"])
+    route = variant = cookie = None
+    if target.routing is not None:
+        target, route, variant, cookie = target.routing.choose(request, who)
+    return target.location(remainder, request["query_string"]), route, variant, cookie
+
+
+# ------------------------------------------------------------------ routes
+
+
+@pytest.mark.parametrize(
+    ("agent", "language", "query", "expected"),
+    [
+        (IPHONE, None, b"", ("https://apps.apple.com/app/id1", 0)),
+        (IPAD, "de", b"ref=newsletter", ("https://apps.apple.com/app/id1?ref=newsletter", 0)),
+        (ANDROID, None, b"x=1", ("https://play.google.com/store?x=1", "android")),
+        (
+            WINDOWS,
+            "de-AT,en;q=0.5",
+            b"ref=newsletter",
+            ("https://example.com/de?ref=newsletter", 2),
+        ),
+        # every condition must hold: German without the query is not route 2
+        (WINDOWS, "de", b"ref=other", ("https://example.com/app?ref=other", None)),
+        (WINDOWS, "fr-CA", b"", ("https://example.com/fr", 3)),
+        (None, None, b"", ("https://example.com/app", None)),
+        ("", "*", b"", ("https://example.com/app", None)),
+    ],
+)
+def test_the_first_route_whose_conditions_all_hold_gives_the_target(
+    agent: str | None, language: str | None, query: bytes, expected: tuple[str, Any]
+) -> None:
+    table = RuleTable.from_settings(settings(APP))
+    location, route, variant, cookie = answer(
+        table, scope("/app", query, agent=agent, language=language), clients()
+    )
+    assert (location, route) == expected
+    assert (variant, cookie) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (
+            "fr, de;q=0.8",
+            "https://example.com/fr?ref=newsletter",
+        ),  # the client's order, not the routes'
+        ("da, de;q=0.8", "https://example.com/de?ref=newsletter"),  # da: no route names it
+        ("de;q=0.5, fr;q=0.9", "https://example.com/fr?ref=newsletter"),
+        ("fr;q=0, de", "https://example.com/de?ref=newsletter"),  # q=0: not acceptable
+        ("en", "https://example.com/app?ref=newsletter"),
+        (
+            "xx;q=oops, fr",
+            "https://example.com/fr?ref=newsletter",
+        ),  # an invalid q: that entry is skipped
+    ],
+)
+def test_languages_are_read_in_the_clients_order(accept: str, expected: str) -> None:
+    table = RuleTable.from_settings(settings(APP))
+    request = scope("/app", b"ref=newsletter", agent=WINDOWS, language=accept)
+    assert answer(table, request, clients())[0] == expected
+
+
+def test_accept_language_primary_tags() -> None:
+    assert languages_of(b"de-AT, de;q=0.9, EN-us;q=0.8, *;q=0.1, it;q=0") == ("de", "en")
+    assert languages_of(b"") == ()
+
+
+def test_query_conditions_compare_decoded_values_and_ignore_other_keys() -> None:
+    rule = {
+        "name": "q",
+        "path": "/q",
+        "target": "https://example.com/",
+        "routes": [{"query": {"ref": "caf\u00e9", "k": ""}, "target": "https://example.com/hit"}],
+    }
+    table = RuleTable.from_settings(settings(rule))
+    who = clients()
+    assert answer(table, scope("/q", b"x=1&ref=caf%C3%A9&k="), who)[:2] == (
+        "https://example.com/hit?x=1&ref=caf%C3%A9&k=",
+        0,
+    )
+    assert answer(table, scope("/q", b"ref=caf%C3%A9"), who)[1] is None  # k missing
+    assert answer(table, scope("/q", b"ref=cafe&k="), who)[1] is None
+
+
+def test_the_user_agent_is_parsed_once_per_distinct_agent_in_the_shared_cache() -> None:
+    table = RuleTable.from_settings(settings(APP))
+    who = clients()
+    for agent in [IPHONE, ANDROID, IPHONE, IPHONE, ANDROID]:
+        answer(table, scope("/app", agent=agent), who)
+    assert who.agents.cached == 2
+    enricher = Enricher(RecordsSettings(), ServerSettings(), agents=who.agents)
+    hit = Hit.from_scope(scope("/app", agent=IPHONE), "id", 0.0, 302, "https://x/", "app")
+    assert enricher.record(hit)["bot"] is False  # type: ignore[index]
+    assert who.agents.cached == 2  # the bot flag read the same entry
+    assert who.agents.get(IPHONE).spider is False
+
+
+def test_a_rule_without_routes_or_split_has_no_routing() -> None:
+    table = RuleTable.from_settings(settings({"name": "h", "path": "/", "target": "https://e/"}))
+    assert table.match("/")[0].routing is None
+    routed = RuleTable.from_settings(settings(APP)).match("/app")[0].routing
+    assert isinstance(routed, Routing)
+    assert routed.default.routing is None  # the rule's own target, when nothing applies
+
+
+def test_route_targets_take_the_rules_status_and_forwarding() -> None:
+    rule = {
+        "name": "docs",
+        "path": "/docs/*",
+        "status": 307,
+        "forward_path": True,
+        "query_drop": ["fbclid"],
+        "target": "https://docs.example.com/en/",
+        "routes": [{"languages": ["de"], "target": "https://docs.example.com/de/"}],
+    }
+    table = RuleTable.from_settings(settings(rule))
+    target, remainder = table.match("/docs/a/b")
+    assert target.routing is not None
+    chosen = target.routing.choose(scope("/docs/a/b", language="de"), clients())[0]
+    assert chosen.status == 307
+    assert chosen.location(remainder, b"fbclid=1&x=2") == "https://docs.example.com/de/a/b?x=2"
+
+
+# ------------------------------------------------------------------ splits
+
+
+def test_split_shares_are_within_two_percent_of_the_weights_over_10000_hits() -> None:
+    rule = {
+        **SPLIT,
+        "split": [
+            {"name": "a", "weight": 50, "target": "https://example.com/a"},
+            {"name": "b", "weight": 30, "target": "https://example.com/b"},
+            {"name": "c", "weight": 20, "target": "https://example.com/c"},
+            {"name": "off", "weight": 0, "target": "https://example.com/off"},
+        ],
+    }
+    table = RuleTable.from_settings(settings(rule))
+    who = clients()
+    drawn = Counter(answer(table, scope("/landing"), who)[2] for _ in range(10_000))
+    shares = {name: count / 10_000 for name, count in drawn.items()}
+    assert set(shares) == {"a", "b", "c"}
+    for name, weight in (("a", 0.5), ("b", 0.3), ("c", 0.2)):
+        assert abs(shares[name] - weight) <= 0.02, shares
+
+
+def test_a_drawn_variant_sets_the_sticky_cookie_and_the_cookie_keeps_it() -> None:
+    table = RuleTable.from_settings(settings(SPLIT))
+    who = clients()
+    location, route, variant, cookie = answer(table, scope("/landing"), who)
+    assert route is None and variant in ("a", "b")
+    assert location == f"https://example.com/{variant}"
+    assert (
+        cookie
+        == (
+            f"rl_landing={variant}; Max-Age=2592000; Path=/landing; SameSite=Lax; HttpOnly"
+        ).encode()
+    )
+    for name in ("a", "b"):  # kept whatever the draw would say, and not set again
+        for _ in range(50):
+            kept = answer(table, scope("/landing", cookie=f"x=1; rl_landing={name}"), who)
+            assert kept == (f"https://example.com/{name}", None, name, None)
+
+
+@pytest.mark.parametrize("cookie", ["rl_landing=zzz", "rl_landing=", "rl_other=a", "rl_landing"])
+def test_a_cookie_naming_no_current_variant_is_drawn_again(cookie: str) -> None:
+    table = RuleTable.from_settings(settings(SPLIT))
+    _, _, variant, set_cookie = answer(table, scope("/landing", cookie=cookie), clients())
+    assert variant in ("a", "b")
+    assert set_cookie is not None and set_cookie.startswith(f"rl_landing={variant};".encode())
+
+
+def test_a_variant_of_weight_zero_gets_nobody_and_its_cookie_is_drawn_again() -> None:
+    rule = {**SPLIT, "split": [{**SPLIT["split"][0], "weight": 0}, SPLIT["split"][1]]}
+    table = RuleTable.from_settings(settings(rule))
+    who = clients()
+    assert {answer(table, scope("/landing"), who)[2] for _ in range(200)} == {"b"}
+    assert answer(table, scope("/landing", cookie="rl_landing=a"), who)[2:] == (
+        "b",
+        b"rl_landing=b; Max-Age=2592000; Path=/landing; SameSite=Lax; HttpOnly",
+    )
+
+
+def test_the_cookie_is_secure_over_tls_or_when_a_trusted_proxy_says_so() -> None:
+    rule = {**SPLIT, "path": "/l/*", "split_cookie_max_age": 3600}
+    table = RuleTable.from_settings(settings(rule))
+    server = ServerSettings.model_validate({"trusted_proxies": ["10.0.0.0/8"]})
+    who = clients(server=server)
+    forwarded = [(b"x-forwarded-proto", b"https")]
+
+    def cookie(**kwargs: Any) -> bytes:
+        found = answer(table, scope("/l/x", **kwargs), who)[3]
+        assert found is not None
+        return bytes(found)
+
+    attributes = b"; Max-Age=3600; Path=/l; SameSite=Lax; HttpOnly"
+    assert cookie(scheme="https").endswith(attributes + b"; Secure")
+    assert cookie(client="10.1.2.3", extra=forwarded).endswith(b"; Secure")
+    standard = [(b"forwarded", b'for=192.0.2.9;proto="https"')]
+    assert cookie(client="10.1.2.3", extra=standard).endswith(b"; Secure")
+    assert cookie(client="192.0.2.1", extra=forwarded).endswith(attributes)  # not trusted
+    http = [(b"x-forwarded-proto", b"http")]
+    assert cookie(client="10.1.2.3", extra=http).endswith(attributes)
+    assert cookie().endswith(attributes)
+
+
+def test_with_ip_none_no_cookie_is_set_or_read_and_each_hit_is_drawn() -> None:
+    table = RuleTable.from_settings(settings(SPLIT, ip="none"))
+    who = clients(records=RecordsSettings(ip="none"))
+    answers = [answer(table, scope("/landing", cookie="rl_landing=a"), who) for _ in range(400)]
+    assert {cookie for *_, cookie in answers} == {None}
+    assert {variant for _, _, variant, _ in answers} == {"a", "b"}  # the cookie is not read
+
+
+def test_routes_come_before_the_split() -> None:
+    rule = {**SPLIT, "routes": [{"os": ["iOS"], "target": "https://apps.apple.com/x"}]}
+    table = RuleTable.from_settings(settings(rule))
+    assert answer(table, scope("/landing", agent=IPHONE), clients()) == (
+        "https://apps.apple.com/x",
+        0,
+        None,
+        None,
+    )
+    assert answer(table, scope("/landing", agent=ANDROID), clients())[2] in ("a", "b")
+
+
+# ------------------------------------------------------------------ config
+
+
+def refused(*rules: dict[str, Any], **records: Any) -> str:
+    with pytest.raises(ConfigError) as error:
+        settings(*rules, **records)
+    return str(error.value)
+
+
+def test_each_bad_route_or_split_is_refused_naming_its_key(tmp_path: Path) -> None:
+    route = {"os": ["iOS"], "target": "https://a.example/"}
+    assert "rules.0.routes.0.target: required key is missing" in refused(
+        {**APP, "routes": [{"os": ["iOS"]}]}
+    )
+    assert "rules.0.routes.0: Value error, a route needs a condition" in refused(
+        {**APP, "routes": [{"target": "https://a.example/"}]}
+    ).replace("rules.0.routes.0: a route", "rules.0.routes.0: Value error, a route")
+    assert "rules.0.routes.0.target: must be an absolute" in refused(
+        {**APP, "routes": [{**route, "target": "javascript:alert(1)"}]}
+    )
+    assert "rules.0.routes.0.languages: 'de_DE' is not a primary language tag" in refused(
+        {**APP, "routes": [{**route, "languages": ["de_DE"]}]}
+    )
+    assert "rules.0.routes.0.countries: 'DEU' is not an ISO 3166-1 alpha-2 code" in refused(
+        {**APP, "routes": [{**route, "countries": ["DEU"]}]}
+    )
+    assert "rules.0.routes.0.countries: needs records.geoip_database" in refused(
+        {**APP, "routes": [{**route, "countries": ["DE"]}]}
+    )
+    zero = [{**variant, "weight": 0} for variant in SPLIT["split"]]  # type: ignore[attr-defined]
+    assert "rules.0: split: the weights must add up to more than 0" in refused(
+        {**SPLIT, "split": zero}
+    )
+    assert "rules.0.split.0.weight: Input should be greater than or equal to 0" in refused(
+        {**SPLIT, "split": [{**SPLIT["split"][0], "weight": -1}]}  # type: ignore[index]
+    )
+    twice = [SPLIT["split"][0], SPLIT["split"][0]]  # type: ignore[index]
+    assert "rules.0: split: variant names must be unique" in refused({**SPLIT, "split": twice})
+    assert "rules.0.split.0.name: String should match pattern" in refused(
+        {**SPLIT, "split": [{**SPLIT["split"][0], "name": "a b"}]}  # type: ignore[index]
+    )
+    assert "names its cookie (rl_<name>)" in refused({**SPLIT, "name": "landing page"})
+    assert "rules.0.split_cookie_max_age: Input should be greater than or equal to 60" in refused(
+        {**SPLIT, "split_cookie_max_age": 0}
+    )
+    missing = tmp_path / "missing.mmdb"
+    assert f"records.geoip_database: {str(missing)!r}: no such file" in refused(
+        geoip_database=str(missing)
+    )
+    junk = tmp_path / "junk.mmdb"
+    junk.write_bytes(b"not a database")
+    assert f"records.geoip_database: {str(junk)!r}: not a MaxMind DB" in refused(
+        geoip_database=str(junk)
+    )
+
+
+def test_warnings_name_unknown_os_families_and_permanent_statuses() -> None:
+    rules = settings(
+        {**APP, "routes": [{"os": ["iOS", "iPadOS", "android"], "target": "https://a.example/"}]},
+        {**SPLIT, "status": 301},
+    ).rules
+    warnings = routing_warnings(rules)
+    assert len(warnings) == 3
+    assert warnings[0].startswith("rules.0.routes.0.os: 'iPadOS' is not an OS family")
+    assert warnings[1].startswith("rules.0.routes.0.os: 'android' is not an OS family")
+    assert '(did you mean "Android"?)' in warnings[1]
+    assert warnings[2].startswith("rules.1.status: 301 is permanent")
+    assert routing_warnings(settings(APP, SPLIT).rules) == []
+
+
+def test_the_os_families_uap_core_names() -> None:
+    families = os_families()
+    assert {"iOS", "Android", "Windows", "Mac OS X", "Linux", "Chrome OS", "Other"} <= families
+    assert {"Ubuntu", "FreeBSD", "OpenBSD", "HarmonyOS", "Tizen"} <= families
+    assert "iPadOS" not in families
+
+
+# ------------------------------------------------------------------ countries
+
+
+@pytest.fixture
+def country_db(tmp_path: Path) -> Path:
+    return write_country_db(
+        tmp_path / "countries.mmdb",
+        {"198.51.100.0/24": "DE", "203.0.113.0/25": "AT", "2001:db8:1::/48": "FR"},
+    )
+
+
+def test_countries_from_a_maxmind_db_cached_per_address(country_db: Path) -> None:
+    countries = Countries(str(country_db))
+    assert [
+        countries.of(ip)
+        for ip in ["198.51.100.7", "203.0.113.1", "203.0.113.200", "2001:db8:1::5", "192.0.2.1"]
+    ] == ["DE", "AT", None, "FR", None]
+    assert countries.of("not an address") is None
+    countries.of("198.51.100.7")
+    info = countries.of.cache_info()  # type: ignore[attr-defined]
+    assert (info.hits, info.currsize) == (1, 6)
+
+
+@pytest.mark.parametrize(
+    ("ip", "recorded"), [("full", "198.51.100.77"), ("anonymized", "198.51.100.0"), ("none", None)]
+)
+def test_the_record_country_uses_the_full_address_before_it_is_cut(
+    country_db: Path, ip: str, recorded: str | None
+) -> None:
+    # 198.51.100.77 is DE; its /24 alone would be DE too, so look at one
+    # whose cut address is elsewhere: 203.0.113.77 is AT, 203.0.113.0 too,
+    # 203.0.113.200 is unknown but cut to 203.0.113.0 (AT): the full one counts.
+    records = RecordsSettings(ip=ip)  # type: ignore[arg-type]
+    enricher = Enricher(records, ServerSettings())
+    enricher.countries = Countries(str(country_db))
+    for client, country in (("198.51.100.77", "DE"), ("203.0.113.200", None)):
+        request = scope("/x", client=client)
+        record = enricher.record(Hit.from_scope(request, "id", 0.0, 404))
+        assert record is not None
+        assert record["country"] == country
+    request = scope("/x", client="198.51.100.77")
+    record = enricher.record(Hit.from_scope(request, "id", 0.0, 404))
+    assert record is not None and record["client_ip"] == recorded
+
+
+def test_a_country_route(country_db: Path) -> None:
+    rule = {
+        **APP,
+        "routes": [
+            {"countries": ["de", "AT"], "languages": ["de"], "target": "https://example.com/dach"}
+        ],
+    }
+    table = RuleTable.from_settings(settings(rule, geoip_database=str(country_db)))
+    who = clients()
+    who.countries = Countries(str(country_db))
+    german = {"language": "de", "client": "203.0.113.9"}
+    assert answer(table, scope("/app", **german), who)[:2] == ("https://example.com/dach", 0)
+    assert answer(table, scope("/app", language="de", client="192.0.2.1"), who)[1] is None
+    assert answer(table, scope("/app", language="fr", client="203.0.113.9"), who)[1] is None
