@@ -63,11 +63,15 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):  # an inline table ([[rules.routes]] entries, say)
+        items = (f"{json.dumps(key)} = {_toml_value(item)}" for key, item in value.items())
+        return "{ " + ", ".join(items) + " }"
     raise TypeError(f"no TOML for {value!r}")
 
 
 def toml_text(config: Mapping[str, Any]) -> str:
-    """TOML for our config shape: tables of scalars, and [[rules]]."""
+    """TOML for our config shape: tables of scalars, and [[rules]] (whose
+    nested tables are written inline)."""
     lines: list[str] = []
     for table, body in config.items():
         entries = body if isinstance(body, list) else [body]

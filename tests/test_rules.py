@@ -879,3 +879,88 @@ def test_case_insensitive_folds_ascii_letters_only_and_keeps_the_remainder_whole
         "cafe",
         None,
     ]
+
+
+# ---------------------------------------------------------------- routes and splits
+
+
+ROUTED_URLS = {
+    "https://exact.example/landing?src=x#top",
+    "https://apps.apple.com/app/id1",
+    "http://play.example:8080/store/?id=1",
+    "https://de.example.com/base/",
+    "https://a.example.com/variant-a",
+    "https://b.example.com/b?v=b",
+}
+ROUTED = build_table(
+    rules=[
+        {
+            "name": "routed",
+            "path": "/r/*",
+            "forward_path": True,
+            "target": "https://exact.example/landing?src=x#top",
+            "routes": [
+                {"os": ["iOS"], "target": "https://apps.apple.com/app/id1"},
+                {"os": ["Android"], "target": "http://play.example:8080/store/?id=1"},
+                {
+                    "languages": ["de"],
+                    "query": {"a": "1"},
+                    "target": "https://de.example.com/base/",
+                },
+            ],
+            "split": [
+                {"name": "a", "weight": 1, "target": "https://a.example.com/variant-a"},
+                {"name": "b", "weight": 1, "target": "https://b.example.com/b?v=b"},
+            ],
+        }
+    ],
+)
+any_header = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from(
+        [
+            b"Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X)",
+            b"Mozilla/5.0 (Linux; Android 14; Pixel 8)",
+            b"de, fr;q=0.5",
+            b"rl_routed=a",
+            b"rl_routed=//evil.com",
+            b"rl_routed=b; rl_routed=https://evil.com",
+        ]
+    ),
+)
+
+
+@given(
+    path=st.one_of(st.sampled_from(NASTY_PATHS), st.text()).map(lambda text: "/r/" + text),
+    query=st.one_of(st.sampled_from([*NASTY_QUERIES, b"a=1"]), any_query),
+    agent=any_header,
+    language=any_header,
+    cookie=any_header,
+    secure=st.booleans(),
+)
+def test_routes_and_splits_never_leave_their_configured_targets(
+    path: str, query: bytes, agent: bytes, language: bytes, cookie: bytes, secure: bool
+) -> None:
+    from redirect_logger.bots import Agents
+    from redirect_logger.config import RecordsSettings, ServerSettings
+    from redirect_logger.routing import Clients
+
+    clients = Clients(Agents(64), RecordsSettings(), ServerSettings(), lambda peer, _: peer)
+    scope = {
+        "scheme": "https" if secure else "http",
+        "path": path,
+        "query_string": query,
+        "headers": [(b"user-agent", agent), (b"accept-language", language), (b"cookie", cookie)],
+        "client": ("192.0.2.1", 1),
+    }
+    target, remainder = ROUTED.match(path)
+    assert target.routing is not None
+    chosen, _, variant, set_cookie = target.routing.choose(scope, clients)
+    location = chosen.location(remainder, query)
+    assert location is not None
+    assert any(urlsplit(location)[:2] == urlsplit(url)[:2] for url in ROUTED_URLS), location
+    configured = next(url for url in ROUTED_URLS if urlsplit(url)[:2] == urlsplit(location)[:2])
+    assert_on_origin(location, configured)
+    if set_cookie is not None:  # only a configured variant's name goes back to the client
+        assert set_cookie.split(b";")[0] in (b"rl_routed=a", b"rl_routed=b")
+        assert variant in ("a", "b")
