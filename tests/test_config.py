@@ -785,7 +785,14 @@ def test_example_config_loads() -> None:
         ("home", None, "/", 301),
         ("docs", None, "/docs/*", 302),
         ("go-spring", "go.example.com", "/Spring", 302),
+        ("app", None, "/app", 302),
     ]
+    app = settings.rules[3]
+    assert [(r.name, r.os, r.languages, r.query) for r in app.routes] == [
+        ("ios", ["iOS"], None, None),
+        (None, None, ["de"], {"ref": "newsletter"}),
+    ]
+    assert [(v.name, v.weight) for v in app.split] == [("a", 70), ("b", 30)]
     assert settings.rules[1].forward_path is True
     assert (settings.rules[2].case_insensitive, settings.rules[2].trailing_slash) == (True, True)
     assert settings.fallback.status == 404
