@@ -421,9 +421,8 @@ def test_countries_from_a_maxmind_db_cached_per_address(country_db: Path) -> Non
 def test_the_record_country_uses_the_full_address_before_it_is_cut(
     country_db: Path, ip: str, recorded: str | None
 ) -> None:
-    # 198.51.100.77 is DE; its /24 alone would be DE too, so look at one
-    # whose cut address is elsewhere: 203.0.113.77 is AT, 203.0.113.0 too,
-    # 203.0.113.200 is unknown but cut to 203.0.113.0 (AT): the full one counts.
+    # 203.0.113.200 is outside the AT /25, but its /24 (203.0.113.0) is in it:
+    # no country shows the lookup took the full address, whatever records.ip.
     records = RecordsSettings(ip=ip)  # type: ignore[arg-type]
     enricher = Enricher(records, ServerSettings())
     enricher.countries = Countries(str(country_db))
