@@ -394,7 +394,7 @@ def matches_sample(sample: Any, actual: Any, where: str = "") -> list[str]:
     if isinstance(sample, list) and isinstance(actual, list) and len(sample) == len(actual):
         return [
             d
-            for i, (s, a) in enumerate(zip(sample, actual))
+            for i, (s, a) in enumerate(zip(sample, actual, strict=True))
             for d in matches_sample(s, a, f"{where}[{i}]")
         ]
     return [] if sample == actual else [f"{where}: documented {sample!r}, printed {actual!r}"]

@@ -450,3 +450,21 @@ def test_a_country_route(country_db: Path) -> None:
     assert answer(table, scope("/app", **german), who)[:2] == ("https://example.com/dach", 0)
     assert answer(table, scope("/app", language="de", client="192.0.2.1"), who)[1] is None
     assert answer(table, scope("/app", language="fr", client="203.0.113.9"), who)[1] is None
+
+
+def test_routes_and_splits_do_not_combine_with_windows_macros_or_dynamic_targets() -> None:
+    route = {"os": ["iOS"], "target": "https://a.example/"}
+    for live in (
+        {"valid_until": "2027-01-01T00:00:00Z"},
+        {"valid_from": "2026-01-01T00:00:00Z"},
+        {"target": "https://example.com/app?click={hit_id}"},
+    ):
+        assert "rules.0.routes: routes and splits do not combine" in refused(
+            {**APP, **live, "routes": [route]}
+        )
+        assert "rules.0.split: routes and splits do not combine" in refused({**SPLIT, **live})
+    assert "rules.0.routes.0.target: macros ({hit_id}, {rule}) are for a rule's own target" in (
+        refused({**APP, "routes": [{**route, "target": "https://a.example/?c={hit_id}"}]})
+    )
+    variants = [{**v, "target": v["target"] + "?r={rule}"} for v in SPLIT["split"]]
+    assert "rules.0.split.0.target: macros" in refused({**SPLIT, "split": variants})

@@ -982,13 +982,14 @@ def _cross_check_routes(settings: Settings) -> None:
                 "routes and splits do not combine with valid_from, valid_until, "
                 "target_param or macros in the same rule",
             )
-        for where, choices in (("routes", rule.routes), ("split", rule.split)):
-            for number, choice in enumerate(choices):
-                if any(macro in choice.target for macro in MACROS):
-                    raise _KeyError(
-                        f"rules.{index}.{where}.{number}.target",
-                        "macros ({hit_id}, {rule}) are for a rule's own target",
-                    )
+        targets = [("routes", n, r.target) for n, r in enumerate(rule.routes)]
+        targets += [("split", n, v.target) for n, v in enumerate(rule.split)]
+        for where, number, target in targets:
+            if any(macro in target for macro in MACROS):
+                raise _KeyError(
+                    f"rules.{index}.{where}.{number}.target",
+                    "macros ({hit_id}, {rule}) are for a rule's own target",
+                )
         if settings.records.geoip_database is not None:
             continue
         for number, route in enumerate(rule.routes):
