@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, CollectSettings, KafkaValue
+from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, PROTOBUF_TYPES, CollectSettings, KafkaValue
 from .hits import Hit
 from .pipeline import Admission
 
@@ -233,6 +233,15 @@ class Collector:
         # An event's record must fit in one Kafka message.
         message_max = kafka.get("message.max.bytes", MESSAGE_MAX_BYTES)
         self._max_event = max(int(str(message_max)) - ENVELOPE_BYTES, 1)
+        self._protobuf = None
+        if settings.protobuf is not None:
+            from .protobuf import Decoder  # it imports this module
+
+            protobuf = settings.protobuf
+            self._protobuf = Decoder(
+                protobuf.loaded_schema, protobuf.messages, self._max_events, self._max_event
+            )
+            self._types |= PROTOBUF_TYPES
 
     def _allowed(self, origin: bytes) -> bool:
         return origin in self._origins or (self._any_origin and origin != b"null")
@@ -305,10 +314,15 @@ class Collector:
                 "content_type",
                 f"Content-Type must be one of {', '.join(sorted(self._types))}",
             )
+        read = None
+        if self._protobuf is not None and media_type in PROTOBUF_TYPES:
+            read = self._protobuf.reader(content_type or b"")  # protobuf.py
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise _body_too_large(self._max_body)
         body = await self._read_body(receive, deadline)
         try:
+            if read is not None:
+                return read(body)
             events = parse_events(body, media_type, self._max_events, self._required)
             return written(events, self._max_event)
         except Rejected as rejected:

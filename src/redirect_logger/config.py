@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -611,7 +612,41 @@ class SpillSettings(_Section):
 NDJSON_TYPES = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
 )
+# Media types of protobuf bodies, taken whenever [collect.protobuf] is set.
+PROTOBUF_TYPES = frozenset(
+    {"application/x-protobuf", "application/protobuf", "application/vnd.google.protobuf"}
+)
 _MEDIA_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
+
+
+class ProtobufSettings(_Section):
+    """``[collect.protobuf]``: protobuf bodies (docs/configuration.md#collectprotobuf)."""
+
+    descriptor_set: str = ""  # a FileDescriptorSet file; or proto_files
+    proto_files: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    messages: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)  # first: default
+    _schema: bytes = PrivateAttr(b"")
+
+    @model_validator(mode="after")
+    def _load_schema(self) -> ProtobufSettings:
+        if bool(self.descriptor_set) == bool(self.proto_files):
+            raise _KeyError(
+                "collect.protobuf",
+                "set descriptor_set (a FileDescriptorSet) or proto_files (.proto sources), "
+                "one of the two",
+            )
+        from .protobuf import SchemaError, load_schema  # protobuf's runtime, only when used
+
+        try:
+            self._schema = load_schema(self.descriptor_set, self.proto_files, self.messages)
+        except SchemaError as exc:
+            raise _KeyError(f"collect.protobuf.{exc.key}", exc.reason) from None
+        return self
+
+    @property
+    def loaded_schema(self) -> bytes:
+        """The serialized FileDescriptorSet, loaded and checked when these settings were."""
+        return self._schema
 
 
 class CollectSettings(_Section):
@@ -634,6 +669,7 @@ class CollectSettings(_Section):
     cors_max_age: int = Field(600, ge=0, le=86_400)  # s a browser may cache a preflight
     topic: str | None = None  # the events' topic; None: records.topic
     body_timeout: PositiveSeconds = 5.0  # s for the whole body to arrive; then 408
+    protobuf: ProtobufSettings | None = None  # [collect.protobuf]: protobuf bodies too
 
     @field_validator("path")
     @classmethod
@@ -649,6 +685,17 @@ class CollectSettings(_Section):
                     f"{media_type!r} is not a lower-case media type (type/subtype, no parameters)"
                 )
         return types
+
+    @model_validator(mode="after")
+    def _check_protobuf_types(self) -> CollectSettings:
+        listed = sorted(PROTOBUF_TYPES & set(self.content_types))
+        if listed:
+            raise _KeyError(
+                "collect.content_types",
+                f"{listed[0]!r} is a protobuf type, read as such when [collect.protobuf] is set "
+                "and never as JSON: leave it out",
+            )
+        return self
 
     @field_validator("cors_origins")
     @classmethod

@@ -1,0 +1,386 @@
+"""Protobuf bodies of the collect endpoint (``[collect.protobuf]``).
+
+The schema is a FileDescriptorSet, read from ``descriptor_set`` or compiled
+from ``proto_files`` with grpcio-tools' protoc when the config is read
+(``load_schema``), so that a bad schema is a config error naming the key.
+A request's ``Content-Type`` parameters pick the message type and the
+framing (``Decoder.reader``); its body becomes one event per message, each
+the message in protobuf's canonical JSON mapping (protojson.py), under the
+limits of JSON events (docs/operations.md#protobuf-bodies).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+from werkzeug.http import parse_options_header
+
+from .collect import Rejected, written
+from .protojson import Converter
+
+# s protoc may take to compile proto_files at start
+COMPILE_TIMEOUT = 60.0
+
+
+class SchemaError(Exception):
+    """The schema of ``[collect.protobuf]`` cannot be used: the key (below
+    ``collect.protobuf``) and the reason."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def load_schema(descriptor_set: str, proto_files: Sequence[str], messages: Sequence[str]) -> bytes:
+    """The serialized FileDescriptorSet of the schema, checked: it loads into a
+    descriptor pool and holds each of ``messages``. Raises SchemaError."""
+    if proto_files:
+        data = _compile(proto_files)
+    else:
+        try:
+            data = Path(descriptor_set).read_bytes()
+        except OSError as exc:
+            raise SchemaError(
+                "descriptor_set", f"cannot read {descriptor_set!r}: {exc.strerror or exc}"
+            ) from None
+    _message_types(data, messages, "descriptor_set" if not proto_files else "proto_files")
+    return data
+
+
+def _compile(proto_files: Sequence[str]) -> bytes:
+    """protoc --include_imports --descriptor_set_out, imports resolved in the
+    files' own directories and among the well-known types."""
+    for index, name in enumerate(proto_files):
+        if not Path(name).is_file():
+            raise SchemaError(f"proto_files.{index}", f"{name!r} is not a readable file")
+    try:
+        import grpc_tools  # noqa: F401
+    except ImportError:
+        raise SchemaError(
+            "proto_files",
+            "compiling .proto files needs grpcio-tools (pip install 'redirect-logger[protoc]'); "
+            "or compile them yourself and set descriptor_set",
+        ) from None
+    includes = dict.fromkeys(str(Path(name).resolve().parent) for name in proto_files)
+    with tempfile.TemporaryDirectory(prefix="redirect-logger-protoc-") as work:
+        out = Path(work) / "schema.binpb"
+        command = [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            *(f"--proto_path={include}" for include in includes),
+            "--include_imports",
+            f"--descriptor_set_out={out}",
+            *(str(Path(name).resolve()) for name in proto_files),
+        ]
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise SchemaError(
+                "proto_files", f"protoc took more than {COMPILE_TIMEOUT:g} s"
+            ) from None
+        if done.returncode != 0 or not out.is_file():
+            problem = " ".join((done.stderr or done.stdout).split()) or f"exit {done.returncode}"
+            raise SchemaError("proto_files", f"protoc refused them: {problem}")
+        return out.read_bytes()
+
+
+def _message_types(
+    data: bytes, messages: Sequence[str], key: str
+) -> tuple[descriptor_pool.DescriptorPool, dict[str, Descriptor]]:
+    """The pool of the FileDescriptorSet ``data`` and the descriptors of
+    ``messages``. Raises SchemaError naming ``key`` or a ``messages`` entry."""
+    files = descriptor_pb2.FileDescriptorSet()
+    try:
+        files.ParseFromString(data)
+    except DecodeError:
+        raise SchemaError(
+            key, "not a FileDescriptorSet (protoc --include_imports --descriptor_set_out=...)"
+        ) from None
+    if not files.file:
+        raise SchemaError(key, "the FileDescriptorSet holds no file")
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        try:
+            pool.Add(file)
+        except Exception as exc:  # upb raises TypeError or KeyError, with its reason
+            raise SchemaError(
+                key,
+                f"{file.name} does not load ({exc}); were its imports included "
+                "(protoc --include_imports)?",
+            ) from None
+    found: dict[str, Descriptor] = {}
+    for index, name in enumerate(messages):
+        if name in found:
+            raise SchemaError(f"messages.{index}", f"{name!r} is listed twice")
+        try:
+            found[name] = pool.FindMessageTypeByName(name)
+        except KeyError:
+            raise SchemaError(
+                f"messages.{index}",
+                f"{name!r} is not a message type of the schema (full name, with its package)",
+            ) from None
+    return pool, found
+
+
+Read = Callable[[bytes], list[bytes]]
+
+
+class Decoder:
+    """Turns protobuf bodies into events, as the JSON their records will hold."""
+
+    def __init__(
+        self, schema: bytes, messages: Sequence[str], max_events: int, max_event_bytes: int
+    ) -> None:
+        self._pool, descriptors = _message_types(schema, messages, "descriptor_set")
+        self._default = messages[0]
+        self._max_events = max_events
+        self._max_event_bytes = max_event_bytes
+        converter = Converter(self._pool)
+        self._types: dict[str, tuple[type[Message], Callable[[Message], dict[str, Any]]]] = {
+            name: (message_factory.GetMessageClass(found), converter.of(found))
+            for name, found in descriptors.items()
+        }
+
+    def reader(self, content_type: bytes) -> Read:
+        """The reader of bodies of this ``Content-Type``: its ``messageType``
+        parameter (else the first of ``messages``) and ``delimited``. Raises
+        Rejected (415) for a type not accepted or a ``delimited`` other than
+        ``true`` or ``false``."""
+        _, parameters = parse_options_header(content_type.decode("latin-1"))
+        name = parameters.get("messagetype") or self._default  # names are lower-cased
+        found = self._types.get(name)
+        if found is None:
+            in_schema = True
+            try:
+                self._pool.FindMessageTypeByName(name)
+            except KeyError:
+                in_schema = False
+            why = "is not accepted here" if in_schema else "is not a message type of the schema"
+            raise Rejected(
+                415,
+                "content_type",
+                f"messageType {name!r} {why}; accepted: {', '.join(self._types)}",
+                type=name,
+            )
+        delimited = parameters.get("delimited", "false").lower()
+        if delimited not in ("true", "false"):
+            raise Rejected(415, "content_type", "delimited must be true or false")
+        cls, convert = found
+        if delimited == "true":
+            return lambda body: self._delimited(body, name, cls, convert)
+        return lambda body: self._written([self._one(body, 0, name, cls, convert, None)])
+
+    def _written(self, events: list[dict[str, Any]]) -> list[bytes]:
+        return written(events, self._max_event_bytes)
+
+    def _one(
+        self,
+        data: bytes,
+        start: int,
+        name: str,
+        cls: type[Message],
+        convert: Callable[[Message], dict[str, Any]],
+        index: int | None,
+    ) -> dict[str, Any]:
+        """The event of one message (``data`` begins at byte ``start`` of the body)."""
+        try:
+            message = cls.FromString(data)
+        except DecodeError:
+            raise _invalid(name, index, start, _locate(cls.DESCRIPTOR, data)) from None
+        try:
+            return convert(message)
+        except (json_format.Error, ValueError) as exc:
+            raise _invalid(name, index, start, (None, "", f"no JSON mapping: {exc}")) from None
+
+    def _delimited(
+        self,
+        body: bytes,
+        name: str,
+        cls: type[Message],
+        convert: Callable[[Message], dict[str, Any]],
+    ) -> list[bytes]:
+        events: list[dict[str, Any]] = []
+        position, end = 0, len(body)
+        while position < end:
+            index = len(events)
+            if index == self._max_events:
+                raise Rejected(413, "too_many_events", f"more than {self._max_events} events")
+            prefix = _varint(body, position, end)
+            if prefix is None:
+                problem = (0, "", "its length prefix is not a valid varint")
+                raise _invalid(name, index, position, problem)
+            length, start = prefix
+            if length > end - start:
+                raise _invalid(
+                    name,
+                    index,
+                    position,
+                    (0, "", f"its length prefix says {length} bytes, {end - start} follow"),
+                )
+            events.append(self._one(body[start : start + length], start, name, cls, convert, index))
+            position = start + length
+        return self._written(events)
+
+
+Problem = tuple[int | None, str, str]  # offset in the message, field path, what is wrong
+
+
+def _invalid(name: str, index: int | None, start: int, problem: Problem) -> Rejected:
+    """400 naming the type, the byte (of the body) and the field where it can."""
+    offset, field, what = problem
+    detail: dict[str, object] = {"type": name}
+    where = ""
+    if index is not None:
+        detail["event"] = index
+        where = f"message {index} (at byte {start}) "
+    text = f"{where}is not a valid {name}"
+    if offset is not None:
+        detail["offset"] = start + offset
+        text += f": at byte {start + offset}"
+    if field:
+        detail["field"] = field
+        text += f", field {field}"
+    text += f": {what}"
+    return Rejected(400, "malformed", text[0].upper() + text[1:], None, **detail)
+
+
+def _varint(data: bytes, position: int, end: int) -> tuple[int, int] | None:
+    """The varint at ``position`` and the position after it; None when it is
+    cut off by ``end`` or longer than 10 bytes."""
+    result = shift = 0
+    while position < end and shift < 70:
+        byte = data[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+    return None
+
+
+_FIXED = {1: 8, 5: 4}
+_PACKED_SIZES = {
+    FieldDescriptor.TYPE_FIXED64: 8,
+    FieldDescriptor.TYPE_SFIXED64: 8,
+    FieldDescriptor.TYPE_DOUBLE: 8,
+    FieldDescriptor.TYPE_FIXED32: 4,
+    FieldDescriptor.TYPE_SFIXED32: 4,
+    FieldDescriptor.TYPE_FLOAT: 4,
+}
+_PACKED_VARINTS = frozenset(
+    {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_BOOL,
+        FieldDescriptor.TYPE_ENUM,
+    }
+)
+
+
+def _locate(descriptor: Descriptor, data: bytes) -> Problem:
+    """Where and why a message the parser refused does not parse, as far as
+    a walk of its wire format finds; else only that it does not."""
+    found = _walk(descriptor, data, 0, len(data), "", 0)
+    return found if found is not None else (None, "", "it does not parse as that type")
+
+
+def _walk(
+    descriptor: Descriptor | None, data: bytes, position: int, end: int, path: str, depth: int
+) -> Problem | None:
+    """The first problem in the fields of ``data[position:end]``, or None. An
+    end-group tag ends the walk of a group (``depth`` > 0 and the caller's)."""
+    if depth > 100:
+        return position, path, "nested more than 100 levels deep"
+    while position < end:
+        tag_at = position
+        tag = _varint(data, position, end)
+        if tag is None:
+            return tag_at, path, "a field's tag is not a valid varint"
+        key, position = tag
+        number, wire = key >> 3, key & 7
+        field = None if descriptor is None else descriptor.fields_by_number.get(number)
+        name = f"{path}.{field.name}" if path and field else (field.name if field else path)
+        if number == 0:
+            return tag_at, path, "field number 0"
+        if wire == 0:
+            value = _varint(data, position, end)
+            if value is None:
+                return tag_at, name, "a varint value is not valid"
+            position = value[1]
+        elif wire in _FIXED:
+            if end - position < _FIXED[wire]:
+                size = _FIXED[wire]
+                return tag_at, name, f"a fixed-size value of {size} bytes, {end - position} left"
+            position += _FIXED[wire]
+        elif wire == 2:
+            length = _varint(data, position, end)
+            if length is None:
+                return tag_at, name, "a length is not a valid varint"
+            size, position = length
+            if size > end - position:
+                return tag_at, name, f"a length of {size} bytes, {end - position} left"
+            problem = _payload(field, data, position, position + size, name, depth)
+            if problem is not None:
+                return problem
+            position += size
+        elif wire == 3:
+            inner = None if field is None else field.message_type
+            problem = _walk(inner, data, position, end, name, depth + 1)
+            if problem is None or problem[2] != "end of group":
+                return problem or (tag_at, name, "a group without its end")
+            position = problem[0] or end
+        elif wire == 4:
+            if depth == 0:
+                return tag_at, path, "an end-group tag outside a group"
+            return position, path, "end of group"
+        else:
+            return tag_at, name, f"wire type {wire}, which does not exist"
+    return None
+
+
+def _payload(
+    field: FieldDescriptor | None, data: bytes, start: int, end: int, name: str, depth: int
+) -> Problem | None:
+    """The first problem in a length-delimited value of ``field``, or None."""
+    if field is None:
+        return None
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        problem = _walk(field.message_type, data, start, end, name, depth + 1)
+        if problem is not None and problem[2] == "end of group":
+            return start, name, "an end-group tag outside a group"
+        return problem
+    if field.type == FieldDescriptor.TYPE_STRING:
+        try:
+            data[start:end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return start + exc.start, name, "a string that is not UTF-8"
+        return None
+    if not field.is_repeated:
+        return None  # a scalar with the wrong wire type: kept as an unknown field
+    if field.type in _PACKED_VARINTS:
+        position = start
+        while position < end:
+            value = _varint(data, position, end)
+            if value is None:
+                return position, name, "a packed varint is not valid"
+            position = value[1]
+    size = _PACKED_SIZES.get(field.type)
+    if size is not None and (end - start) % size:
+        return start, name, f"packed values of {size} bytes in {end - start} bytes"
+    return None
