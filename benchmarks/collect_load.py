@@ -2,13 +2,17 @@
 
     python benchmarks/collect_load.py [--bootstrap HOST:PORT] [--seconds 10]
         [--rounds 3] [--connections 64] [--batches 1 10 100]
+        [--protobuf-batches 1 100]
 
 Every run starts ``redirect-logger serve`` (the real CLI) afresh with
 ``[collect] enabled = true`` (``max_events = 1000``, the events in a topic of
-their own) and loads it with ``wrk -t1 --latency`` (keep-alive, loopback) for
---seconds: either ``POST /collect`` with ``{"events": [...]}`` of N events
-(one case per --batches entry), or ``GET /docs/a?x=1``, the redirect, on the
-same config. The cases are interleaved, in a rotating order, round after
+their own, ``[collect.protobuf]`` with tests/protos/gps.binpb) and loads it
+with ``wrk -t1 --latency`` (keep-alive, loopback) for --seconds: either
+``POST /collect`` with ``{"events": [...]}`` of N events (one case per
+--batches entry), or with N ``tutorial.REALTIMEGPS`` messages, delimited
+(one case per --protobuf-batches entry), or ``GET /docs/a?x=1``, the
+redirect, on the same config. The report sets protobuf's events/s beside
+JSON's at the same batch size. The cases are interleaved, in a rotating order, round after
 round. Before SIGTERM it reads the service's peak RSS (``VmHWM``) and its
 ``/metrics``; after, the ledger it logs at exit. Every run must add up: every
 answer the expected status (202 without ``dropped``, or 301), no socket
@@ -36,6 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.internal.encoder import _VarintBytes
+
 from compare import _broker, _peak_rss, _records, run_wrk, wrk_figures
 from served import Served, write_config
 
@@ -43,6 +50,9 @@ REDIRECT = "/docs/a?x=1"
 LOCATION = "https://docs.example.com/a?x=1"
 COLLECT = "/collect"
 MAX_EVENTS = 1000  # collect.max_events: above the largest batch asked for by default
+GPS_SCHEMA = Path(__file__).resolve().parent.parent / "tests" / "protos" / "gps.binpb"
+GPS = "tutorial.REALTIMEGPS"
+PROTOBUF = f"application/x-protobuf; messageType={GPS}; delimited=true"
 
 # Counts every answer by status, and 202s whose body says some events were dropped.
 LUA = """
@@ -80,10 +90,13 @@ class Run:
     ledger: dict[str, int]
     hits_in_kafka: int
     events_in_kafka: int
+    form: str = "json"  # of the events: "json" or "protobuf"
 
     @property
     def case(self) -> str:
-        return "redirect" if self.batch == 0 else f"batch {self.batch}"
+        if self.batch == 0:
+            return "redirect"
+        return f"batch {self.batch}" if self.form == "json" else f"protobuf {self.batch}"
 
     @property
     def events_per_s(self) -> float:
@@ -158,9 +171,39 @@ def _body(batch: int) -> str:
     return json.dumps({"events": events}, separators=(",", ":"))
 
 
-def _script(path: Path, batch: int) -> Path:
+def _gps_class() -> type:
+    files = descriptor_pb2.FileDescriptorSet.FromString(GPS_SCHEMA.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(GPS))
+
+
+def _protobuf_body(batch: int) -> bytes:
+    """``batch`` GPS reports of one tracker, delimited (about 100 bytes each,
+    about 330 as JSON): a position, a fix time, three satellites."""
+    message_class = _gps_class()
+    body = b""
+    for seq in range(batch):
+        message = message_class(
+            device_id="tracker-0042", sequence=1_000_000 + seq, fix=2, odometer=123_456_789
+        )
+        message.fix_time.seconds = 1_790_000_000 + seq
+        message.fix_time.nanos = 250_000_000
+        position = message.position
+        position.latitude, position.longitude = 52.520008 + seq * 1e-5, 13.404954
+        position.altitude, position.speed, position.heading = 34.5, 42.25, 270
+        for prn in (3, 7, 12):
+            message.satellites.add(prn=prn, snr=30.5 + prn, used=prn != 12)
+        message.battery = 87
+        data = message.SerializeToString()
+        body += _VarintBytes(len(data)) + data
+    return body
+
+
+def _script(path: Path, batch: int, form: str = "json") -> Path:
     lines = [LUA]
-    if batch:
+    if batch and form == "json":
         body = _body(batch)
         assert "]==]" not in body
         lines += [
@@ -168,16 +211,29 @@ def _script(path: Path, batch: int) -> Path:
             'wrk.headers["Content-Type"] = "application/json"',
             f"wrk.body = [==[{body}]==]",
         ]
+    elif batch:
+        escaped = "".join(f"\\{byte}" for byte in _protobuf_body(batch))  # Lua's \ddd
+        lines += [
+            'wrk.method = "POST"',
+            f'wrk.headers["Content-Type"] = "{PROTOBUF}"',
+            f'wrk.body = "{escaped}"',
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _request(url: str, method: str, path: str, body: str | None = None) -> tuple[int, str, str]:
+def _request(
+    url: str,
+    method: str,
+    path: str,
+    body: str | bytes | None = None,
+    content_type: str = "application/json",
+) -> tuple[int, str, str]:
     """Status, Location and body of one request (no redirect followed)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {"Content-Type": content_type} if body is not None else {}
         connection.request(method, path, body, headers)
         response = connection.getresponse()
         return response.status, response.getheader("Location", ""), response.read().decode()
@@ -185,13 +241,16 @@ def _request(url: str, method: str, path: str, body: str | None = None) -> tuple
         connection.close()
 
 
-def _check(url: str, batch: int) -> None:
+def _check(url: str, batch: int, form: str = "json") -> None:
     if batch == 0:
         status, location, _ = _request(url, "GET", REDIRECT)
         if (status, location) != (301, LOCATION):
             raise RuntimeError(f"GET {REDIRECT} answered {status} {location!r}")
         return
-    status, _, text = _request(url, "POST", COLLECT, _body(batch))
+    if form == "json":
+        status, _, text = _request(url, "POST", COLLECT, _body(batch))
+    else:
+        status, _, text = _request(url, "POST", COLLECT, _protobuf_body(batch), PROTOBUF)
     if status != 202 or json.loads(text) != {"accepted": batch}:
         raise RuntimeError(f"POST {COLLECT} with {batch} events answered {status} {text}")
 
@@ -236,20 +295,23 @@ def _wrk(
     return rps, p50, p99, count, statuses, dropped, errors.group(0) if errors else ""
 
 
-def measure(batch: int, connections: int, seconds: int, bootstrap: str, work: Path) -> Run:
+def measure(
+    batch: int, connections: int, seconds: int, bootstrap: str, work: Path, form: str = "json"
+) -> Run:
     """One run of one case on a fresh service; the service is gone when it returns."""
-    topic = f"bench-collect-{batch}-{uuid.uuid4().hex[:8]}"
+    topic = f"bench-collect-{form}-{batch}-{uuid.uuid4().hex[:8]}"
     config = write_config(
         work / f"{topic}.toml",
         bootstrap,
         topic,
         work / "spill" / topic,
-        collect=f'enabled = true\nmax_events = {MAX_EVENTS}\ntopic = "{topic}-events"',
+        collect=f'enabled = true\nmax_events = {MAX_EVENTS}\ntopic = "{topic}-events"\n'
+        f'[collect.protobuf]\ndescriptor_set = "{GPS_SCHEMA}"\nmessages = ["{GPS}"]',
     )
     server = Served(config)
     try:
-        _check(server.url, batch)
-        script = _script(work / f"{topic}.lua", batch)
+        _check(server.url, batch, form)
+        script = _script(work / f"{topic}.lua", batch, form)
         target = server.url + (COLLECT if batch else REDIRECT)
         rps, p50, p99, answered, statuses, dropped, errors = _wrk(
             target, script, connections, seconds
@@ -276,35 +338,50 @@ def measure(batch: int, connections: int, seconds: int, bootstrap: str, work: Pa
         ledger,
         _records(bootstrap, topic),
         _records(bootstrap, f"{topic}-events"),
+        form,
     )
 
 
-def report(runs: list[Run], batches: list[int], connections: int) -> str:
+def report(runs: list[Run], cases: list[tuple[int, str]], connections: int) -> str:
     def median(mine: list[Run], field: str) -> float:
         return statistics.median(getattr(run, field) for run in mine)
 
-    redirects = median([r for r in runs if r.batch == 0], "rps")
+    def of(batch: int, form: str) -> list[Run]:
+        return [r for r in runs if r.batch == batch and (batch == 0 or r.form == form)]
+
+    redirects = median(of(0, "json"), "rps")
     lines = [
-        f"{connections} connections, medians of {len(runs) // (len(batches) + 1)} rounds",
+        f"{connections} connections, medians of {len(runs) // len(cases)} rounds",
         "",
         "| case | req/s | events/s | p50 ms | p99 ms | events/s ÷ redirects/s | peak RSS MiB |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for batch in [0, *batches]:
-        mine = [r for r in runs if r.batch == batch]
+    for batch, form in cases:
+        mine = of(batch, form)
         events = median(mine, "events_per_s")
         lines.append(
             f"| {mine[0].case} | {median(mine, 'rps'):,.0f} | {events:,.0f} "
             f"| {median(mine, 'p50'):.2f} | {median(mine, 'p99'):.2f} "
             f"| {events / redirects:.2f} | {median(mine, 'peak_rss'):.1f} |"
         )
+
+    def events(batch: int, form: str) -> float:
+        return median(of(batch, form), "events_per_s")
+
+    ratios = [
+        f"protobuf {batch} ÷ batch {batch}: {events(batch, 'protobuf') / events(batch, 'json'):.2f}"
+        for batch, form in cases
+        if form == "protobuf" and (batch, "json") in cases
+    ]
+    if ratios:
+        lines += ["", "events/s, protobuf ÷ JSON at the same batch size: " + "; ".join(ratios)]
     lines += [
         "",
         "| round | case | answered (wrk) | ledger received / delivered | events accepted "
         "/ in Kafka | hits in Kafka | peak RSS MiB | checks |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    per_round = len(batches) + 1
+    per_round = len(cases)
     for index, run in enumerate(runs):
         ledger = run.ledger
         bad = [text for text, ok in run.checks(connections) if not ok]
@@ -328,9 +405,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--protobuf-batches", type=int, nargs="*", default=[1, 100])
     args = parser.parse_args()
-    if not all(0 < batch <= MAX_EVENTS for batch in args.batches):
-        parser.error(f"--batches: 1 to {MAX_EVENTS} events")
+    if not all(0 < batch <= MAX_EVENTS for batch in args.batches + args.protobuf_batches):
+        parser.error(f"--batches, --protobuf-batches: 1 to {MAX_EVENTS} events")
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
@@ -340,10 +418,15 @@ def main() -> int:
     failed = False
     try:
         with _broker(args.bootstrap, work) as bootstrap:
-            order = [0, *args.batches]
+            cases = [
+                (0, "json"),
+                *((batch, "json") for batch in args.batches),
+                *((batch, "protobuf") for batch in args.protobuf_batches),
+            ]
+            order = list(cases)
             for round_number in range(args.rounds):
-                for batch in order:
-                    run = measure(batch, args.connections, args.seconds, bootstrap, work)
+                for batch, form in order:
+                    run = measure(batch, args.connections, args.seconds, bootstrap, work, form)
                     runs.append(run)
                     checks = run.checks(args.connections)
                     bad = [text for text, ok in checks if not ok]
@@ -359,7 +442,7 @@ def main() -> int:
                 order = order[1:] + order[:1]  # rotate who goes first
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(report(runs, args.batches, args.connections))
+    print(report(runs, cases, args.connections))
     print()
     print("checks: " + ("FAILED (see above)" if failed else f"all {len(runs)} runs add up"))
     return 1 if failed else 0
