@@ -6,10 +6,11 @@ makes it, about five times faster.
 every value of every message; here they are looked up once per message type
 and kept in a table, and ``ListFields()`` (what ``json_format`` walks) is
 walked with it. The conversions are ``json_format``'s own rules for plain
-messages, scalars, enums, repeated and map fields. Whatever else a type may
-hold is handed to ``json_format`` itself, whole: the well-known types (but
-``Timestamp`` and ``Duration``, whose JSON is their ``ToJsonString()``, as
-``json_format`` writes it), extensions, and enum values with JSON options.
+messages, scalars, enums, repeated and map fields, and ``Timestamp`` (its
+``ToJsonString()``, with each day's date made once). Whatever else a type
+may hold is handed to ``json_format`` itself, whole: the other well-known
+types (but ``Duration``: its ``ToJsonString()``), extensions, and enum
+values with JSON options.
 ``tests/test_protojson.py`` compares both, byte for byte once written by
 orjson, on generated messages of every kind of field.
 """
@@ -17,19 +18,20 @@ orjson, on generated messages of every kind of field.
 from __future__ import annotations
 
 import base64
+import datetime
 import math
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
-from google.protobuf.internal.type_checkers import ToShortestFloat
 from google.protobuf.message import Message
 
 Convert = Callable[[Any], Any]
 
-_TO_JSON_STRING = frozenset({"google.protobuf.Timestamp", "google.protobuf.Duration"})
+_TO_JSON_STRING = frozenset({"google.protobuf.Duration"})  # json_format: ToJsonString()
 _INT64 = frozenset({FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64})
 
 
@@ -46,9 +48,25 @@ def _double(value: float) -> Any:
     return value if value - value == 0.0 else _float_special(value)
 
 
+_FOUR_BYTES = struct.Struct("<f")
+_G = tuple(f".{precision}g" for precision in range(6, 18))
+
+
+def _shortest(value: float) -> float:
+    """``type_checkers.ToShortestFloat(value)`` (what json_format writes for a
+    float field), with its formats made once: the value rounded to the fewest
+    significant digits, 6 or more, that read back as the same 4-byte float."""
+    pack, unpack = _FOUR_BYTES.pack, _FOUR_BYTES.unpack
+    for spec in _G:  # a 4-byte float needs at most 9 digits
+        rounded = float(format(value, spec))
+        if unpack(pack(rounded))[0] == value:
+            return rounded
+    raise ValueError(f"{value!r} is not a 4-byte float")
+
+
 def _float(value: float) -> Any:
     if value - value == 0.0:
-        return ToShortestFloat(value)
+        return _shortest(value)
     return _float_special(value)
 
 
@@ -58,6 +76,37 @@ def _bytes(value: bytes) -> str:
 
 def _to_json_string(message: Any) -> Any:
     return message.ToJsonString()
+
+
+_SECONDS_MIN, _SECONDS_MAX = -62135596800, 253402300799  # 0001-01-01 to 9999-12-31
+_DAYS: dict[int, str] = {}  # days since 1970-01-01 -> its date, as isoformat() writes it
+
+
+def _timestamp(message: Any) -> str:
+    """``message.ToJsonString()`` of a Timestamp (what json_format writes),
+    with the date of each day made once: RFC 3339 in UTC, with 0, 3, 6 or 9
+    digits of a second. Raises ValueError for an invalid one, as it does."""
+    seconds, nanos = message.seconds, message.nanos
+    if not (_SECONDS_MIN <= seconds <= _SECONDS_MAX and 0 <= nanos < 1_000_000_000):
+        return str(message.ToJsonString())  # raises
+    rest = seconds % 86_400
+    days = (seconds - rest) // 86_400
+    date = _DAYS.get(days)
+    if date is None:
+        if len(_DAYS) >= 4096:
+            _DAYS.clear()
+        date = (datetime.date(1970, 1, 1) + datetime.timedelta(days)).isoformat()
+        _DAYS[days] = date
+    hours, rest = divmod(rest, 3600)
+    minutes, rest = divmod(rest, 60)
+    text = f"{date}T{hours:02d}:{minutes:02d}:{rest:02d}"
+    if nanos == 0:
+        return text + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1000 == 0:
+        return f"{text}.{nanos // 1000:06d}Z"
+    return f"{text}.{nanos:09d}Z"
 
 
 class Converter:
@@ -83,6 +132,9 @@ class Converter:
         made = self._made.get(descriptor)
         if made is not None:
             return made
+        if descriptor.full_name == "google.protobuf.Timestamp":
+            self._made[descriptor] = _timestamp
+            return _timestamp
         if descriptor.full_name in _TO_JSON_STRING:
             self._made[descriptor] = _to_json_string
             return _to_json_string
@@ -149,7 +201,8 @@ def _enum(field: FieldDescriptor) -> Convert:
     enum = field.enum_type
     if enum.full_name == "google.protobuf.NullValue":
         return lambda value: None
-    names = {number: value.name for number, value in enum.values_by_number.items()}
+    by_number = enum.values_by_number  # as json_format looks them up: the first of aliases
+    names = {value.number: by_number[value.number].name for value in enum.values}
     closed = enum.is_closed
 
     def convert(value: int) -> Any:
