@@ -1,11 +1,18 @@
 """docs/recipes.md is true: each recipe's TOML loads, and each of its
 request rows gets exactly the documented answer from the rule table (at the
 row's time, with its headers, and the route and variant its record names,
-where the row gives them)."""
+where the row gives them). The "Protobuf devices" recipe is run whole: its .proto
+compiled by its command, the service started with its TOML on Apache Kafka,
+its client run, and the records compared with its JSON."""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
+import subprocess
+import sys
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,12 +20,15 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 import pytest
+import trio
 
+from brokers import Broker
 from redirect_logger.bots import Agents
 from redirect_logger.config import RecordsSettings, ServerSettings, load_settings
 from redirect_logger.links import answer
 from redirect_logger.routing import Clients
 from redirect_logger.rules import RuleTable
+from support import ledger_counts, read_messages, service_config, start_service, unique_topic
 
 RECIPES = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 _TOML_RE = re.compile(r"```toml\n(.*?)```", re.S)
@@ -34,6 +44,32 @@ NOW = datetime(2026, 12, 2, tzinfo=UTC)  # when a row does not say
 
 # (when, request URL, [header lines], answer, the record's route and variant or None)
 Row = tuple[str, str, list[str], str, dict[str, Any] | None]
+
+
+def blocks(title: str, language: str) -> list[str]:
+    """The code blocks of one language in the recipe with this title."""
+    [section] = [
+        part
+        for part in RECIPES.read_text(encoding="utf-8").split("\n## ")[1:]
+        if part.splitlines()[0] == title
+    ]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+def build_schema(title: str, directory: Path) -> None:
+    """Write the recipe's .proto, if it has one, and run its protoc commands
+    (with grpcio-tools' protoc) in ``directory``."""
+    protos = blocks(title, "proto")
+    if not protos:
+        return
+    [proto] = protos
+    (directory / "gps.proto").write_text(proto, encoding="utf-8")
+    for command in blocks(title, "sh"):
+        arguments = shlex.split(command)
+        assert arguments[0] == "protoc", command
+        subprocess.run(
+            [sys.executable, "-m", "grpc_tools.protoc", *arguments[1:]], cwd=directory, check=True
+        )
 
 
 def recipes() -> list[tuple[str, str, list[Row]]]:
@@ -88,13 +124,16 @@ def test_the_page_has_its_recipes() -> None:
         ("Email open and click tracking", 6),
         ("An app link that routes iOS and Android", 7),
         ("An A/B landing-page test", 2),
+        ("Protobuf devices", 0),
     ]
 
 
 @pytest.mark.parametrize(("title", "toml", "rows"), recipes(), ids=lambda v: str(v)[:20])
 def test_each_recipe_answers_as_documented(
-    title: str, toml: str, rows: list[Row], tmp_path: Path
+    title: str, toml: str, rows: list[Row], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    build_schema(title, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths
     path = tmp_path / "recipe.toml"
     path.write_text(toml, encoding="utf-8")
     settings = load_settings(path)
@@ -140,3 +179,43 @@ def test_the_ab_recipes_first_visit_gets_the_documented_cookie(tmp_path: Path) -
     }
     assert documented.group(1).encode() in cookies
     assert len(cookies) == 2  # one per variant
+
+
+async def test_the_protobuf_recipe_records_what_it_says(
+    kafka_broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    title = "Protobuf devices"
+    build_schema(title, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    [toml] = blocks(title, "toml")
+    recipe = tomllib.loads(toml)
+    topic, events = unique_topic(), unique_topic("gps")
+    config = service_config(
+        kafka_broker.bootstrap, topic, collect={**recipe["collect"], "topic": events}
+    )
+    [client] = blocks(title, "python")
+    [expected] = blocks(title, "json")
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            url = "https://t.example.com/collect"
+            assert url in client
+            (tmp_path / "client.py").write_text(
+                client.replace(url, f"{service.binds[0]}/collect"), encoding="utf-8"
+            )
+            done = await trio.run_process(
+                [sys.executable, "client.py"], cwd=tmp_path, capture_stdout=True
+            )
+            stop.set()
+    assert codes == [0]
+    assert done.stdout.decode() == '202 {"accepted":2}\n'
+    assert service.ledger_snapshot() == ledger_counts(received=2, delivered=2)
+    read = await trio.to_thread.run_sync(read_messages, kafka_broker.bootstrap, events, 30.0, 2)
+    records = sorted((message.record for message in read), key=lambda r: r["data"]["sequence"])
+    assert [record["data"] for record in records] == [
+        json.loads(line) for line in expected.splitlines()
+    ]
+    assert [record["kind"] for record in records] == ["event", "event"]
+    records_page = (RECIPES.parent / "records.md").read_text(encoding="utf-8")
+    assert f"```json\n{expected.splitlines()[0]}\n```" in records_page  # the same example

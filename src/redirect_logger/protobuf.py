@@ -6,7 +6,7 @@ from ``proto_files`` with grpcio-tools' protoc when the config is read
 A request's ``Content-Type`` parameters pick the message type and the
 framing (``Decoder.reader``); its body becomes one event per message, each
 the message in protobuf's canonical JSON mapping (protojson.py), under the
-limits of JSON events (docs/operations.md#protobuf-bodies).
+limits of JSON events (docs/collect.md#protobuf-bodies).
 """
 
 from __future__ import annotations
@@ -234,6 +234,9 @@ class Decoder:
         return self._written(events)
 
 
+# Messages within messages the parser takes (upb's default depth limit, less one)
+MAX_NESTING = 100
+
 Problem = tuple[int | None, str, str]  # offset in the message, field path, what is wrong
 
 
@@ -254,6 +257,12 @@ def _invalid(name: str, index: int | None, start: int, problem: Problem) -> Reje
         text += f", field {field}"
     text += f": {what}"
     return Rejected(400, "malformed", text[0].upper() + text[1:], None, **detail)
+
+
+def _short(path: str) -> str:
+    """A field path of at most 8 names: the first and the last 6."""
+    names = path.split(".")
+    return path if len(names) <= 8 else ".".join([names[0], "…", *names[-6:]])
 
 
 def _varint(data: bytes, position: int, end: int) -> tuple[int, int] | None:
@@ -305,8 +314,8 @@ def _walk(
 ) -> Problem | None:
     """The first problem in the fields of ``data[position:end]``, or None. An
     end-group tag ends the walk of a group (``depth`` > 0 and the caller's)."""
-    if depth > 100:
-        return position, path, "nested more than 100 levels deep"
+    if depth >= MAX_NESTING:
+        return position, _short(path), f"messages nested {MAX_NESTING} deep (the parser's limit)"
     while position < end:
         tag_at = position
         tag = _varint(data, position, end)
