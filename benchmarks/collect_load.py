@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -199,6 +200,35 @@ def _protobuf_body(batch: int) -> bytes:
         data = message.SerializeToString()
         body += _VarintBytes(len(data)) + data
     return body
+
+
+def decode_costs(batch: int) -> tuple[float, float]:
+    """µs of CPU per event to read a request's body into the events' JSON,
+    as the endpoint does on the event loop: (JSON, protobuf), each the best
+    of 7 rounds of 0.2 s, in this process (no server)."""
+    from redirect_logger.collect import parse_events, written
+    from redirect_logger.protobuf import Decoder, load_schema
+
+    json_body = _body(batch).encode()
+    protobuf_body = _protobuf_body(batch)
+    decoder = Decoder(load_schema(str(GPS_SCHEMA), [], [GPS]), [GPS], MAX_EVENTS, 1_000_000)
+    read = decoder.reader(PROTOBUF.encode())
+    assert len(read(protobuf_body)) == batch
+
+    def json_events() -> None:
+        written(parse_events(json_body, "application/json", MAX_EVENTS), 1_000_000)
+
+    def best(function: Callable[[], None]) -> float:
+        rounds = []
+        for _ in range(7):
+            count, start = 0, time.process_time()
+            while time.process_time() - start < 0.2:
+                function()
+                count += 1
+            rounds.append((time.process_time() - start) / count / batch * 1e6)
+        return min(rounds)
+
+    return best(json_events), best(lambda: read(protobuf_body) and None)
 
 
 def _script(path: Path, batch: int, form: str = "json") -> Path:
@@ -375,6 +405,13 @@ def report(runs: list[Run], cases: list[tuple[int, str]], connections: int) -> s
     ]
     if ratios:
         lines += ["", "events/s, protobuf ÷ JSON at the same batch size: " + "; ".join(ratios)]
+    costs = []
+    for batch, form in cases:
+        if form == "protobuf":
+            json_cost, protobuf_cost = decode_costs(batch)
+            costs.append(f"{batch} a request: JSON {json_cost:.2f}, protobuf {protobuf_cost:.2f}")
+    if costs:
+        lines += ["", "event loop µs per event to read a body (best of 7): " + "; ".join(costs)]
     lines += [
         "",
         "| round | case | answered (wrk) | ledger received / delivered | events accepted "

@@ -66,8 +66,21 @@ def _shortest(value: float) -> float:
 
 def _float(value: float) -> Any:
     if value - value == 0.0:
-        return _shortest(value)
+        rounded = float(format(value, ".6g"))
+        # A 4-byte float that 6 digits give back exactly: _shortest's first answer.
+        return rounded if rounded == value else _shortest(value)
     return _float_special(value)
+
+
+# Kinds whose values json_format writes as they are (str(), bool() or the int)
+_AS_THEY_ARE = frozenset(
+    {
+        FieldDescriptor.CPPTYPE_STRING,
+        FieldDescriptor.CPPTYPE_BOOL,
+        FieldDescriptor.CPPTYPE_INT32,
+        FieldDescriptor.CPPTYPE_UINT32,
+    }
+)
 
 
 def _bytes(value: bytes) -> str:
@@ -141,27 +154,25 @@ class Converter:
         if not _plain(descriptor):
             self._made[descriptor] = self._whole
             return self._whole
-        table: dict[FieldDescriptor, tuple[str, Convert | None]] = {}
+        names: dict[FieldDescriptor, str] = {}
+        functions: dict[FieldDescriptor, Convert] = {}
 
         def convert(message: Any) -> dict[str, Any]:
-            js: dict[str, Any] = {}
-            for field, value in message.ListFields():
-                name, function = table[field]
-                js[name] = value if function is None else function(value)
-            return js
+            return {names[field]: functions[field](value) for field, value in message.ListFields()}
 
         self._made[descriptor] = convert  # before the fields: a type may hold itself
         for field in descriptor.fields:
-            table[field] = (field.name, self._field(field))
+            names[field] = field.name
+            functions[field] = self._field(field)
         return convert
 
-    def _field(self, field: FieldDescriptor) -> Convert | None:
+    def _field(self, field: FieldDescriptor) -> Convert:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             return self._map(field.message_type)
         value = self._value(field)
         if not field.is_repeated:
             return value
-        if value is None:
+        if field.cpp_type in _AS_THEY_ARE and field.type != FieldDescriptor.TYPE_BYTES:
             return list
         return lambda values: [value(item) for item in values]
 
@@ -173,14 +184,13 @@ class Converter:
             js: dict[str, Any] = {}
             for key in mapping:
                 text = ("true" if key else "false") if bool_keys else str(key)
-                item = mapping[key]
-                js[text] = item if value is None else value(item)
+                js[text] = value(mapping[key])
             return js
 
         return convert
 
-    def _value(self, field: FieldDescriptor) -> Convert | None:
-        """The conversion of one value of the field; None: the value as it is."""
+    def _value(self, field: FieldDescriptor) -> Convert:
+        """The conversion of one value of the field."""
         cpp = field.cpp_type
         if cpp == FieldDescriptor.CPPTYPE_MESSAGE:
             return self._message(field.message_type)
@@ -194,7 +204,11 @@ class Converter:
             return _double
         if cpp == FieldDescriptor.CPPTYPE_FLOAT:
             return _float
-        return None  # string, bool, 32-bit integers: json_format's str(), bool() or the value
+        if cpp == FieldDescriptor.CPPTYPE_STRING:
+            return str  # json_format's own conversions; each returns the value as it is
+        if cpp == FieldDescriptor.CPPTYPE_BOOL:
+            return bool
+        return int  # 32-bit integers: json_format returns them as they are
 
 
 def _enum(field: FieldDescriptor) -> Convert:
