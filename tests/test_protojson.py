@@ -17,7 +17,8 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from redirect_logger.protobuf import _locate, _message_types, load_schema
+from redirect_logger.collect import Rejected
+from redirect_logger.protobuf import Decoder, _locate, _message_types, load_schema
 from redirect_logger.protojson import Converter, _timestamp
 from support import ROOT
 
@@ -236,3 +237,33 @@ def test_every_cut_the_parser_refuses_is_placed(data: st.DataObject | None) -> N
         except DecodeError:
             offset, _, problem = _locate(descriptor, body)
             assert offset is not None and 0 <= offset < cut, (cut, problem)
+
+
+def test_messages_nested_past_the_parsers_limit_are_refused_naming_it() -> None:
+    """99 messages deep inside the first parse (their JSON stays within the
+    depth limit of JSON events); 100 deep is a 400 that says why."""
+    decoder = Decoder(SCHEMA, ["kinds.Everything"], 100, 10**6)
+    read = decoder.reader(b"application/x-protobuf; MessageType=kinds.Everything")
+
+    def nested(depth: int) -> bytes:
+        message = CLASSES["kinds.Everything"]()
+        inner = message
+        for _ in range(depth):
+            inner = inner.children.add()  # a list and an object per level in JSON
+        inner.scalars.f_int32 = 1
+        return message.SerializeToString()
+
+    [event] = read(nested(99))
+    assert event.startswith(b'{"children":[' * 99 + b'{"scalars":{"f_int32":1}}')
+    with pytest.raises(Rejected) as info:
+        read(nested(100))
+    assert (info.value.status, info.value.reason) == (400, "malformed")
+    path = "children.…" + ".children" * 6  # the first name and the last 6
+    assert info.value.body == {
+        "error": f"Is not a valid kinds.Everything: at byte 238, field {path}: "
+        "messages nested 100 deep (the parser's limit)",
+        "type": "kinds.Everything",
+        "offset": 238,  # where the fields of the 100th message inside begin
+        "field": path,
+    }
+    assert nested(100)[236:242] == b"\x32\x04\x0a\x02\x08\x01"  # children { scalars {1} }
