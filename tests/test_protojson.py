@@ -266,4 +266,4 @@ def test_messages_nested_past_the_parsers_limit_are_refused_naming_it() -> None:
         "offset": 238,  # where the fields of the 100th message inside begin
         "field": path,
     }
-    assert nested(100)[236:242] == b"\x32\x04\x0a\x02\x08\x01"  # children { scalars {1} }
+    assert nested(100)[236:242] == b"\x32\x04\x0a\x02\x18\x01"  # children {scalars {f_int32: 1}}
