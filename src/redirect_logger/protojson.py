@@ -1,6 +1,6 @@
 """A protobuf message as protobuf's canonical JSON mapping, exactly as
 ``json_format.MessageToDict(message, preserving_proto_field_name=True)``
-makes it, about five times faster.
+makes it, about 2.5 times faster (docs/benchmarks.md#collect-endpoint).
 
 ``json_format`` looks up each field's kind, name and conversion anew for
 every value of every message; here they are looked up once per message type
