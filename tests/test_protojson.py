@@ -267,3 +267,43 @@ def test_messages_nested_past_the_parsers_limit_are_refused_naming_it() -> None:
         "field": path,
     }
     assert nested(100)[236:242] == b"\x32\x04\x0a\x02\x18\x01"  # children {scalars {f_int32: 1}}
+
+
+def test_a_message_without_a_json_mapping_is_refused_saying_why() -> None:
+    """json_format cannot write an invalid Timestamp, nor an Any of a type the
+    schema does not hold: 400 with its reason, never a 500."""
+    decoder = Decoder(SCHEMA, ["kinds.Everything"], 100, 10**6)
+    read = decoder.reader(b"application/x-protobuf; delimited=true")
+    good = CLASSES["kinds.Everything"]()
+    good.well_known.any.type_url = "type.googleapis.com/kinds.Scalars"
+    unknown = CLASSES["kinds.Everything"]()
+    unknown.well_known.any.type_url = "type.googleapis.com/elsewhere.Unknown"
+    invalid = CLASSES["kinds.Everything"]()
+    invalid.well_known.timestamp.seconds = 10**15
+    for message, reason in [
+        (
+            unknown,
+            "Can not find message descriptor by type_url: type.googleapis.com/elsewhere.Unknown",
+        ),
+        (
+            invalid,
+            "Timestamp is not valid: Seconds 1000000000000000 must be in range "
+            "[-62135596800, 253402300799].",
+        ),
+    ]:
+        first = delimited_bytes(good)
+        with pytest.raises(Rejected) as info:
+            read(first + delimited_bytes(message))
+        assert (info.value.status, info.value.reason) == (400, "malformed")
+        assert info.value.body == {
+            "error": f"The message 1 (at byte {len(first) + 1}) of kinds.Everything has no "
+            f"JSON mapping: {reason}",
+            "type": "kinds.Everything",
+            "event": 1,
+        }
+
+
+def delimited_bytes(message: Message) -> bytes:
+    data = message.SerializeToString()
+    assert len(data) < 128
+    return bytes([len(data)]) + data

@@ -2,7 +2,8 @@
 
 The Frontend (app.py) hands it every request for ``collect.path``. It reads
 the body within ``[collect]``'s limits, parses it (one JSON object, an
-``{"events": [...]}`` object, or NDJSON) and hands the events to the same
+``{"events": [...]}`` object, or NDJSON; protobuf with ``[collect.protobuf]``,
+in protobuf.py) and hands the events to the same
 bounded channel as hits (``Intake.submit_all``); their records are built in
 the workers. Then it answers: ``202 {"accepted": n}``, or an error that says
 why (docs/collect.md).

@@ -201,8 +201,15 @@ class Decoder:
             raise _invalid(name, index, start, _locate(cls.DESCRIPTOR, data)) from None
         try:
             return convert(message)
-        except (json_format.Error, ValueError) as exc:
-            raise _invalid(name, index, start, (None, "", f"no JSON mapping: {exc}")) from None
+        except (json_format.Error, ValueError, TypeError) as exc:  # what json_format raises
+            # for a message it cannot map: an invalid Timestamp, an Any of an unknown type, ...
+            where = "" if index is None else f"message {index} (at byte {start}) of "
+            detail: dict[str, object] = {"type": name}
+            if index is not None:
+                detail["event"] = index
+            raise Rejected(
+                400, "malformed", f"The {where}{name} has no JSON mapping: {exc}", None, **detail
+            ) from None
 
     def _delimited(
         self,
