@@ -184,6 +184,10 @@ def test_the_kinds_json_format_treats_apart() -> None:
         },
         "children": [{"child": {"choice_int64": "3"}}],
     }
+    signed = CLASSES["kinds.Everything"]()
+    signed.scalars.f_float, signed.scalars.f_double = -0.0, math.nan  # both set: not zero bits
+    expected, got = both(signed)
+    assert got == expected == b'{"scalars":{"f_double":"NaN","f_float":-0.0}}'
     reading = CLASSES["legacy.Reading"](level=2)
     reading.Extensions[POOL.FindExtensionByName("legacy.note")] = "n"
     expected, got = both(reading)

@@ -1,24 +1,25 @@
 """A protobuf message as protobuf's canonical JSON mapping, exactly as
 ``json_format.MessageToDict(message, preserving_proto_field_name=True)``
-makes it, about 2.5 times faster (docs/benchmarks.md#collect-endpoint).
+makes it, about four times faster (docs/benchmarks.md#collect-endpoint).
 
-``json_format`` looks up each field's kind, name and conversion anew for
-every value of every message; here they are looked up once per message type
-and kept in a table, and ``ListFields()`` (what ``json_format`` walks) is
-walked with it. The conversions are ``json_format``'s own rules for plain
-messages, scalars, enums, repeated and map fields, and ``Timestamp`` (its
-``ToJsonString()``, with each day's date made once). Whatever else a type
-may hold is handed to ``json_format`` itself, whole: the other well-known
-types (but ``Duration``: its ``ToJsonString()``), extensions, and enum
-values with JSON options.
-``tests/test_protojson.py`` compares both, byte for byte once written by
-orjson, on generated messages of every kind of field.
-"""
+``json_format`` walks ``ListFields()`` and looks up each field's kind, name
+and conversion anew for every value of every message. Here a function is
+made once per message type (Python source compiled at start, from the
+descriptor): it reads each field in number order, keeps those that
+``ListFields()`` would list, and converts each by ``json_format``'s own
+rules for scalars, enums, repeated and map fields, messages, and
+``Timestamp`` (its ``ToJsonString()``, with each day's date made once).
+Whatever else a type may hold is handed to ``json_format`` itself, whole:
+the other well-known types (but ``Duration``: its ``ToJsonString()``),
+extensions, and enum values with JSON options. ``tests/test_protojson.py``
+compares both, byte for byte once written by orjson, on generated messages
+of every kind of field and on random bytes that parse."""
 
 from __future__ import annotations
 
 import base64
 import datetime
+import keyword
 import math
 import struct
 from collections.abc import Callable
@@ -33,6 +34,7 @@ Convert = Callable[[Any], Any]
 
 _TO_JSON_STRING = frozenset({"google.protobuf.Duration"})  # json_format: ToJsonString()
 _INT64 = frozenset({FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64})
+_FLOATS = frozenset({FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE})
 
 
 def _float_special(value: float) -> str | None:
@@ -154,17 +156,46 @@ class Converter:
         if not _plain(descriptor):
             self._made[descriptor] = self._whole
             return self._whole
-        names: dict[FieldDescriptor, str] = {}
-        functions: dict[FieldDescriptor, Convert] = {}
-
-        def convert(message: Any) -> dict[str, Any]:
-            return {names[field]: functions[field](value) for field, value in message.ListFields()}
-
-        self._made[descriptor] = convert  # before the fields: a type may hold itself
-        for field in descriptor.fields:
-            names[field] = field.name
-            functions[field] = self._field(field)
+        made_later: list[Convert] = []
+        # Set before the fields' converters are made: a type may hold itself.
+        self._made[descriptor] = lambda message: made_later[0](message)
+        convert = self._generated(descriptor)
+        made_later.append(convert)
+        self._made[descriptor] = convert
         return convert
+
+    def _generated(self, descriptor: Descriptor) -> Convert:
+        """A function made for the type that writes what ``ListFields()``
+        would list (json_format's walk): the fields in number order, each one
+        that is set. A field with presence (a message, ``optional``, a
+        ``oneof`` member, proto2) is set when ``HasField`` says so; a repeated
+        or map field when not empty; any other scalar when its bits are not
+        all zero (upb's test): a true value, or -0.0."""
+        names: dict[str, Any] = {"copysign": math.copysign}
+        lines = ["def convert(m):", "    js = {}"]
+        for index, field in enumerate(sorted(descriptor.fields, key=lambda f: f.number)):
+            function = self._field(field)
+            name = field.name
+            get = f"m.{name}" if not keyword.iskeyword(name) else f"getattr(m, {name!r})"
+            as_it_is = (
+                not field.is_repeated
+                and field.cpp_type in _AS_THEY_ARE
+                and field.type != FieldDescriptor.TYPE_BYTES
+            )
+            value = "v" if as_it_is else f"c{index}(v)"
+            names[f"c{index}"] = function
+            if field.has_presence:
+                lines += [f"    if m.HasField({name!r}):", f"        v = {get}"]
+            elif not field.is_repeated and field.cpp_type in _FLOATS:
+                lines += [f"    v = {get}", "    if v or copysign(1.0, v) < 0.0:"]
+            else:
+                lines += [f"    v = {get}", "    if v:"]
+            lines.append(f"        js[{name!r}] = {value}")
+        lines.append("    return js")
+        source = "\n".join(lines) + "\n"
+        exec(compile(source, f"<protojson {descriptor.full_name}>", "exec"), names)
+        made: Convert = names["convert"]
+        return made
 
     def _field(self, field: FieldDescriptor) -> Convert:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
