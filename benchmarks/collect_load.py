@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import re
 import shutil
 import signal
@@ -92,6 +93,12 @@ class Run:
     hits_in_kafka: int
     events_in_kafka: int
     form: str = "json"  # of the events: "json" or "protobuf"
+    cpu: float = 0.0  # s of CPU the service used from wrk's start until its counts settled
+
+    @property
+    def cpu_per_record(self) -> float:
+        """µs of the service's CPU (all its threads) per record received."""
+        return self.cpu / max(self.ledger["received"], 1) * 1e6
 
     @property
     def case(self) -> str:
@@ -312,6 +319,12 @@ def _settled_counts(url: str) -> tuple[int, int]:
     return counts
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of the process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wrk(
     target: str, script: Path, connections: int, seconds: int
 ) -> tuple[float, float, float, int, dict[int, int], int, str]:
@@ -343,10 +356,12 @@ def measure(
         _check(server.url, batch, form)
         script = _script(work / f"{topic}.lua", batch, form)
         target = server.url + (COLLECT if batch else REDIRECT)
+        cpu_before = _cpu_seconds(server.pid)
         rps, p50, p99, answered, statuses, dropped, errors = _wrk(
             target, script, connections, seconds
         )
         accepted, received = _settled_counts(server.url)
+        cpu = _cpu_seconds(server.pid) - cpu_before
         rss = _peak_rss([server.pid])
         ledger = server.stop()
     finally:
@@ -369,6 +384,7 @@ def measure(
         _records(bootstrap, topic),
         _records(bootstrap, f"{topic}-events"),
         form,
+        cpu,
     )
 
 
@@ -383,8 +399,9 @@ def report(runs: list[Run], cases: list[tuple[int, str]], connections: int) -> s
     lines = [
         f"{connections} connections, medians of {len(runs) // len(cases)} rounds",
         "",
-        "| case | req/s | events/s | p50 ms | p99 ms | events/s ÷ redirects/s | peak RSS MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| case | req/s | events/s | p50 ms | p99 ms | events/s ÷ redirects/s | peak RSS MiB "
+        "| CPU µs/record |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for batch, form in cases:
         mine = of(batch, form)
@@ -392,7 +409,8 @@ def report(runs: list[Run], cases: list[tuple[int, str]], connections: int) -> s
         lines.append(
             f"| {mine[0].case} | {median(mine, 'rps'):,.0f} | {events:,.0f} "
             f"| {median(mine, 'p50'):.2f} | {median(mine, 'p99'):.2f} "
-            f"| {events / redirects:.2f} | {median(mine, 'peak_rss'):.1f} |"
+            f"| {events / redirects:.2f} | {median(mine, 'peak_rss'):.1f} "
+            f"| {median(mine, 'cpu_per_record'):.1f} |"
         )
 
     def events(batch: int, form: str) -> float:
@@ -405,6 +423,19 @@ def report(runs: list[Run], cases: list[tuple[int, str]], connections: int) -> s
     ]
     if ratios:
         lines += ["", "events/s, protobuf ÷ JSON at the same batch size: " + "; ".join(ratios)]
+
+        def cost(batch: int, form: str) -> float:
+            return median(of(batch, form), "cpu_per_record")
+
+        cpu = [
+            f"protobuf {batch} ÷ batch {batch}: {cost(batch, 'json') / cost(batch, 'protobuf'):.2f}"
+            for batch, form in cases
+            if form == "protobuf" and (batch, "json") in cases
+        ]
+        lines.append(
+            "events per CPU second, protobuf ÷ JSON (the throughput ratio when CPU "
+            "is what limits): " + "; ".join(cpu)
+        )
     costs = []
     for batch, form in cases:
         if form == "protobuf":
