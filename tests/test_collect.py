@@ -609,6 +609,10 @@ async def test_a_multi_event_request_meets_a_full_channel(policy: str) -> None:
         assert event_outcomes(service) == {"accepted": 6, "dropped": 2, "shed": 0}
 
 
+def hit_of(name: str, data: bytes | None = None) -> Hit:
+    return Hit(name, 0.0, "POST", "http", "/collect", b"", [], None, 202, None, None, data)
+
+
 def block_intake(capacity: int) -> tuple[Intake, trio.MemoryReceiveChannel[Hit], Ledger]:
     send, receive = trio.open_memory_channel[Hit](capacity)
     overflow, _ = trio.open_memory_channel[Hit](0)
@@ -621,7 +625,7 @@ async def test_under_block_room_that_comes_in_time_takes_the_rest(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     intake, receive, ledger = block_intake(2)
-    items: list[Any] = ["a", "b", "c", "d"]
+    items = [hit_of(name) for name in "abcd"]
     async with trio.open_nursery() as nursery:
 
         async def take_one_later() -> None:
@@ -640,7 +644,7 @@ async def test_under_block_a_cancelled_wait_counts_the_rest_dropped(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     intake, _, ledger = block_intake(2)
-    items: list[Any] = ["a", "b", "c", "d"]
+    items = [hit_of(name) for name in "abcd"]
     with trio.move_on_after(0.3) as scope:
         await intake.submit_all(items)
     assert scope.cancelled_caught

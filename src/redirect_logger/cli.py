@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--all-topics",
         action="store_true",
         help="read every topic the config can write to: records.topic, the rules', "
-        "the fallback's, collect.topic",
+        "the fallback's, collect.topic, collect.bad_topic",
     )
     tail_cmd.add_argument("--from-beginning", action="store_true")
     tail_cmd.add_argument("--count", type=int, help="stop after this many records")

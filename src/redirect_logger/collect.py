@@ -11,6 +11,8 @@ why (docs/collect.md).
 
 from __future__ import annotations
 
+import base64
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
+from . import decoding
 from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, PROTOBUF_TYPES, CollectSettings, KafkaValue
 from .hits import Hit
 from .pipeline import Admission
@@ -36,6 +39,11 @@ ENVELOPE_BYTES = 48 * 1024
 _JSON_TYPES = frozenset({"application/json"})
 _WHITESPACE = " \t\r"
 _ALLOW = b"POST, OPTIONS"
+# A client-made id (collect.id_field): a UUID in its 8-4-4-4-12 hex form
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
+# A refused request's body as its "bad" record keeps it: at most the first 4 KiB
+BAD_BODY_BYTES = 4096
+BAD_STATUSES = frozenset({400, 413, 415})  # refused for the content (collect.bad_topic)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -58,6 +66,7 @@ class Rejected(Exception):
         self.headers = headers or []
         self.body: dict[str, object] = {"error": message, **detail}
         self.body_read = False  # the request's body was read to its end
+        self.received: bytes | None = None  # the body as read so far (its start)
 
 
 def position(text: str, index: int) -> tuple[int, int]:
@@ -118,6 +127,30 @@ def parse_events(
                     field=field,
                 )
     return events
+
+
+def client_ids(events: list[dict[str, Any]], field: str | None) -> list[str | None] | None:
+    """Each event's client-made id from ``field`` (in lower case), or None
+    for an event without it; None without ``field``. Raises ``Rejected`` 400
+    naming the field and the event when a value is not a UUID."""
+    if field is None:
+        return None
+    ids: list[str | None] = []
+    for index, event in enumerate(events):
+        value = event.get(field)
+        if value is None and field not in event:
+            ids.append(None)
+            continue
+        if not isinstance(value, str) or not _UUID.match(value):
+            raise Rejected(
+                400,
+                "bad_id",
+                f'event {index}: field "{field}" is not a UUID',
+                event=index,
+                field=field,
+            )
+        ids.append(value.lower())
+    return ids
 
 
 def _prefix(body: bytes, end: int) -> tuple[str, int]:
@@ -231,6 +264,9 @@ class Collector:
         self._max_age = str(settings.cors_max_age).encode()
         self._rejected = metrics.collect_rejected
         self._events = metrics.collect_events
+        self._encodings = frozenset(settings.encodings)
+        self._id_field = settings.id_field
+        self._bad = settings.bad_topic is not None  # refused bodies are recorded
         # An event's record must fit in one Kafka message.
         message_max = kafka.get("message.max.bytes", MESSAGE_MAX_BYTES)
         self._max_event = max(int(str(message_max)) - ENVELOPE_BYTES, 1)
@@ -272,9 +308,13 @@ class Collector:
             if scope["method"] == "OPTIONS":
                 await self._preflight(scope, origin, headers, receive, send, deadline)
                 return
-            events = await self._events_of(scope, receive, origin, content_type, length, deadline)
+            events, ids = await self._events_of(
+                scope, receive, origin, content_type, length, deadline
+            )
         except Rejected as rejected:
             self._rejected.labels(rejected.reason).inc()
+            if self._bad and rejected.status in BAD_STATUSES:
+                await self._record_bad(scope, now, rejected, receive, deadline)
             await _finish(
                 scope,
                 receive,
@@ -288,7 +328,33 @@ class Collector:
             return
         except _Gone:
             return
-        await self._submit(scope, now, events, headers, send)
+        await self._submit(scope, now, events, headers, send, ids)
+
+    async def _record_bad(
+        self, scope: dict[str, Any], now: float, rejected: Rejected, receive: Any, deadline: float
+    ) -> None:
+        """Hand the "bad" record of a request refused for its content to the
+        channel (collect.bad_topic): its reason, error and the start of its
+        body, read now (at most ``BAD_BODY_BYTES``, by ``deadline``) if the
+        refusal came before the body."""
+        body = rejected.received
+        if body is None:
+            body, rejected.body_read = await _read_start(receive, deadline)
+        content_type = encoding = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"content-encoding":
+                encoding = value.decode("latin-1")
+        fields = {
+            "reason": rejected.reason,
+            "error": rejected.body["error"],
+            "content_type": content_type,
+            "content_encoding": encoding,
+            "body": base64.b64encode(body[:BAD_BODY_BYTES]).decode(),
+        }
+        bad = Hit.events_of(scope, now, rejected.status, [orjson.dumps(fields)])
+        await self._admit_all(bad)
 
     async def _events_of(
         self,
@@ -298,8 +364,9 @@ class Collector:
         content_type: bytes | None,
         length: bytes | None,
         deadline: float,
-    ) -> list[bytes]:
-        """The request's events, each as the JSON its record will hold."""
+    ) -> tuple[list[bytes], list[str | None] | None]:
+        """The request's events, each as the JSON its record will hold, and
+        their client-made ids (``client_ids``)."""
         if scope["method"] != "POST":
             raise Rejected(405, "method", "use POST", [(b"allow", _ALLOW)])
         if origin is not None and not self._allowed(origin):
@@ -318,16 +385,32 @@ class Collector:
         read = None
         if self._protobuf is not None and media_type in PROTOBUF_TYPES:
             read = self._protobuf.reader(content_type or b"")  # protobuf.py
+        try:
+            coding = decoding.coding_of(scope["headers"], self._encodings)
+        except decoding.Refused as refused:
+            raise Rejected(
+                refused.status, refused.reason, str(refused), None, **refused.detail
+            ) from None
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise _body_too_large(self._max_body)
-        body = await self._read_body(receive, deadline)
+        body = received = await self._read_body(receive, deadline)
         try:
+            if coding is not None:
+                try:
+                    body = decoding.decoded(received, coding, self._max_body)
+                except decoding.Refused as refused:
+                    raise Rejected(refused.status, refused.reason, str(refused)) from None
             if read is not None:
-                return read(body)
+                events_written = read(body)
+                ids = None
+                if self._id_field is not None:  # read back only then
+                    ids = client_ids([orjson.loads(e) for e in events_written], self._id_field)
+                return events_written, ids
             events = parse_events(body, media_type, self._max_events, self._required)
-            return written(events, self._max_event)
+            return written(events, self._max_event), client_ids(events, self._id_field)
         except Rejected as rejected:
             rejected.body_read = True
+            rejected.received = received[:BAD_BODY_BYTES]
             raise
 
     async def _read_body(self, receive: Any, deadline: float) -> bytes:
@@ -341,7 +424,9 @@ class Collector:
                     raise _Gone
                 body += message.get("body", b"")
                 if len(body) > self._max_body:
-                    raise _body_too_large(self._max_body)
+                    rejected = _body_too_large(self._max_body)
+                    rejected.received = bytes(body[:BAD_BODY_BYTES])
+                    raise rejected
                 if not message.get("more_body", False):
                     return bytes(body)
         raise Rejected(
@@ -389,11 +474,12 @@ class Collector:
         objects: list[bytes],
         headers: Headers,
         send: Any,
+        ids: list[str | None] | None = None,
     ) -> None:
         """Hand the events to the channel and answer 202, or 503 when shed
         (``accepted`` says how many are recorded all the same: under
         ``records.durability``, those made durable before the rest could not be)."""
-        events = Hit.events_of(scope, now, 202, objects)
+        events = Hit.events_of(scope, now, 202, objects, ids)
         count = len(events)
         accepted, admission = await self._admit_all(events)
         if accepted:
@@ -477,6 +563,21 @@ async def _finish(
             nursery.start_soon(_discard, receive)
         await _respond(send, status, headers, body, head=head)
         nursery.cancel_scope.cancel()
+
+
+async def _read_start(receive: Any, deadline: float) -> tuple[bytes, bool]:
+    """The first ``BAD_BODY_BYTES`` of a body not read yet (what arrives by
+    ``deadline``), and whether that was all of it."""
+    start = bytearray()
+    with trio.move_on_at(deadline):
+        while len(start) < BAD_BODY_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return bytes(start), True
+            start += message.get("body", b"")[: BAD_BODY_BYTES - len(start)]
+            if not message.get("more_body", False):
+                return bytes(start), True
+    return bytes(start), False
 
 
 async def _discard(receive: Any) -> None:

@@ -649,6 +649,10 @@ class ProtobufSettings(_Section):
         return self._schema
 
 
+ContentCoding = Literal["gzip", "deflate", "zstd"]
+CONTENT_CODINGS: tuple[ContentCoding, ...] = ("gzip", "deflate", "zstd")
+
+
 class CollectSettings(_Section):
     """``POST /collect``: batched events, each one record (docs/configuration.md)."""
 
@@ -670,6 +674,13 @@ class CollectSettings(_Section):
     topic: str | None = None  # the events' topic; None: records.topic
     body_timeout: PositiveSeconds = 5.0  # s for the whole body to arrive; then 408
     protobuf: ProtobufSettings | None = None  # [collect.protobuf]: protobuf bodies too
+    # An event field holding a client-made id (a UUID); it becomes the record's id
+    id_field: str | None = Field(None, min_length=1, max_length=200)
+    bad_topic: str | None = None  # refused bodies are written there as "bad" records
+    # bytes of event data the channel and workers may hold; past it, when_full applies
+    max_bytes_in_flight: int = Field(67_108_864, ge=1024, le=2**40)
+    # Content-Encoding values accepted; any other: 415
+    encodings: list[ContentCoding] = Field(default_factory=lambda: list(CONTENT_CODINGS))
 
     @field_validator("path")
     @classmethod
@@ -712,6 +723,18 @@ class CollectSettings(_Section):
     @classmethod
     def _check_collect_topic(cls, topic: str | None) -> str | None:
         return None if topic is None else _topic_name(topic)
+
+    @field_validator("bad_topic")
+    @classmethod
+    def _check_bad_topic(cls, topic: str | None) -> str | None:
+        return None if topic is None else _topic_name(topic)
+
+    @field_validator("encodings")
+    @classmethod
+    def _check_encodings(cls, encodings: list[str]) -> list[str]:
+        if len(set(encodings)) != len(encodings):
+            raise ValueError("lists an encoding twice")
+        return encodings
 
 
 def _endpoint_path(path: str) -> str:
@@ -879,10 +902,11 @@ class Settings(_Section):
     def topics(self) -> list[str]:
         """Every topic these settings can write to, each once, in this order:
         ``records.topic``, the rules' topics, the fallback's, and
-        ``collect.topic`` when the collect endpoint is enabled."""
+        ``collect.topic`` and ``collect.bad_topic`` when the collect endpoint
+        is enabled."""
         topics = [self.records.topic, *(rule.topic for rule in self.rules), self.fallback.topic]
         if self.collect.enabled:
-            topics.append(self.collect.topic)
+            topics += [self.collect.topic, self.collect.bad_topic]
         return list(dict.fromkeys(topic for topic in topics if topic is not None))
 
     def consumer_kafka(self) -> dict[str, KafkaValue]:
@@ -1002,6 +1026,12 @@ def _cross_check_collect(settings: Settings) -> None:
             "collect.max_events",
             f"{collect.max_events} is larger than records.queue_size ({queue_size}): "
             "a request's events could never all fit in the channel",
+        )
+    if collect.max_bytes_in_flight < collect.max_body_bytes:
+        raise _KeyError(
+            "collect.max_bytes_in_flight",
+            f"{collect.max_bytes_in_flight} is smaller than collect.max_body_bytes "
+            f"({collect.max_body_bytes}): a request's events could not fit in it",
         )
 
 

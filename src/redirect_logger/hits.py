@@ -71,7 +71,8 @@ class Hit(NamedTuple):
     location: str | None
     rule: str | None  # rule name; None for the fallback
     # An event: the event object as JSON, written on the request path
-    # (collect.written); None for a hit
+    # (collect.written); a refused collect request (status 4xx): the fields
+    # of its "bad" record as a JSON object; None for a hit
     data: bytes | None = None
     # The group commit its request awaits (records.durability "journal" or
     # "kafka"); set by the intake, None under "memory"
@@ -125,16 +126,28 @@ class Hit(NamedTuple):
 
     @classmethod
     def events_of(
-        cls, scope: dict[str, Any], ts: float, status: int, data: list[bytes]
+        cls,
+        scope: dict[str, Any],
+        ts: float,
+        status: int,
+        data: list[bytes],
+        ids: list[str | None] | None = None,
     ) -> list[Hit]:
         """The events of one collect request, answered ``status``: ``from_scope``
-        for each event's JSON in ``data``, each with an id of its own. The
+        for each event's JSON in ``data``, each with its id from ``ids`` (the
+        client's, collect.id_field) or, for None, an id of its own. The
         request's fields are read once (a request may carry a thousand events)."""
-        request = cls.from_scope(scope, "", ts, status)[
-            1:11
-        ]  # all but id, data, commit, detail, route, variant
+        # all but id, data, commit, detail, route and variant
+        request = cls.from_scope(scope, "", ts, status)[1:11]
         new = tuple.__new__
-        return [new(cls, (str(uuid7()), *request, event, None, None, None, None)) for event in data]
+        if ids is None:
+            return [
+                new(cls, (str(uuid7()), *request, event, None, None, None, None)) for event in data
+            ]
+        return [
+            new(cls, (given or str(uuid7()), *request, event, None, None, None, None))
+            for event, given in zip(data, ids, strict=True)
+        ]
 
 
 class Encoded(NamedTuple):
@@ -311,8 +324,8 @@ def _within(ip: str, networks: tuple[Network, ...]) -> bool:
 
 def _kind(status: int, location: str | None, data: bytes | None) -> str:
     """The record's ``kind`` (docs/records.md#fields)."""
-    if data is not None:
-        return "event" if status == 202 else "pixel"
+    if data is not None:  # an event, the pixel's query, or a refused body
+        return "event" if status == 202 else "pixel" if status == 200 else "bad"
     if location is not None:
         return "redirect"
     return "refused" if status == 400 else "miss"
@@ -330,10 +343,12 @@ class Enricher:
         no_track_param: str | None = None,
         event_topic: str | None = None,
         agents: Agents | None = None,
+        bad_topic: str | None = None,
     ) -> None:
         self._key = records.key
         self._default_topic = records.topic
         self._event_topic = event_topic or records.topic  # collect.topic
+        self._bad_topic = bad_topic or self._event_topic  # collect.bad_topic
         self.use_rules(rules or [], fallback_topic, no_track_param)
         self._ip = records.ip
         self._user_agent = records.user_agent
@@ -473,7 +488,10 @@ class Enricher:
         if self._no_track is not None and self._untracked(query):
             record["tracked"] = False
         if data is not None:
-            record["data"] = orjson.Fragment(data)  # embedded as it is
+            if status >= 400:  # a refused request's: reason, error, body, ...
+                record.update(orjson.loads(data))
+            else:
+                record["data"] = orjson.Fragment(data)  # embedded as it is
         if detail is not None:
             if detail == "expired":
                 record["expired"] = True
@@ -496,9 +514,10 @@ class Enricher:
             return None
         key = None if self._key == "none" else record[self._key]
         rule = hit.rule
-        topic = (
-            self._topics.get(rule, self._default_topic) if hit.data is None else self._event_topic
-        )
+        if hit.data is None:
+            topic = self._topics.get(rule, self._default_topic)
+        else:
+            topic = self._bad_topic if hit.status >= 400 else self._event_topic
         return Encoded(  # by position, faster than by keyword
             topic,
             key.encode() if isinstance(key, str) else None,  # the key fields are texts

@@ -77,10 +77,43 @@ class Admission(enum.Enum):
     SHED = "shed"  # answer 503, record counted as shed
 
 
+class Budget:
+    """Bytes of event data (``Hit.data``) held from the intake until their
+    records are handed to librdkafka or the journal, or settled otherwise
+    (``collect.max_bytes_in_flight``). Used on the Trio thread only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._freed = trio.Event()
+
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes may be taken now: within the limit, or
+        nothing held (so one request's events always fit, one at a time)."""
+        return size == 0 or self.held == 0 or self.held + size <= self.limit
+
+    def take(self, size: int) -> None:
+        self.held += size
+
+    def release(self, size: int) -> None:
+        if size:
+            self.held -= size
+            self._freed.set()
+            self._freed = trio.Event()
+
+    async def wait_freed(self) -> None:
+        """Return once some bytes are released."""
+        await self._freed.wait()
+
+
+def _size(hit: Hit) -> int:
+    return 0 if hit.data is None else len(hit.data)
+
+
 class Intake:
     """The request path's end of the channel, with the ``when_full`` policy
-    and, under ``records.durability`` "journal" or "kafka", the wait for
-    durable records."""
+    (for a full channel, or events past the byte ``Budget``) and, under
+    ``records.durability`` "journal" or "kafka", the wait for durable records."""
 
     def __init__(
         self,
@@ -88,8 +121,10 @@ class Intake:
         overflow: trio.MemorySendChannel[Hit],
         records: RecordsSettings,
         ledger: Ledger,
+        budget: Budget | None = None,
     ) -> None:
         self._send = send
+        self._budget = budget or Budget(2**62)
         self._overflow = overflow  # to the spill writer, under when_full = "spill"
         self._policy = records.when_full
         self._on_full = _WHEN_FULL[records.when_full]
@@ -128,8 +163,9 @@ class Intake:
         some were dropped, or ``SHED``. Each item is counted as received, and
         each one not accepted as dropped or shed:
 
-        - ``shed``: all or nothing. Unless the channel has room for every item
-          now, none is taken and all are shed (a retry creates no duplicates).
+        - ``shed``: all or nothing. Unless the channel (and the byte budget)
+          has room for every item now, none is taken and all are shed (a
+          retry creates no duplicates).
         - ``drop``: what fits now is taken; the rest is dropped.
         - ``spill``: what does not fit goes to the spill writer's channel, and
           what does not fit there either is dropped.
@@ -142,7 +178,7 @@ class Intake:
         self._ledger.received += len(items)
         if self._commit is not None:
             return await self._admit_durably(items)
-        if self._policy == "shed" and not self._room_for(len(items)):
+        if self._policy == "shed" and not self._room_for(items):
             return await self._when_full(items, 0)
         return await self._when_full(items, self._offer(self._send, items, 0))
 
@@ -156,7 +192,7 @@ class Intake:
         assert self._commit is not None
         commit = self._commit
         tagged = [item._replace(commit=commit) for item in items]
-        shed_all = self._policy == "shed" and not self._room_for(len(items))
+        shed_all = self._policy == "shed" and not self._room_for(items)
         taken = 0 if shed_all else self._offer(self._send, tagged, 0)
         commit.join(taken)
         groups = [(commit, tagged[:taken])] if taken else []
@@ -188,10 +224,10 @@ class Intake:
             commit.close()
             self._commit = Commit()
 
-    def _room_for(self, count: int) -> bool:
+    def _room_for(self, items: Sequence[Hit]) -> bool:
         stats = self._send.statistics()
         room = stats.max_buffer_size - stats.current_buffer_used + stats.tasks_waiting_receive
-        return room >= count
+        return room >= len(items) and self._budget.fits(sum(map(_size, items)))
 
     async def _when_full(self, items: Sequence[Hit], taken: int) -> tuple[int, Admission]:
         """``records.when_full`` for ``items[taken:]``, which found no room (or
@@ -209,12 +245,19 @@ class Intake:
         self._ledger.add_dropped(count - after)
         return after, Admission.DROPPED
 
-    @staticmethod
-    def _offer(channel: trio.MemorySendChannel[Hit], items: Sequence[Hit], taken: int) -> int:
-        """Put items from ``taken`` on into ``channel`` while it has room; the new count."""
+    def _offer(self, channel: trio.MemorySendChannel[Hit], items: Sequence[Hit], taken: int) -> int:
+        """Put items from ``taken`` on into ``channel`` while it has room (and,
+        for the channel to the workers, the byte budget too); the new count.
+        The overflow channel, drained to the journal, takes events past the
+        budget, and counts them in it."""
+        budget, checked = self._budget, channel is self._send
         try:
             for item in items[taken:]:
+                size = _size(item)
+                if checked and not budget.fits(size):
+                    break
                 channel.send_nowait(item)
+                budget.take(size)
                 taken += 1
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             pass
@@ -238,12 +281,22 @@ async def _spill(intake: Intake, items: Sequence[Hit], taken: int) -> int | None
 
 
 async def _block(intake: Intake, items: Sequence[Hit], taken: int) -> int | None:
-    """Waits at most ``max_block`` s in all; cancelled meanwhile, the items not
-    taken are counted dropped."""
+    """Waits at most ``max_block`` s in all, for room in the channel and in
+    the byte budget; cancelled meanwhile, the items not taken are counted
+    dropped."""
+    budget = intake._budget
     try:
         with trio.move_on_after(intake._max_block):
             for item in items[taken:]:
-                await intake._send.send(item)
+                size = _size(item)
+                while not budget.fits(size):
+                    await budget.wait_freed()
+                budget.take(size)
+                try:
+                    await intake._send.send(item)
+                except BaseException:
+                    budget.release(size)
+                    raise
                 taken += 1
     except (trio.ClosedResourceError, trio.BrokenResourceError):
         pass
@@ -266,9 +319,10 @@ class _Batch:
     (in the same order), and the tag their delivery reports carry: None, the
     ``Placement`` they were written ahead to, or their ``Flight``."""
 
-    __slots__ = ("hits", "records", "tag")
+    __slots__ = ("bytes", "hits", "records", "tag")
 
     def __init__(self) -> None:
+        self.bytes = 0  # of event data (Budget), released once the batch is handled
         self.records: list[Encoded] = []
         self.hits: list[Hit] = []
         self.tag: Placement | Flight | None = None
@@ -286,12 +340,14 @@ class Pipeline:
         ledger: Ledger,
         observe_batch: Callable[[int], None],
         spill_after: float | None,
+        max_bytes_in_flight: int = 2**62,
     ) -> None:
         self.send, self.receive = trio.open_memory_channel[Hit](records.queue_size)
         self.overflow_send, self.overflow_receive = trio.open_memory_channel[Hit](
             records.queue_size if records.when_full == "spill" else 0
         )
-        self.intake = Intake(self.send, self.overflow_send, records, ledger)
+        self.budget = Budget(max_bytes_in_flight)
+        self.intake = Intake(self.send, self.overflow_send, records, ledger, self.budget)
         self.closed = trio.Event()  # set when the intake's channels are closed
         self._gathering = trio.Lock()  # held by the worker gathering a batch
         self.ledger = ledger
@@ -337,17 +393,20 @@ class Pipeline:
         try:
             encoded = self._encode(hit)
         except Exception:
+            self.budget.release(_size(hit))
             self.ledger.add_failed()
             log.exception("record %s could not be encoded; counted as failed", hit.id)
             if hit.commit is not None:
                 hit.commit.settle(hit.id, False)
             return
         if encoded is None:
+            self.budget.release(_size(hit))
             self.ledger.add_excluded()
             if hit.commit is not None:
                 hit.commit.settle(hit.id, True)
             return
         self.held += 1
+        batch.bytes += _size(hit)
         batch.records.append(encoded)
         if hit.commit is not None:
             batch.hits.append(hit)
@@ -570,6 +629,12 @@ class Pipeline:
                     self.intake.close_commit()
                 if batch.records:
                     await handle(batch)
+                self._handled(batch)
+
+    def _handled(self, batch: _Batch) -> None:
+        """Release the byte budget of a batch handed over (or journaled)."""
+        self.budget.release(batch.bytes)
+        batch.bytes = 0
 
     async def spill_leftovers(self) -> None:
         """After the drain deadline: journal every record still in a worker's
@@ -587,6 +652,7 @@ class Pipeline:
         for batch in [*self._in_hand, leftovers]:
             if batch.records:
                 await self.keep(batch, "not handed to Kafka within flush_timeout")
+            self._handled(batch)
 
 
 async def _serve_reports(sink: Sink, stop: threading.Event) -> None:
@@ -635,6 +701,7 @@ async def open_pipeline(
     spill_after: float | None = None,
     background: Sequence[Callable[[], Awaitable[None]]] = (),
     stopping: threading.Event | None = None,
+    max_bytes_in_flight: int = 2**62,
 ) -> AsyncIterator[Pipeline]:
     """Run the worker pool, the one delivery-report poller, the fatal-error
     watcher, under durability "kafka" the flight watcher, and the
@@ -650,7 +717,9 @@ async def open_pipeline(
     librdkafka does not report the purged records within 2 s (the ledger then
     shows them).
     """
-    pipeline = Pipeline(records, sink, spill, encode, ledger, observe_batch, spill_after)
+    pipeline = Pipeline(
+        records, sink, spill, encode, ledger, observe_batch, spill_after, max_bytes_in_flight
+    )
     stop_polling = threading.Event()
     drain = trio.CancelScope(shield=True)  # only the drain deadline stops the workers
     async with trio.open_nursery() as nursery:

@@ -107,6 +107,7 @@ class Service:
             settings.redirects.no_track_param,
             settings.collect.topic,
             agents,
+            settings.collect.bad_topic,
         )
         self.clients = Clients(agents, settings.records, settings.server, self.enricher.client_ip)
         self._use_countries(settings.records.geoip_database)
@@ -253,6 +254,7 @@ class Service:
             "in_flight": self.in_flight(),
             "queue_depth": pipeline.queue_depth() if pipeline else 0,
             "queue_capacity": self.settings.records.queue_size,
+            "bytes_in_flight": pipeline.budget.held if pipeline else 0,
             "producer_queue": sink.queued() if sink else 0,
             "ready": 1 if self.readiness() is None else 0,
             "broker_reachable": 1 if sink is not None and sink.reachable else 0,
@@ -346,6 +348,7 @@ class Service:
                     spill_after=spill_after,
                     background=background,
                     stopping=replayer.stop if replayer is not None else None,
+                    max_bytes_in_flight=settings.collect.max_bytes_in_flight,
                 ) as pipeline:
                     self.pipeline = pipeline
                     await self._join_group(group)
