@@ -79,7 +79,7 @@ class Setup:
         with trio.fail_after(1):
             await self.flight.done.wait()
             await self.commit.wait()
-        return {h.id for h in self.hits} - self.commit.undurable
+        return {h.id for h in self.hits} - set(+self.commit.undurable)
 
     def journaled(self) -> list[bytes]:
         return [r.value for p in self.journal.seal() for r in read_segment(p).records]
@@ -102,7 +102,7 @@ async def test_a_failed_delivery_is_spilled_and_answered_a_refused_one_is_not(
     setup.flight.undelivered([setup.records[1]], "delivery failed: timed out")
     setup.flight.refused([setup.records[2]])
     assert await setup.answered() == {"id-0", "id-1"}
-    assert setup.commit.undurable == {"id-2"}
+    assert setup.commit.undurable == {"id-2": 1}
     assert counts(setup.ledger) == {"delivered": 1, "spilled": 1, "failed": 1}
     assert setup.journaled() == [setup.records[1].value]
 
@@ -124,6 +124,40 @@ async def test_at_ack_timeout_the_rest_is_written_ahead_and_settled_by_later_rep
     assert setup.journal.settled_ids(segment) == {b"id-1", b"id-2"}
     assert setup.journal.replayable() == [segment]  # id-3 waits for a replay
     assert counts(setup.ledger) == {"delivered": 2, "journaled": 3, "failed": 1, "spilled": 1}
+
+
+async def test_records_of_one_id_are_each_settled(tmp_path: Path) -> None:
+    """Client-made ids (collect.id_field) may repeat: three records of one
+    id, one delivered, one failed (spilled), one refused; then two more
+    written ahead at ack_timeout. Each is counted once, and two of the three
+    hits of that id are answered as durable."""
+    setup = Setup(tmp_path, 5)
+    same = [h._replace(id="same") for h in setup.hits[:3]]
+    setup.hits[:3] = same
+    setup.records[:3] = records(same)
+    setup.flight = Flight(
+        setup.hits,
+        setup.records,
+        trio.current_time() + 2.0,
+        Spill(setup.journal, setup.ledger),
+        setup.ledger,
+        setup.unrecorded,
+    )
+    setup.flight.delivered(Message(setup.records[0]))  # type: ignore[arg-type]
+    setup.flight.undelivered([setup.records[1]], "delivery failed: timed out")
+    setup.flight.refused([setup.records[2]])
+    assert not setup.flight.done.is_set()  # id-3 and id-4 still wait
+    setup.flight.journal_rest()
+    with trio.fail_after(1):
+        await setup.flight.done.wait()
+        await setup.commit.wait()
+    assert setup.commit.undurable == {"same": 1}
+    assert counts(setup.ledger) == {"delivered": 1, "spilled": 1, "failed": 1, "journaled": 2}
+    assert [r.value for p in setup.journal.seal() for r in read_segment(p).records] == [
+        setup.records[1].value,
+        setup.records[3].value,
+        setup.records[4].value,
+    ]
 
 
 @pytest.mark.parametrize(("when_full", "field"), [("shed", "shed"), ("drop", "dropped")])

@@ -12,6 +12,8 @@ commit is settled.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import trio
 
 
@@ -28,7 +30,9 @@ class Commit:
         self._pending = 0  # hits joined and not settled yet
         self._open = True
         self._done = trio.Event()
-        self.undurable: set[str] = set()  # ids of hits whose record is not durable
+        # ids of hits whose record is not durable, each as often as it is so
+        # (a client-made id may be on several hits: collect.id_field)
+        self.undurable: Counter[str] = Counter()
 
     def join(self, count: int = 1) -> None:
         """``count`` hits are being admitted under this commit."""
@@ -38,7 +42,7 @@ class Commit:
     def settle(self, hit_id: str, durable: bool) -> None:
         """One joined hit's record is durable, or can never be made so."""
         if not durable:
-            self.undurable.add(hit_id)
+            self.undurable[hit_id] += 1
         self._pending -= 1
         if not self._pending and not self._open:
             self._done.set()
@@ -54,6 +58,13 @@ class Commit:
         self._open = False
         if not self._pending:
             self._done.set()
+
+    def lost(self, hit_id: str) -> bool:
+        """Whether a hit of this id is not durable; each such hit is told once."""
+        if self.undurable[hit_id] > 0:
+            self.undurable[hit_id] -= 1
+            return True
+        return False
 
     async def wait(self) -> None:
         """Until every hit of the closed commit is settled. Cancellation leaves

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 
 import trio
@@ -83,6 +84,10 @@ class Flight:
     (neither acknowledged nor journaled: ``Unrecorded``). Reports and
     journaling run in threads under the flight's lock; ``done`` is set on the
     Trio thread once no record is waiting, after the hits are settled.
+
+    Records are told apart by id. Several may have the same id (a client-made
+    one, collect.id_field): they are counted as often as they occur, and
+    any report for that id settles one of them.
     """
 
     def __init__(
@@ -103,10 +108,12 @@ class Flight:
         self._unrecorded = unrecorded
         self._token = trio.lowlevel.current_trio_token()
         self._lock = threading.Lock()
-        self._waiting = {hit.id.encode(): index for index, hit in enumerate(hits)}
-        self._journaled: set[bytes] = set()  # written ahead, awaiting their reports
+        self._waiting: dict[bytes, list[int]] = {}  # each id's waiting records, by index
+        for index, hit in enumerate(hits):
+            self._waiting.setdefault(hit.id.encode(), []).append(index)
+        self._journaled: Counter[bytes | None] = Counter()  # written ahead, awaiting reports
         self._placement: Placement | None = None
-        self._given_up: set[bytes] = set()
+        self._given_up: Counter[bytes | None] = Counter()
         self._undurable: set[int] = set()  # indices of hits answered by when_full
         self._finishing = False
 
@@ -115,16 +122,24 @@ class Flight:
     def delivered(self, message: Message) -> None:
         key = record_id(message.value() or b"")
         with self._lock:
-            if key in self._given_up:
-                self._given_up.discard(key)
+            if _take(self._given_up, key):
                 self._unrecorded.reported(1)
                 return
             self._ledger.add_delivered()
-            if key in self._journaled and self._placement is not None:
-                self._journaled.discard(key)
+            if self._placement is not None and _take(self._journaled, key):
                 self._placement.settle([key])
-            elif key is not None and self._waiting.pop(key, None) is not None:
+            elif key is not None and self._take_waiting(key) is not None:
                 self._finish_if_done()
+
+    def _take_waiting(self, key: bytes) -> int | None:
+        """The index of a record of this id that is waiting, no longer waiting."""
+        indices = self._waiting.get(key)
+        if not indices:
+            return None
+        index = indices.pop(0)
+        if not indices:
+            del self._waiting[key]
+        return index
 
     def undelivered(self, records: Sequence[Encoded], why: str) -> None:
         """Records Kafka could not take now (or the worker could not hand
@@ -136,12 +151,8 @@ class Flight:
             if journaled and placement is not None:
                 placement.leave(len(journaled), self._ledger)
             if waiting:
-                keys = [key for key, _ in waiting]
                 kept = self._spill.keep([r for _, r in waiting], why, self._unrecorded)
-                for key in keys[kept:]:
-                    self._undurable.add(self._waiting[key])
-                for key in keys:
-                    del self._waiting[key]
+                self._undurable.update(index for index, _ in waiting[kept:])
                 self._finish_if_done()
 
     def refused(self, records: Sequence[Encoded]) -> None:
@@ -153,27 +164,27 @@ class Flight:
             if journaled and placement is not None:
                 placement.settle(journaled)
             self._ledger.add_failed(len(waiting) + len(journaled))
-            for key, _ in waiting:
-                self._undurable.add(self._waiting.pop(key))
+            self._undurable.update(index for index, _ in waiting)
             self._finish_if_done()
 
     def _sort(
         self, records: Sequence[Encoded]
-    ) -> tuple[list[tuple[bytes, Encoded]], list[bytes | None]]:
-        """The reported records still waiting (with their keys), and the keys
-        of those journaled; those given up are done with here."""
-        waiting: list[tuple[bytes, Encoded]] = []
+    ) -> tuple[list[tuple[int, Encoded]], list[bytes | None]]:
+        """The reported records that were waiting (with their hits' indices),
+        no longer waiting, and the keys of those journaled; those given up
+        are done with here."""
+        waiting: list[tuple[int, Encoded]] = []
         journaled: list[bytes | None] = []
         for record in records:
             key = record_id(record.value)
-            if key in self._given_up:
-                self._given_up.discard(key)
+            if _take(self._given_up, key):
                 self._unrecorded.reported(1)
-            elif key in self._journaled:
-                self._journaled.discard(key)
+            elif _take(self._journaled, key):
                 journaled.append(key)
-            elif key is not None and key in self._waiting:
-                waiting.append((key, record))
+            elif key is not None:
+                index = self._take_waiting(key)
+                if index is not None:
+                    waiting.append((index, record))
         return waiting, journaled
 
     # -- the disk thread ------------------------------------------------------
@@ -185,8 +196,11 @@ class Flight:
         with self._lock:
             if not self._waiting:
                 return
-            keys = list(self._waiting)
-            rest = [self.records[self._waiting[key]] for key in keys]
+            pending = sorted(
+                ((index, key) for key, indices in self._waiting.items() for index in indices),
+            )
+            keys = [key for _, key in pending]
+            rest = [self.records[index] for index, _ in pending]
             journal, written, reason = self._spill.journal, 0, "spill disabled"
             if journal is not None:
                 try:
@@ -199,12 +213,12 @@ class Flight:
                 except PartialWrite as exc:
                     reason = f"cannot write the spill journal: {exc}"
             self._ledger.add_journaled(written)
-            lost = keys[written:]
+            lost = pending[written:]
             if lost:
                 self._unrecorded(len(lost), reason)
                 self._unrecorded.give_up(len(lost))
-                self._given_up.update(lost)
-                self._undurable.update(self._waiting[key] for key in lost)
+                self._given_up.update(key for _, key in lost)
+                self._undurable.update(index for index, _ in lost)
             self._waiting.clear()
             self._finish_if_done()
 
@@ -221,3 +235,11 @@ class Flight:
             if hit.commit is not None:
                 hit.commit.settle(hit.id, index not in undurable)
         self.done.set()
+
+
+def _take(counts: Counter[bytes | None], key: bytes | None) -> bool:
+    """Whether ``counts`` has ``key``; if so, one fewer."""
+    if counts[key] > 0:
+        counts[key] -= 1
+        return True
+    return False

@@ -211,7 +211,7 @@ class Intake:
         for group, hits in groups:
             await group.wait()
             if group.undurable:
-                lost += sum(hit.id in group.undurable for hit in hits)
+                lost += sum(group.lost(hit.id) for hit in hits)
         if lost:
             admission = Admission.SHED if self._policy == "shed" else Admission.DROPPED
         return taken - lost, admission
