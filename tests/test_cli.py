@@ -44,7 +44,7 @@ def _tail(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _config(tmp_path: Path, bootstrap: str, topics: list[str]) -> Path:
-    records, rule, fallback, events = topics
+    records, rule, fallback, events, *bad = topics
     return write_config(
         tmp_path / "c.toml",
         service_config(
@@ -55,7 +55,7 @@ def _config(tmp_path: Path, bootstrap: str, topics: list[str]) -> Path:
                 {"name": "b", "path": "/b", "target": "https://b.example/", "topic": records},
             ],
             fallback={"status": 404, "topic": fallback},
-            collect={"enabled": True, "topic": events},
+            collect={"enabled": True, "topic": events, "bad_topic": (bad or [events])[0]},
         ),
     )
 
@@ -70,12 +70,15 @@ def test_the_topics_a_config_can_write_to() -> None:
     data["collect"]["enabled"] = True
     data["rules"][0]["topic"] = "misses"
     assert parse_settings(data).topics() == ["hits", "misses", "docs", "events"]
+    data["collect"]["bad_topic"] = "refused"
+    assert parse_settings(data).topics() == ["hits", "misses", "docs", "events", "refused"]
 
 
 def test_tail_reads_the_topics_it_is_given(broker: Broker, tmp_path: Path) -> None:
-    topics = [unique_topic(name) for name in ("records", "rule", "fallback", "events", "other")]
+    names = ("records", "rule", "fallback", "events", "bad", "other")
+    topics = [unique_topic(name) for name in names]
     _produce(broker.bootstrap, {topic: {"topic": topic} for topic in topics})
-    path = _config(tmp_path, broker.bootstrap, topics[:4])
+    path = _config(tmp_path, broker.bootstrap, topics[:5])
 
     def read(*args: str) -> list[str]:
         result = _tail(path, "--idle-timeout", "4", *args)
@@ -83,9 +86,9 @@ def test_tail_reads_the_topics_it_is_given(broker: Broker, tmp_path: Path) -> No
         return sorted(orjson.loads(line)["topic"] for line in result.stdout.splitlines())
 
     assert read() == [topics[0]]  # records.topic, as before
-    assert read("--all-topics") == sorted(topics[:4])
-    assert read("--topic", topics[4], "--topic", topics[1], "--topic", topics[4]) == sorted(
-        [topics[1], topics[4]]
+    assert read("--all-topics") == sorted(topics[:5])  # collect.bad_topic too
+    assert read("--topic", topics[5], "--topic", topics[1], "--topic", topics[5]) == sorted(
+        [topics[1], topics[5]]
     )
 
 
