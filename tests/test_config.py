@@ -526,6 +526,36 @@ INVALID = [
         id="collect-body-over-512-kib",
     ),
     pytest.param(
+        config(collect={"encodings": ["gzip", "br"]}),
+        "collect.encodings.1",
+        "'gzip', 'deflate' or 'zstd'",
+        id="collect-unknown-encoding",
+    ),
+    pytest.param(
+        config(collect={"encodings": ["gzip", "gzip"]}),
+        "collect.encodings",
+        "lists an encoding twice",
+        id="collect-encoding-twice",
+    ),
+    pytest.param(
+        config(collect={"bad_topic": "bad topic"}),
+        "collect.bad_topic",
+        "",
+        id="collect-bad-topic-name",
+    ),
+    pytest.param(
+        config(collect={"id_field": ""}),
+        "collect.id_field",
+        "at least 1 character",
+        id="collect-empty-id-field",
+    ),
+    pytest.param(
+        config(collect={"enabled": True, "max_bytes_in_flight": 4096}),
+        "collect.max_bytes_in_flight",
+        "4096 is smaller than collect.max_body_bytes (65536)",
+        id="collect-budget-below-one-body",
+    ),
+    pytest.param(
         config(collect={"max_events": 0}),
         "collect.max_events",
         "greater than or equal to 1",
