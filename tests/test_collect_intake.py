@@ -20,7 +20,7 @@ import trio
 from backports import zstd
 
 from brokers import Broker
-from redirect_logger.decoding import decoded
+from redirect_logger.decoding import Refused, decoded
 from support import (
     check_record_schema,
     ledger_counts,
@@ -153,9 +153,19 @@ def test_decoding_holds_no_more_than_the_limit() -> None:
     """The bomb is refused after at most the limit and one byte of output:
     a limit of 1 byte refuses it at once."""
     bomb = gzip.compress(b"{}" + b" " * (10 * 1024 * 1024))
-    with pytest.raises(Exception, match="larger than 1 bytes decompressed"):
+    with pytest.raises(Refused, match="larger than 1 bytes decompressed"):
         decoded(bomb, "gzip", 1)
     assert decoded(gzip.compress(b"{}"), "gzip", 2) == b"{}"
+
+
+def test_a_zstd_frame_asking_for_a_window_over_8_mib_is_refused() -> None:
+    body = b'{"n": 1}' + b" " * (12 * 1024 * 1024)
+    wide = zstd.compress(body, options={zstd.CompressionParameter.window_log: 25})
+    with pytest.raises(Refused) as caught:
+        decoded(wide, "zstd", 65_536)
+    assert (caught.value.status, caught.value.reason) == (400, "undecodable")
+    assert "too much memory" in str(caught.value)
+    assert decoded(zstd.compress(b'{"n": 1}', level=19), "zstd", 65_536) == b'{"n": 1}'
 
 
 def uuid4() -> str:
