@@ -3,7 +3,7 @@
 The body as sent is read first, within ``collect.max_body_bytes``; it is then
 decompressed piece by piece, never more than the limit (and one piece) at a
 time, so a decompression bomb is refused with 413 having used at most about
-``max_body_bytes`` of memory (docs/operations.md#compressed-bodies).
+``max_body_bytes`` of memory (docs/collect.md#compressed-bodies).
 """
 
 from __future__ import annotations
