@@ -5,7 +5,7 @@ against ``redirect-logger serve`` in a process of its own, on Apache Kafka.
 Beside each attack, ordinary clients (keep-alive connections opened before
 it, and a client that opens a new connection per request) ask for
 redirects: each request must be answered 301 within the latency bound that
-docs/operations.md states, read from there. Every answered hit is in the
+docs/http.md states, read from there. Every answered hit is in the
 topic, by its id; the topic holds each record once, as many as the ledger
 delivered, and the ledger adds up. The counts of /metrics are checked
 exactly against what the attackers saw.
@@ -41,9 +41,9 @@ _BOUND = re.compile(r"ordinary client's request is answered within ([\d.]+) s")
 
 
 def documented_bound() -> float:
-    """The latency bound under attack that docs/operations.md states (s)."""
-    found = _BOUND.search((ROOT / "docs" / "operations.md").read_text())
-    assert found is not None, "docs/operations.md states no latency bound under attack"
+    """The latency bound under attack that docs/http.md states (s)."""
+    found = _BOUND.search((ROOT / "docs" / "http.md").read_text())
+    assert found is not None, "docs/http.md states no latency bound under attack"
     return float(found.group(1))
 
 
