@@ -64,6 +64,9 @@ SYSTEMS = "ABCDE" + ("U" if shutil.which("go") else "")  # U needs Go to build i
 TICKS = os.sysconf("SC_CLK_TCK")
 CLOSE = ("-H", "Connection: close")  # wrk then opens a new connection per request
 SUPERVISED = {"P": 1, "Q": 2}  # serve --workers N
+# Runs of the service whose topic did not hold exactly the records its ledger
+# counted delivered: what was found (the broker's log is then kept).
+SHORT: list[str] = []
 
 
 @dataclass
@@ -166,16 +169,80 @@ def wrk_figures(report: str) -> tuple[float, float, float, int]:
     return float(rps.group(1)), _ms(*p50.groups()), _ms(*p99.groups()), int(count.group(1))
 
 
+def _ends(consumer: Consumer, topic: str) -> dict[int, int] | None:
+    """Each partition's end offset (high watermark) now; None if the topic is unknown."""
+    metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        return None
+    return {
+        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        for p in metadata.partitions
+    }
+
+
+def _stable_ends(consumer: Consumer, topic: str, wait: float = 10.0) -> dict[int, int] | None:
+    """The end offsets, read again until two reads in a row agree (up to ``wait`` s)."""
+    ends = _ends(consumer, topic)
+    give_up = time.monotonic() + wait
+    while time.monotonic() < give_up:
+        time.sleep(0.2)
+        again = _ends(consumer, topic)
+        if again == ends:
+            break
+        ends = again
+    return ends
+
+
 def _records(bootstrap: str, topic: str) -> int:
+    """Records in ``topic``: its partitions' end offsets added up, once they
+    stop moving."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench", "log_level": 0})
     try:
-        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            return 0
-        return sum(
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in metadata.partitions
-        )
+        return sum((_stable_ends(consumer, topic) or {}).values())
+    finally:
+        consumer.close()
+
+
+@dataclass
+class Kept:
+    """What a topic holds, read to its end: for the record-by-id check."""
+
+    offsets: int  # its end offsets added up (at once, and once stable)
+    first_offsets: int
+    ids: set[str]  # the distinct record ids read
+    duplicates: int  # records read whose id was read before
+
+
+def _kept(bootstrap: str, topic: str) -> Kept:
+    """Every record of ``topic``, read from each partition's start to its
+    (stable) end offset, by id."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
+    )
+    try:
+        first = _ends(consumer, topic) or {}
+        ends = _stable_ends(consumer, topic) or {}
+        ids: set[str] = set()
+        duplicates = 0
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        positions = dict.fromkeys(ends, 0)
+        give_up = time.monotonic() + 120
+        while any(positions[p] < ends[p] for p in ends) and time.monotonic() < give_up:
+            for message in consumer.consume(10_000, 0.5):
+                if message.error():
+                    continue
+                positions[message.partition()] = message.offset() + 1
+                found = json.loads(message.value() or b"{}").get("id")
+                if found in ids:
+                    duplicates += 1
+                elif isinstance(found, str):
+                    ids.add(found)
+        return Kept(sum(ends.values()), sum(first.values()), ids, duplicates)
     finally:
         consumer.close()
 
@@ -368,14 +435,17 @@ def measure(
     else:
         app = {"B": "stock", "C": "raw", "E": "naive"}[system]
         server = _hypercorn(f"apps:{app}", {"BENCH_BOOTSTRAP": bootstrap, "BENCH_TOPIC": topic})
-    check = subprocess.run(
-        ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", server.url + PATH],
+    answer = "\n%{http_code} %{redirect_url}"  # after the headers (-D -)
+    head, check = subprocess.run(
+        ["curl", "-sk", "-D", "-", "-o", "/dev/null", "-w", answer, server.url + PATH],
         capture_output=True,
         text=True,
         timeout=10,
-    ).stdout
+    ).stdout.rsplit("\n", 1)
     if check != f"301 {LOCATION}":
         raise RuntimeError(f"{system} answered {check!r}, not 301 {LOCATION}")
+    # The check's record, looked for by id in the topic (the service's answers carry it).
+    check_id = re.search(r"^x-hit-id:\s*(\S+)", head, re.I | re.M)
     pids = _tree(server.pid)
     cpu_before = _cpu(pids)
     rps, p50, p99, peak, answered = _wrk(server.url, connections, seconds, close)
@@ -387,8 +457,18 @@ def measure(
         ledger = server.stop()
         if ledger["received"] != ledger["delivered"]:
             raise RuntimeError(f"{system} did not deliver every record: {ledger}")
-        records = _records(bootstrap, topic)
+        kept = _kept(bootstrap, topic)
+        records = len(kept.ids)
         answered = ledger["received"]  # wrk leaves out answers still in flight at its end
+        missing = check_id is not None and check_id.group(1) not in kept.ids
+        if records != ledger["delivered"] or kept.offsets != records or missing:
+            SHORT.append(
+                f"{system} ({topic}): ledger {ledger}; in the topic {records:,} distinct ids, "
+                f"{kept.duplicates:,} duplicates, end offsets {kept.first_offsets:,} at once "
+                f"and {kept.offsets:,} once stable; the check's record "
+                f"{'missing' if missing else 'found'}"
+            )
+            print(f"records short: {SHORT[-1]}", file=sys.stderr)
     else:
         server.stop()
         if system == "E":
@@ -678,8 +758,13 @@ def main() -> int:
                 if system in systems and not args.close
             ]
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if SHORT:  # the broker's log and data, to tell a lost record from a late one
+            print(f"records short: the broker's log is kept in {work / 'kafka'}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(report(runs, args.connections, systems))
+    if SHORT:
+        print("\nRecords short of the ledger:\n" + "\n".join(SHORT))
     print()
     print("\n".join(stops))
     if args.plot:
