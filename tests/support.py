@@ -18,7 +18,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -399,9 +399,12 @@ async def start_service(
 SIGNAL_CLIENTS = 8
 
 
-async def _load_docs(url: str, answered: dict[str, int], signalled: trio.Event) -> None:
-    """Request in a loop on one keep-alive connection until the server is gone."""
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+async def _load_docs(
+    url: str, answered: dict[str, int], signalled: trio.Event, options: Mapping[str, Any]
+) -> None:
+    """Request in a loop on one keep-alive connection until the server is gone
+    (``options``: httpx.AsyncClient's, e.g. ``verify`` and ``http2``)."""
+    async with httpx.AsyncClient(base_url=url, timeout=10, **options) as client:
         n = 0
         while True:
             n += 1
@@ -418,17 +421,23 @@ async def _load_docs(url: str, answered: dict[str, int], signalled: trio.Event) 
 
 
 async def sigterm_under_load(
-    service: ServiceProcess, urls: list[str], signum: int = signal.SIGTERM, group: bool = False
+    service: ServiceProcess,
+    urls: list[str],
+    signum: int = signal.SIGTERM,
+    group: bool = False,
+    clients: Sequence[Mapping[str, Any]] = ({},),
 ) -> tuple[int, dict[str, int]]:
-    """Load from SIGNAL_CLIENTS keep-alive clients spread over ``urls``; after 2 s
-    and 50 answers ``signum`` to the service (or its process group); the exit
-    code and the answered ids, once it has exited (all within 90 s)."""
+    """Load from SIGNAL_CLIENTS keep-alive clients spread over ``urls`` (with
+    httpx options taken in turn from ``clients``); after 2 s and 50 answers
+    ``signum`` to the service (or its process group); the exit code and the
+    answered ids, once it has exited (all within 90 s)."""
     answered: dict[str, int] = {}
     signalled = trio.Event()
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
             for index in range(SIGNAL_CLIENTS):
-                nursery.start_soon(_load_docs, urls[index % len(urls)], answered, signalled)
+                url, options = urls[index % len(urls)], clients[index % len(clients)]
+                nursery.start_soon(_load_docs, url, answered, signalled, options)
             await trio.sleep(2.0)
             while len(answered) <= 50:  # noqa: ASYNC110 (a busy machine starts slower)
                 await trio.sleep(0.1)

@@ -2,7 +2,8 @@
 
 ``serve`` and ``serve --workers 2`` with a certificate of a test CA
 (trustme): redirects over HTTP/1.1 and HTTP/2 (ALPN h2) on the ``bind`` port,
-verified against the CA, recorded with scheme ``https``; the admin port stays
+verified against the CA, recorded with scheme ``https``; SIGTERM under load
+over HTTPS loses no answered hit (by id, against the ledger); the admin port stays
 plain HTTP; the connection limits hold over TLS (both launch modes). Every bad pair of files is
 refused by ``check`` (exit 2) naming the key, and Hypercorn launch refuses a
 config that sets them (its TLS is its own).
@@ -26,9 +27,11 @@ import trustme
 from brokers import Broker, free_port
 from support import (
     ServiceProcess,
+    check_delivery,
     read_topic,
     run_cli,
     service_config,
+    sigterm_under_load,
     unique_topic,
     unreachable_config,
     write_config,
@@ -169,6 +172,33 @@ def test_serve_workers_with_tls(broker: Broker, tmp_path: Path, pem: Pem) -> Non
         assert service.terminate() == 0, service.output
     finally:
         service.kill()
+
+
+async def test_sigterm_under_load_over_https_delivers_every_answered_hit(
+    kafka_broker: Broker, tmp_path: Path, pem: Pem
+) -> None:
+    """On Apache Kafka: SIGTERM while keep-alive clients request over HTTPS,
+    in turn over HTTP/1.1 and HTTP/2: exit 0, a clean ledger, and the topic
+    holds each delivered record once, as many as the ledger counts
+    delivered, every answered id among them."""
+    broker = kafka_broker
+    topic = unique_topic()
+    path, public, admin = _config(tmp_path, broker.bootstrap, topic, pem)
+    service = ServiceProcess.cli(path)
+    try:
+        await trio.to_thread.run_sync(lambda: service.wait_for(SERVING_RE, timeout=60))
+        await trio.to_thread.run_sync(_until_ready, admin)
+        verify = _client_context(pem.ca)
+        async with httpx.AsyncClient(verify=verify, http2=True, timeout=10) as client:
+            first = await client.get(f"{public}/docs/first")
+        assert (first.http_version, first.status_code) == ("HTTP/2", 301)
+        clients = [{"verify": verify, "http2": False}, {"verify": verify, "http2": True}]
+        code, answered = await sigterm_under_load(service, [public], clients=clients)
+    finally:
+        service.kill()
+    assert code == 0, service.output
+    answered[first.headers["x-hit-id"]] = first.status_code
+    await trio.to_thread.run_sync(check_delivery, broker, topic, service, answered, 1)
 
 
 def _launch(mode: str, path: Path, port: int, admin: int, pem: Pem) -> ServiceProcess:
