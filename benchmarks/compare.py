@@ -29,7 +29,9 @@ from many browsers arrive) for --seconds at one connection count, and reads the
 server's CPU time and peak RSS from /proc. The systems are interleaved, in a
 rotating order, round after round; the table shows medians over the rounds
 and the ratios A/B, A/C, A/D, A/E, and A/U and C/U. For A, E and U it also
-counts the records in Kafka against the redirects answered. Without
+counts the records in Kafka against the redirects answered: for the service
+by id, each topic read to its end, a shortfall reported with the broker's log
+kept (docs/benchmarks.md, "How the records are counted"). Without
 --bootstrap it starts Apache Kafka itself (tests/brokers.py). Bounded: every
 run stops after --seconds.
 """
