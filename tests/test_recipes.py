@@ -25,7 +25,6 @@ import trio
 from brokers import Broker
 from redirect_logger.bots import Agents
 from redirect_logger.config import RecordsSettings, ServerSettings, load_settings
-from redirect_logger.links import answer
 from redirect_logger.routing import Clients
 from redirect_logger.rules import RuleTable
 from support import ledger_counts, read_messages, service_config, start_service, unique_topic
@@ -147,17 +146,10 @@ def test_each_recipe_answers_as_documented(
             answers.append(("200 image/gif", None))  # GET: the GIF (test_links_service.py)
             continue
         host = request["headers"][0][1]
-        target, remainder = table.match(request["path"], host)
-        route = variant = None
-        if target.routing is not None:
-            target, route, variant, _ = target.routing.choose(request, who)
-            location = target.location(remainder, request["query_string"])
-        else:
-            now = datetime.fromisoformat(when) if when else NOW
-            found = answer(
-                table, request["path"], request["query_string"], host, HIT_ID, now.timestamp()
-            )
-            target, location = found.target, found.location
+        now = datetime.fromisoformat(when) if when else NOW
+        target, location, _, route, variant, _ = table.answer(
+            request, host, who, HIT_ID, now.timestamp()
+        )
         status = target.status
         said = str(status) if location is None else f"{status} {location}"
         answers.append((said, None if record is None else {"route": route, "variant": variant}))

@@ -88,12 +88,9 @@ def scope(
 
 
 def answer(table: RuleTable, request: dict[str, Any], who: Clients) -> tuple[Any, ...]:
-    """(Location, route, variant, Set-Cookie) as app.Frontend works them out."""
-    target, remainder = table.match(request["path"])
-    route = variant = cookie = None
-    if target.routing is not None:
-        target, route, variant, cookie = target.routing.choose(request, who)
-    return target.location(remainder, request["query_string"]), route, variant, cookie
+    """(Location, route, variant, Set-Cookie) as app.Frontend gets them."""
+    _, location, _, route, variant, cookie = table.answer(request, None, who, "", 0.0)
+    return location, route, variant, cookie
 
 
 # ------------------------------------------------------------------ routes

@@ -148,16 +148,9 @@ class Frontend:
         host = None
         if rules.by_host:  # only then is the Host header looked up; the last one, as recorded
             host = next((v for k, v in reversed(scope["headers"]) if k == b"host"), None)
-        target, remainder = rules.match(scope["path"], host)
-        detail = route = variant = cookie = None
-        if target.live is not None:  # a window, macros or a dynamic target (links.py)
-            target, location, detail = target.live.resolve(
-                scope["path"], remainder, scope["query_string"], hit_id, now
-            )
-        else:
-            if target.routing is not None:  # the rule has routes or a split (routing.py)
-                target, route, variant, cookie = target.routing.choose(scope, service.clients)
-            location = target.location(remainder, scope["query_string"])
+        target, location, detail, route, variant, cookie = rules.answer(
+            scope, host, service.clients, hit_id, now
+        )
         status = target.status
         admission = await service.admit(
             Hit.from_scope(

@@ -330,9 +330,12 @@ def answer(
     hit_id: str = "",
     now: float = 0.0,
 ) -> Answer:
-    """How ``table`` answers a request, as the Frontend (app.py) works it out:
-    for tests, recipes and benchmarks, which set the hit id and the clock."""
-    target, remainder = table.match(path, host)
-    if target.live is None:
-        return Answer(target, target.location(remainder, query_string), None)
-    return target.live.resolve(path, remainder, query_string, hit_id, now)
+    """How ``table`` answers a request without headers (``RuleTable.answer``,
+    as the Frontend in app.py asks it): for tests, recipes and benchmarks,
+    which set the hit id and the clock. A routed rule's route and variant are
+    left out: ask ``RuleTable.answer`` with the request's headers."""
+    from .routing import default_clients  # routing builds on rules, rules on links
+
+    scope = {"path": path, "query_string": query_string, "headers": [], "scheme": "https"}
+    found = table.answer(scope, host, default_clients(), hit_id, now)
+    return Answer(found[0], found[1], found[2])

@@ -101,6 +101,13 @@ class Clients:
         return any(address in network for network in self._trusted)
 
 
+@functools.cache
+def default_clients() -> Clients:
+    """The ``Clients`` of the default settings (no country database, the
+    peer's address as the client's): for tests and benchmarks."""
+    return Clients(Agents(), RecordsSettings(), ServerSettings(), lambda peer, _: peer)
+
+
 @functools.lru_cache(maxsize=4096)
 def languages_of(accept_language: bytes) -> tuple[str, ...]:
     """The primary tags of an ``Accept-Language`` value, lower case, in the

@@ -10,14 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from .config import Fallback, RedirectsSettings, Rule, Settings
 from .links import Live, is_live
 
 if TYPE_CHECKING:
-    from .routing import Routing
+    from .routing import Clients, Label, Routing
 
 # RFC 3986 pchar minus "%": a forwarded path segment keeps its slashes and
 # sub-delims; everything else (including "\", "%", CR/LF, NUL, non-ASCII) is escaped.
@@ -27,6 +27,13 @@ _PATH_SAFE = "/-._~!$&'()*+,;=:@"
 _PLAIN_QUERY = re.compile(
     rb"[A-Za-z0-9_.~-]+=[A-Za-z0-9_.~-]*(?:&[A-Za-z0-9_.~-]+=[A-Za-z0-9_.~-]*)*"
 )
+
+
+# How the table answers one request (``RuleTable.answer``): the target whose
+# status, Cache-Control and name answer; the Location (None: no redirect); the
+# record's detail ("expired" or a refusal's reason), route and variant; and the
+# Set-Cookie value of a split's newly drawn variant.
+Reply = tuple["Target", str | None, str | None, "Label | None", str | None, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +361,35 @@ class RuleTable:
         if found is not None:
             return found
         return self.fallback, path if self.fallback.forward_path else ""
+
+    def answer(
+        self,
+        scope: dict[str, Any],
+        host: bytes | None,
+        clients: Clients,
+        hit_id: str,
+        now: float,
+    ) -> Reply:
+        """How the table answers an ASGI request: the one way from a request
+        to its answer (app.Frontend, links.answer, tests and benchmarks).
+
+        ``host``: the ``Host`` header's value, looked at only when
+        ``by_host``; ``hit_id`` and ``now`` (seconds since the epoch) are the
+        hit's, for a live rule's macros and window. A rule has a ``live`` or
+        a ``routing``, never both (config.py refuses it).
+        """
+        path = scope["path"]
+        target, remainder = self.match(path, host)
+        if target.live is not None:  # a window, macros or a dynamic target (links.py)
+            target, location, detail = target.live.resolve(
+                path, remainder, scope["query_string"], hit_id, now
+            )
+            return target, location, detail, None, None, None
+        if target.routing is None:
+            return target, target.location(remainder, scope["query_string"]), None, None, None, None
+        target, route, variant, cookie = target.routing.choose(scope, clients)  # routing.py
+        location = target.location(remainder, scope["query_string"])
+        return target, location, None, route, variant, cookie
 
 
 def request_host(host: bytes) -> str:
