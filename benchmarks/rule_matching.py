@@ -1,24 +1,26 @@
-"""The request path's rule work before and after windows, macros and dynamic
-targets (issue 16), side by side in one process.
+"""The request path's rule step, at a git revision and in this tree, side by
+side in one process.
 
-    python benchmarks/rule_matching.py [--before main] [--rounds 101] [--requests 2000]
+    python benchmarks/rule_matching.py [--before 615d13b] [--rounds 301] [--requests 200]
 
-"Before" is rules.py and hits.py as they are at the git revision --before,
-loaded next to this tree's; "after" is this tree. Each side does what
-``Frontend._hit`` does before it admits a hit: match the rule, build the
-Location (a rule with a window, macros or target_param through links.py on
-the "after" side), and build the ``Hit``. Many short rounds alternate the
-sides on the same requests, so machine noise lands on all of them; each
-figure is the best round's CPU time (and the median round's), in ns per
-request, and the ratios are after / before of the best rounds. A second
-copy of "before" runs as a control: its ratio to "before" is what noise
-alone makes.
+The rule step is what ``app.Frontend._hit`` does from the request to its
+answer: match the path (and host), then a live rule's window, macros or
+dynamic target (links.py), or else a routed rule's route or split
+(routing.py), and the Location. In this tree that is ``RuleTable.answer``;
+at a revision without it, the steps its app.py took (match and Location;
+then ``target.live``; then ``target.routing``), chosen once by what its
+``Target`` has. "Before" is rules.py, links.py and routing.py as they are at
+``--before`` (by default 615d13b, the commit before windows, macros, dynamic
+targets, routes and splits), loaded beside this tree's; "control" is a
+second copy of "before", whose ratio to it is what noise alone makes.
 
-Tables: the same plain rules on both sides (exact, tolerant, prefix, host
-and wildcard rules); then, on the "after" side only, those rules plus live
-rules that the requests never reach (a plain rule must not pay for them);
-then requests to the live rules themselves, for what each feature costs.
-Bounded: --rounds x --requests calls per table.
+Each case is a list of requests. Many short rounds alternate the sides on
+the same requests, so the machine's noise lands on all of them; a figure is
+the process CPU time (not the wall clock: on a shared machine the time other
+processes hold the cores would count) per request of the best round, and of
+the median round. Ratios are after / before. A case whose feature the
+revision lacks has no "before" (its ratio reads "new"). Bounded: --rounds x
+--requests calls per case and side.
 """
 
 from __future__ import annotations
@@ -35,213 +37,285 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from redirect_logger import hits as hits_after
+from redirect_logger import routing as routing_after
 from redirect_logger import rules as rules_after
-from redirect_logger.config import parse_settings
+from redirect_logger.bots import Agents
+from redirect_logger.config import RecordsSettings, ServerSettings, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BEFORE = "615d13b"  # 49a5753~1: before windows, macros, dynamic targets, routes, splits
 HIT_ID = "019ad3c2-5c1e-7a00-8000-00000000000a"
-SCOPE_BASE: dict[str, Any] = {
-    "type": "http",
-    "method": "GET",
-    "scheme": "https",
-    "headers": [(b"host", b"go.example.com"), (b"user-agent", b"bench/1")],
-    "client": ("192.0.2.1", 4000),
-}
+NOW = 1_767_225_600.0  # 2026-01-01, inside the window
+KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
+HOST = b"go.example.com"
+IPHONE = b"Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 Mobile"
+
+Request = tuple[dict[str, Any], bytes | None]
+Step = Callable[[dict[str, Any], bytes | None], object]
 
 
-def load_before(revision: str) -> tuple[ModuleType, ModuleType]:
-    """rules.py and hits.py at ``revision``, as modules of the installed package
-    (their relative imports resolve to this tree's config, bots, commit)."""
-    loaded = []
-    for name in ("rules", "hits"):
-        source = subprocess.run(
+def load(revision: str) -> dict[str, ModuleType]:
+    """links.py, routing.py and rules.py at ``revision`` (those it has), as
+    modules of the installed package importing one another; their other
+    relative imports (config, bots) are this tree's."""
+    loaded: dict[str, ModuleType] = {}
+    for name in ("links", "routing", "rules"):  # rules imports links (and routing)
+        shown = subprocess.run(
             ["git", "show", f"{revision}:src/redirect_logger/{name}.py"],
             cwd=ROOT,
-            check=True,
             capture_output=True,
             text=True,
-        ).stdout
+        )
+        if shown.returncode != 0:
+            continue
+        source = shown.stdout
+        for other in loaded:
+            source = source.replace(f"from .{other} import", f"from ._before_{other} import")
         full = f"redirect_logger._before_{name}"
         spec = importlib.util.spec_from_loader(full, loader=None)
         assert spec is not None
         module = importlib.util.module_from_spec(spec)
         module.__package__ = "redirect_logger"
         sys.modules[full] = module
-        if name == "hits":  # its ``from .rules import`` takes the revision's rules
-            source = source.replace("from .rules import", "from ._before_rules import")
         exec(compile(source, f"{revision}:{name}.py", "exec"), module.__dict__)
-        loaded.append(module)
-    return loaded[0], loaded[1]
+        loaded[name] = module
+    return loaded
 
 
 def plain_rules(count: int) -> list[dict[str, Any]]:
+    """Half exact rules (/l/N), half prefix rules (/p/N/*) forwarding the path."""
     found: list[dict[str, Any]] = []
     for n in range(count):
-        kind = n % 5
-        rule: dict[str, Any] = {"name": f"r{n}", "target": f"https://t{n}.example.com/x?s={n}"}
-        if kind == 0:
-            rule["path"] = f"/l/{n}"
-        elif kind == 1:
-            rule |= {"path": f"/t/{n}", "case_insensitive": True, "trailing_slash": True}
-        elif kind == 2:
-            rule |= {"path": f"/p/{n}/*", "forward_path": True}
-        elif kind == 3:
-            rule |= {"path": f"/h/{n}", "host": "go.example.com"}
+        if n % 2:
+            found.append({"name": f"p{n}", "path": f"/p/{n}/*", "forward_path": True})
         else:
-            rule |= {"path": f"/w/{n}", "host": "*.example.com"}
-        found.append(rule)
+            found.append({"name": f"l{n}", "path": f"/l/{n}"})
+        found[-1]["target"] = f"https://t{n}.example.com/x?s={n}"
     return found
 
 
-def live_rules() -> list[dict[str, Any]]:
-    return [
-        {
-            "name": "window",
-            "path": "/live/window",
-            "target": "https://shop.example/sale",
-            "valid_from": "2020-01-01T00:00:00Z",
-            "valid_until": "2100-01-01T00:00:00Z",
-        },
-        {
-            "name": "macro",
-            "path": "/live/macro",
-            "target": "https://example.com/app?click={hit_id}&src={rule}",
-        },
-        {
-            "name": "dynamic",
-            "path": "/live/dynamic",
-            "target_param": "u",
-            "allowed_hosts": ["example.com", "*.example.org"],
-        },
-    ]
+FEATURE_RULES: list[dict[str, Any]] = [
+    {
+        "name": "window",
+        "path": "/f/window",
+        "target": "https://shop.example/sale",
+        "valid_from": "2020-01-01T00:00:00Z",
+        "valid_until": "2100-01-01T00:00:00Z",
+    },
+    {"name": "macro", "path": "/f/macro", "target": "https://example.com/app?click={hit_id}"},
+    {
+        "name": "dynamic",
+        "path": "/f/dynamic",
+        "target_param": "u",
+        "allowed_hosts": ["example.com", "*.example.org"],
+    },
+    {
+        "name": "app",
+        "path": "/f/app",
+        "target": "https://example.com/app",
+        "routes": [
+            {"os": ["iOS"], "target": "https://apps.apple.com/app/id1"},
+            {"os": ["Android"], "target": "https://play.google.com/store"},
+        ],
+    },
+    {
+        "name": "landing",
+        "path": "/f/landing",
+        "target": "https://example.com/landing",
+        "split": [
+            {"name": "a", "weight": 50, "target": "https://example.com/a"},
+            {"name": "b", "weight": 50, "target": "https://example.com/b"},
+        ],
+    },
+]
 
 
-def requests(count: int, rules: int) -> list[tuple[str, bytes, bytes]]:
-    """(path, query, host) for plain rules of every kind, and misses."""
+def scope(path: str, query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+    return {
+        "type": "http",
+        "scheme": "https",
+        "path": path,
+        "query_string": query,
+        "headers": [(b"host", HOST), *(headers or [])],
+        "client": ("192.0.2.1", 4000),
+    }
+
+
+def plain_requests(kind: str, rules: int, count: int) -> list[dict[str, Any]]:
+    """Requests to random exact (or prefix) rules of a table of ``rules``,
+    half of them with a query (forwarded)."""
     rng = random.Random(16)
     made = []
     for _ in range(count):
-        n = rng.randrange(rules)
-        kind = n % 5
-        path = {
-            0: f"/l/{n}",
-            1: f"/T/{n}/",
-            2: f"/p/{n}/a/b",
-            3: f"/h/{n}",
-            4: f"/w/{n}",
-        }[kind]
-        if rng.random() < 0.1:
-            path = f"/missing/{n}"
-        query = b"utm_source=mail&x=1" if rng.random() < 0.5 else b""
-        made.append((path, query, b"go.example.com"))
+        n = rng.randrange(rules // 2) * 2 + (kind == "prefix")
+        path = f"/p/{n}/a/b" if kind == "prefix" else f"/l/{n}"
+        made.append(scope(path, b"utm_source=mail&x=1" if rng.random() < 0.5 else b""))
     return made
 
 
-def before_path(table: Any, hit_class: Any) -> Callable[[str, bytes, bytes], object]:
-    def answer(path: str, query: bytes, host: bytes) -> object:
-        target, remainder = table.match(path, host if table.by_host else None)
-        location = target.location(remainder, query)
-        scope = {**SCOPE_BASE, "path": path, "query_string": query}
-        return hit_class.from_scope(scope, HIT_ID, 0.0, target.status, location, target.name)
+# (case, table, feature the revision needs, the requests for --requests and --rules)
+Case = tuple[str, str, str | None, Callable[[int], list[dict[str, Any]]]]
+CASES: list[Case] = [
+    ("exact rule, 100 rules", "100", None, lambda n: plain_requests("exact", 100, n)),
+    ("prefix rule, 100 rules", "100", None, lambda n: plain_requests("prefix", 100, n)),
+    ("exact rule, 1,000 rules", "1000", None, lambda n: plain_requests("exact", 1000, n)),
+    ("prefix rule, 1,000 rules", "1000", None, lambda n: plain_requests("prefix", 1000, n)),
+    ("exact, 1,000 + live/routed", "1000+", None, lambda n: plain_requests("exact", 1000, n)),
+    ("prefix, 1,000 + live/routed", "1000+", None, lambda n: plain_requests("prefix", 1000, n)),
+    ("miss (fallback 404)", "1000+", None, lambda n: [scope("/missing")] * n),
+    ("window (inside)", "1000+", "live", lambda n: [scope("/f/window")] * n),
+    ("macro {hit_id}", "1000+", "live", lambda n: [scope("/f/macro", b"x=1")] * n),
+    (
+        "dynamic target, allowed",
+        "1000+",
+        "live",
+        lambda n: [scope("/f/dynamic", b"u=https%3A%2F%2Fa.example.org%2Fp%3Fq%3D1")] * n,
+    ),
+    (
+        "dynamic target, refused",
+        "1000+",
+        "live",
+        lambda n: [scope("/f/dynamic", b"u=https://evil.com/")] * n,
+    ),
+    (
+        "route by OS (agent cached)",
+        "1000+",
+        "routing",
+        lambda n: [scope("/f/app", b"", [(b"user-agent", IPHONE)])] * n,
+    ),
+    ("split, first visit (drawn)", "1000+", "routing", lambda n: [scope("/f/landing")] * n),
+    (
+        "split, variant kept (cookie)",
+        "1000+",
+        "routing",
+        lambda n: [scope("/f/landing", b"", [(b"cookie", b"rl_landing=b")])] * n,
+    ),
+]
 
-    return answer
 
-
-def after_path(table: Any, hit_class: Any) -> Callable[[str, bytes, bytes], object]:
-    def answer(path: str, query: bytes, host: bytes) -> object:  # as app.Frontend._hit
-        target, remainder = table.match(path, host if table.by_host else None)
-        detail = None
-        if target.live is None:
-            location = target.location(remainder, query)
-        else:
-            target, location, detail = target.live.resolve(path, remainder, query, HIT_ID, 0.0)
-        scope = {**SCOPE_BASE, "path": path, "query_string": query}
-        return hit_class.from_scope(
-            scope, HIT_ID, 0.0, target.status, location, target.name, detail=detail
+def step_of(rules: ModuleType, routing: ModuleType | None, table: Any) -> Step:
+    """The rule step as the app.py of that revision takes it."""
+    clients = None
+    if routing is not None:
+        clients = routing.Clients(
+            Agents(), RecordsSettings(), ServerSettings(), lambda peer, _: peer
         )
+    if hasattr(rules.RuleTable, "answer"):
+        return lambda request, host: table.answer(request, host, clients, HIT_ID, NOW)
+    fields = rules.Target.__dataclass_fields__
 
-    return answer
+    def plain(request: dict[str, Any], host: bytes | None) -> object:
+        target, remainder = table.match(request["path"], host)
+        return target.location(remainder, request["query_string"])
+
+    def live(request: dict[str, Any], host: bytes | None) -> object:
+        path = request["path"]
+        target, remainder = table.match(path, host)
+        if target.live is not None:
+            return target.live.resolve(path, remainder, request["query_string"], HIT_ID, NOW)
+        return target, target.location(remainder, request["query_string"]), None
+
+    def live_or_routed(request: dict[str, Any], host: bytes | None) -> object:
+        path = request["path"]
+        target, remainder = table.match(path, host)
+        detail = route = variant = cookie = None
+        if target.live is not None:
+            target, location, detail = target.live.resolve(
+                path, remainder, request["query_string"], HIT_ID, NOW
+            )
+        else:
+            if target.routing is not None:
+                target, route, variant, cookie = target.routing.choose(request, clients)
+            location = target.location(remainder, request["query_string"])
+        return target, location, detail, route, variant, cookie
+
+    if "routing" in fields:
+        return live_or_routed
+    return live if "live" in fields else plain
 
 
-def timed(
-    answer: Callable[[str, bytes, bytes], object], work: list[tuple[str, bytes, bytes]]
-) -> float:
-    start = time.perf_counter_ns()
-    for path, query, host in work:
-        answer(path, query, host)
-    return (time.perf_counter_ns() - start) / len(work)
-
-
-def compare(
-    label: str,
-    sides: dict[str, Callable[[str, bytes, bytes], object]],
-    work: list[Any],
-    rounds: int,
-) -> dict[str, float]:
-    figures: dict[str, list[float]] = {name: [] for name in sides}
-    for answer in sides.values():
-        timed(answer, work[:1000])  # warm caches
-    for round_ in range(rounds):
-        order = list(sides.items())
-        order = order[round_ % len(order) :] + order[: round_ % len(order)]
-        for name, answer in order:
-            figures[name].append(timed(answer, work))
-    best = {name: min(values) for name, values in figures.items()}
-    cells = "  ".join(
-        f"{name} {best[name]:6.0f} ns (median {statistics.median(figures[name]):6.0f})"
-        for name in sides
-    )
-    print(f"{label:<44} {cells}", flush=True)
-    return best
+def timed(step: Step, work: list[Request]) -> float:
+    start = time.process_time_ns()
+    for request, host in work:
+        step(request, host)
+    return (time.process_time_ns() - start) / len(work)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default="main", help="git revision of the 'before' code")
-    parser.add_argument("--rounds", type=int, default=101)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rules", type=int, default=1000)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--before", default=DEFAULT_BEFORE, help="git revision of the 'before' code"
+    )
+    parser.add_argument("--rounds", type=int, default=301)
+    parser.add_argument("--requests", type=int, default=200, help="requests per case and round")
     args = parser.parse_args()
-    rules_before, hits_before = load_before(args.before)
-    kafka = {"bootstrap.servers": "127.0.0.1:9"}
-    plain = parse_settings({"kafka": kafka, "rules": plain_rules(args.rules)})
-    mixed = parse_settings({"kafka": kafka, "rules": plain_rules(args.rules) + live_rules()})
-    before = before_path(rules_before.RuleTable.from_settings(plain), hits_before.Hit)
-    after = after_path(rules_after.RuleTable.from_settings(plain), hits_after.Hit)
-    after_mixed = after_path(rules_after.RuleTable.from_settings(mixed), hits_after.Hit)
-    work = requests(args.requests, args.rules)
-    print(
-        f"{args.rules} plain rules, {args.requests} requests a round, {args.rounds} rounds; "
-        f"CPU ns per request, best round (median round), before = {args.before}"
-    )
-    control = before_path(rules_before.RuleTable.from_settings(plain), hits_before.Hit)
-    first = compare(
-        "plain rules",
-        {"before": before, "control": control, "after": after},
-        work,
-        args.rounds,
-    )
-    second = compare(
-        "plain requests, live rules in the table too",
-        {"before": before, "control": control, "after": after_mixed},
-        work,
-        args.rounds,
-    )
-    for label, found in (("plain table", first), ("with live rules", second)):
-        print(
-            f"{label}: after/before {found['after'] / found['before']:.3f}, "
-            f"control/before {found['control'] / found['before']:.3f}"
-        )
-    live = {
-        "window": [("/live/window", b"", b"x")] * args.requests,
-        "macro": [("/live/macro", b"x=1", b"x")] * args.requests,
-        "dynamic, allowed": [("/live/dynamic", b"u=https%3A%2F%2Fa.example.org%2Fp%3Fq%3D1", b"x")]
-        * args.requests,
-        "dynamic, refused": [("/live/dynamic", b"u=https://evil.com/", b"x")] * args.requests,
+    before = load(args.before)
+    rules_before = before["rules"]
+    routing_before = before.get("routing")
+    fields = rules_before.Target.__dataclass_fields__
+    has = {None: True, "live": "live" in fields, "routing": "routing" in fields}
+    specs = {
+        "100": plain_rules(100),
+        "1000": plain_rules(1000),
+        "1000+": plain_rules(1000) + FEATURE_RULES,
     }
-    for name, live_work in live.items():
-        compare(f"live rule: {name}", {"after": after_mixed}, live_work, args.rounds)
+    tables_after = {
+        key: rules_after.RuleTable.from_settings(parse_settings({"kafka": KAFKA, "rules": rules}))
+        for key, rules in specs.items()
+    }
+    steps: dict[str, dict[str, Step]] = {key: {} for key in specs}
+    for key, table in tables_after.items():
+        steps[key]["after"] = step_of(rules_after, routing_after, table)
+    for key, rules in specs.items():
+        # the rules the revision knows: a feature rule it lacks would be read wrong
+        known = [
+            rule
+            for rule in rules
+            if (has["live"] or rule["name"] not in ("window", "macro", "dynamic"))
+            and (has["routing"] or rule["name"] not in ("app", "landing"))
+        ]
+        settings = parse_settings({"kafka": KAFKA, "rules": known})
+        for side in ("before", "control"):
+            table = rules_before.RuleTable.from_settings(settings)
+            steps[key][side] = step_of(rules_before, routing_before, table)
+    work: dict[str, list[Request]] = {}
+    sides_of: dict[str, list[str]] = {}
+    for case, key, feature, make in CASES:
+        host = HOST if tables_after[key].by_host else None
+        work[case] = [(request, host) for request in make(args.requests)]
+        sides_of[case] = ["before", "control", "after"] if has[feature] else ["after"]
+    figures: dict[tuple[str, str], list[float]] = {}
+    for case, key, *_ in CASES:
+        for side in sides_of[case]:
+            timed(steps[key][side], work[case])  # warm the caches
+            figures[case, side] = []
+    for round_ in range(args.rounds):
+        for case, key, *_ in CASES:
+            sides = sides_of[case]
+            turn = round_ % len(sides)
+            for side in sides[turn:] + sides[:turn]:
+                figures[case, side].append(timed(steps[key][side], work[case]))
+    print(
+        f"before = {args.before}; {args.rounds} rounds of {args.requests} requests per case "
+        "and side; CPU ns per request, best round (median round)"
+    )
+    print("| case | before | control | after | after/before | control/before |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for case, *_ in CASES:
+        best = {side: min(figures[case, side]) for side in sides_of[case]}
+        median = {side: statistics.median(figures[case, side]) for side in sides_of[case]}
+        cells = [
+            f"{best[side]:,.0f} ({median[side]:,.0f})" if side in best else "—"
+            for side in ("before", "control", "after")
+        ]
+        if "before" in best:
+            ratios = [
+                f"{best[side] / best['before']:.2f} ({median[side] / median['before']:.2f})"
+                for side in ("after", "control")
+            ]
+        else:
+            ratios = ["new", "—"]
+        print(f"| {case} | " + " | ".join(cells + ratios) + " |", flush=True)
 
 
 if __name__ == "__main__":
