@@ -141,15 +141,13 @@ def scope(path: str, query: bytes = b"", headers: list[tuple[bytes, bytes]] | No
     }
 
 
-def plain_requests(kind: str, rules: int, count: int) -> list[dict[str, Any]]:
-    """Requests to random exact (or prefix) rules of a table of ``rules``,
-    half of them with a query (forwarded)."""
+def plain_requests(kind: str, rules: int, count: int, query: bytes = b"") -> list[Any]:
+    """Requests to random exact (or prefix) rules of a table of ``rules``."""
     rng = random.Random(16)
     made = []
     for _ in range(count):
         n = rng.randrange(rules // 2) * 2 + (kind == "prefix")
-        path = f"/p/{n}/a/b" if kind == "prefix" else f"/l/{n}"
-        made.append(scope(path, b"utm_source=mail&x=1" if rng.random() < 0.5 else b""))
+        made.append(scope(f"/p/{n}/a/b" if kind == "prefix" else f"/l/{n}", query))
     return made
 
 
@@ -162,6 +160,12 @@ CASES: list[Case] = [
     ("prefix rule, 1,000 rules", "1000", None, lambda n: plain_requests("prefix", 1000, n)),
     ("exact, 1,000 + live/routed", "1000+", None, lambda n: plain_requests("exact", 1000, n)),
     ("prefix, 1,000 + live/routed", "1000+", None, lambda n: plain_requests("prefix", 1000, n)),
+    (
+        "exact, 1,000 + live/routed, query",
+        "1000+",
+        None,
+        lambda n: plain_requests("exact", 1000, n, b"utm_source=mail&x=1"),
+    ),
     ("miss (fallback 404)", "1000+", None, lambda n: [scope("/missing")] * n),
     ("window (inside)", "1000+", "live", lambda n: [scope("/f/window")] * n),
     ("macro {hit_id}", "1000+", "live", lambda n: [scope("/f/macro", b"x=1")] * n),
