@@ -47,7 +47,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from collect_load import COLLECT, MAX_EVENTS, REDIRECT, _check, _counts, _script, _terminated
+from collect_load import (
+    COLLECT,
+    MAX_EVENTS,
+    REDIRECT,
+    Case,
+    _check,
+    _counts,
+    _script,
+    _terminated,
+)
 from compare import _broker, _records, _tree
 from redirect_logger.ledger import SETTLED
 from served import Served, write_config
@@ -249,8 +258,8 @@ def soak(
     samples: list[Sample] = []
     wrk: subprocess.Popen[str] | None = None
     try:
-        _check(service.url, args.collect)
-        script = _script(work / "soak.lua", args.collect)
+        _check(service.url, Case(args.collect))
+        script = _script(work / "soak.lua", Case(args.collect))
         target = service.url + (COLLECT if args.collect else REDIRECT)
         what = f"POST {COLLECT}, {args.collect} events a request" if args.collect else REDIRECT
         print(
