@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -125,6 +126,24 @@ class Run:
     errors: str  # wrk's socket errors lines, "" if none
     seen: dict[str, object]  # what the attacker reported (counts only)
     counted: dict[str, int]  # the service's refusals and closes by reason
+    base_cpu: float  # the service's CPU time during the baseline, s per s
+    cpu: float  # the service's CPU time beside the attack, s per s
+    attacker_cpu: float  # the attacker process's CPU time, s per s of its life
+    wrk_cpu: float  # wrk's CPU time beside the attack, s per s
+
+    @property
+    def taken(self) -> float:
+        """The share of the baseline's req/s lost because the service got less
+        CPU than in the baseline (the attacker's CPU, the machine's other work)."""
+        return (self.base_cpu - self.cpu) / self.base_cpu
+
+    @property
+    def own(self) -> float:
+        """The share of the baseline's req/s lost to the service's own work on
+        the attack: its CPU beside the attack beyond what its requests cost at
+        the baseline's CPU per request, over the baseline's CPU."""
+        per_request = self.base_cpu / self.base_rps
+        return (self.cpu - self.rps * per_request) / self.base_cpu
 
 
 def _free_port() -> int:
@@ -148,6 +167,18 @@ def _counted(admin: str) -> dict[str, int]:
             elif sample.name == "redirect_logger_h2_streams_refused_total" and sample.value:
                 counted["h2_streams_refused"] = int(sample.value)
     return counted
+
+
+def _cpu(pid: int) -> float:
+    """The CPU time (user + system, s) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    """The CPU time (s) of the child processes waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _ready(admin: str) -> None:
@@ -174,11 +205,17 @@ def one_run(work: Path, bootstrap: str, config: str, attack: str, seconds: int) 
         url = served.url
         host, port = url.removeprefix("http://").rsplit(":", 1)
         command = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency"]
+        # CPU times: the service's from /proc, wrk's and the attacker's when
+        # each is waited for (one at a time, so each delta is one process's)
+        service_start, start = _cpu(served.pid), time.monotonic()
         baseline = subprocess.run(
             [*command, f"{url}/docs/base"], capture_output=True, text=True, timeout=seconds + 60
         ).stdout
+        base_cpu = (_cpu(served.pid) - service_start) / (time.monotonic() - start)
+        service_start, children_start, start = _cpu(served.pid), _children_cpu(), time.monotonic()
         wrk = subprocess.Popen([*command, f"{url}/docs/bench"], stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)
+        attacker_start = time.monotonic()
         attacker = subprocess.Popen(
             [
                 *(sys.executable, str(ROOT / "tests" / "attackers.py"), attack, host, port),
@@ -188,7 +225,11 @@ def one_run(work: Path, bootstrap: str, config: str, attack: str, seconds: int) 
             text=True,
         )
         report, _ = wrk.communicate(timeout=seconds + 60)
+        cpu = (_cpu(served.pid) - service_start) / (time.monotonic() - start)
+        wrk_cpu = (_children_cpu() - children_start) / (time.monotonic() - start)
+        children_start = _children_cpu()
         output, _ = attacker.communicate(timeout=seconds + 60)
+        attacker_cpu = (_children_cpu() - children_start) / (time.monotonic() - attacker_start)
         found = json.loads(output)
         seen: dict[str, object] = {
             key: (len(value) if key == "hits" else value)
@@ -211,7 +252,10 @@ def one_run(work: Path, bootstrap: str, config: str, attack: str, seconds: int) 
     in_topic = _records(bootstrap, topic)
     if bad or ledger["received"] != ledger["delivered"] or in_topic != ledger["delivered"]:
         raise RuntimeError(f"{config}/{attack}: records do not add up: {ledger}, topic {in_topic}")
-    return Run(config, attack, base_rps, base_p99, rps, p99, errors, seen, counted)
+    return Run(
+        *(config, attack, base_rps, base_p99, rps, p99, errors, seen, counted),
+        *(base_cpu, cpu, attacker_cpu, wrk_cpu),
+    )
 
 
 def main() -> int:
@@ -220,13 +264,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the service and attackers inherit it
-    cases = [(config, attack) for config in CONFIGS for attack in args.attacks]
+    cases = [(config, attack) for config in args.configs for attack in args.attacks]
     runs: list[Run] = []
     with (
         tempfile.TemporaryDirectory(prefix="attack-") as tmp,
@@ -241,16 +286,19 @@ def main() -> int:
                     f"round {round_ + 1} | {config} | {attack} | baseline {run.base_rps:,.0f}"
                     f" req/s p99 {run.base_p99:.1f} ms | attacked {run.rps:,.0f} req/s"
                     f" p99 {run.p99:.1f} ms | {run.errors or 'no socket errors'} |"
-                    f" attacker {run.seen} | counted {run.counted}",
+                    f" attacker {run.seen} | counted {run.counted} | CPU s/s: service"
+                    f" {run.base_cpu:.2f} -> {run.cpu:.2f}, attacker {run.attacker_cpu:.2f},"
+                    f" wrk {run.wrk_cpu:.2f}",
                     flush=True,
                 )
     print()
     print(
         "| configuration | attack | baseline req/s | baseline p99 ms | attacked req/s |"
-        " attacked p99 ms | req/s ratio | p99 ratio | target |"
+        " attacked p99 ms | req/s ratio | p99 ratio | target | service CPU s/s |"
+        " attacker CPU s/s | req/s lost: CPU taken | req/s lost: service's own |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for config in CONFIGS:
+    print("| --- | --- |" + " ---: |" * 6 + " --- |" + " ---: |" * 4)
+    for config in args.configs:
         for attack in args.attacks:
             mine = [run for run in runs if (run.config, run.attack) == (config, attack)]
             rps_ratio = median(run.rps / run.base_rps for run in mine)
@@ -261,6 +309,11 @@ def main() -> int:
                 f" {median(run.base_p99 for run in mine):.1f} |"
                 f" {median(run.rps for run in mine):,.0f} | {median(run.p99 for run in mine):.1f} |"
                 f" {rps_ratio:.2f} | {p99_ratio:.2f} | {'met' if met else 'missed'} |"
+                f" {median(run.base_cpu for run in mine):.2f} ->"
+                f" {median(run.cpu for run in mine):.2f} |"
+                f" {median(run.attacker_cpu for run in mine):.2f} |"
+                f" {median(run.taken for run in mine):.2f} |"
+                f" {median(run.own for run in mine):.2f} |"
             )
     print(f"\ntarget: >= {REQ_RATIO}x the baseline's req/s and <= {P99_RATIO}x its p99")
     return 0

@@ -35,9 +35,11 @@ import hypercorn.trio.tcp_server
 import hypercorn.trio.worker_context
 import pytest
 import trio
+from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 from prometheus_client.parser import text_string_to_metric_families
 
 from brokers import Broker, free_port
+from redirect_logger.http2 import _H2Connection
 from redirect_logger.service import Service
 from support import (
     ServiceProcess,
@@ -63,6 +65,17 @@ PINNED = {
     "H2Connection.open_inbound_streams": (
         "1a867741031a252348b5a5ff4b50e3484f7c775e5404855c36a8574002a41eb1"
     ),
+    # what http2.py does for a refused stream in h2's stead
+    "H2Connection._begin_new_stream": (
+        "de40fc0b03dfa4434922e6b06f37843398eaabab8035a66a873239ea08d546c0"
+    ),
+    "H2Connection._receive_frame": (
+        "39b2e16b4fd74ed014ca144a0c6e388aef3dc51f116d6f0a874b70d92bd92873"
+    ),
+    "H2Connection._stream_closed_by": (
+        "e5e734d023f1734faf38e4ebc7e96188516cd87ea887fb8dfda55af6052017b3"
+    ),
+    "_decode_headers": "ee1b71503327698a66c61ea6c66898b5d9c973de637aeebe7abfbd6e7c292e7e",
 }
 
 REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
@@ -153,6 +166,10 @@ def test_the_overridden_hypercorn_is_the_version_pinned() -> None:
         "H2Protocol": hypercorn.protocol.h2.H2Protocol,
         "H2Connection._receive_headers_frame": connection._receive_headers_frame,
         "H2Connection.open_inbound_streams": connection.open_inbound_streams.fget,
+        "H2Connection._begin_new_stream": connection._begin_new_stream,
+        "H2Connection._receive_frame": connection._receive_frame,
+        "H2Connection._stream_closed_by": connection._stream_closed_by,
+        "_decode_headers": h2.connection._decode_headers,
     }
     sources = {
         name: hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
@@ -161,6 +178,56 @@ def test_the_overridden_hypercorn_is_the_version_pinned() -> None:
     assert sources == PINNED
     assert "TCPServer," in inspect.getsource(hypercorn.trio.run.worker_serve)
     assert "self.protocol = H2Protocol(" in inspect.getsource(hypercorn.protocol.ProtocolWrapper)
+
+
+def _frames(data: bytes) -> list[tuple[str, int, int | None]]:
+    """The (type, stream id, error code of a reset) of each frame in ``data``."""
+    found = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        data = data[9 + length :]
+        code = frame.error_code if isinstance(frame, RstStreamFrame) else None
+        found.append((frame.type, frame.stream_id, code))
+    return found
+
+
+def test_http2_streams_past_the_limit_are_refused_with_no_stream_made() -> None:
+    """With 2 streams allowed, a third is refused (RST_STREAM REFUSED_STREAM)
+    and h2 makes no stream for it; its header block is decoded all the same
+    (the next stream's block refers to it through HPACK's table, and
+    decodes); DATA sent on it afterwards gets RST_STREAM STREAM_CLOSED, and
+    the connection goes on."""
+    server = _H2Connection(h2.config.H2Configuration(client_side=False))
+    server.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
+    )
+    server.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    base = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
+    for stream_id in (1, 3, 5):
+        extra = [("x-only-in-5", "abc")] if stream_id == 5 else []
+        path = [(":path", f"/{stream_id}"), *extra]
+        client.send_headers(stream_id, [*base, *path], end_stream=stream_id != 5)
+    events = server.receive_data(client.data_to_send())
+    opened = [e.stream_id for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert opened == [1, 3]
+    assert sorted(server.streams) == [1, 3]
+    assert server.refused == 1
+    assert (RstStreamFrame.type, 5, REFUSED) in _frames(server.data_to_send())
+    # stream 5's DATA after the refusal: a stream error, not a connection error
+    server.receive_data(DataFrame(5, data=b"x").serialize())
+    assert _frames(server.data_to_send()) == [
+        (RstStreamFrame.type, 5, h2.errors.ErrorCodes.STREAM_CLOSED)
+    ]
+    # stream 1 ends; stream 7 reuses stream 5's indexed header and is opened
+    server.send_headers(1, [(":status", "301")], end_stream=True)
+    client.send_headers(7, [*base, (":path", "/7"), ("x-only-in-5", "abc")], end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    received = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert [e.stream_id for e in received] == [7]
+    assert (b"x-only-in-5", b"abc") in (received[0].headers or [])
 
 
 async def test_connections_past_max_connections_are_reset_and_counted(broker: Broker) -> None:

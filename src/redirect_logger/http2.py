@@ -15,10 +15,12 @@ import h2.connection
 import h2.errors
 import h2.events
 import trio
+from h2.connection import ConnectionInputs
 from h2.events import Event as H2Event
+from h2.stream import StreamClosedBy
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h2 import H2Protocol
-from hyperframe.frame import Frame, HeadersFrame
+from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
 from .limits import ConnectionGate
 
@@ -28,7 +30,14 @@ class _H2Connection(h2.connection.H2Connection):
     ``SETTINGS_MAX_CONCURRENT_STREAMS`` is refused alone (RST_STREAM
     ``REFUSED_STREAM``, RFC 9113 5.1.2), where h2 ends the whole connection
     (``TooManyStreamsError``: GOAWAY ``PROTOCOL_ERROR``). Its header block is
-    still decoded: HPACK's state is the connection's."""
+    still decoded (HPACK's state is the connection's), but no stream is made
+    for it: h2 builds a stream's state machine and validates its headers
+    only to reset it, the cost a flood of streams past the limit puts on
+    the Trio thread. What h2 4.4 does when it opens a stream is done here
+    for a refused one: the stream id checked and recorded as the highest
+    opened, and the stream recorded as closed by our reset, so that its
+    later frames get RST_STREAM ``STREAM_CLOSED`` as h2 answers any reset
+    stream's."""
 
     refused = 0  # streams refused so far
     _limit_lifted = False
@@ -41,14 +50,28 @@ class _H2Connection(h2.connection.H2Connection):
         limit = self.local_settings.max_concurrent_streams
         if frame.stream_id in self.streams or self.open_inbound_streams < limit:
             return super()._receive_headers_frame(frame)
+        self.refused += 1
+        if frame.stream_id > self.highest_inbound_stream_id and frame.stream_id % 2 == 1:
+            return self._refuse(frame)
+        # A stream id h2 refuses as such (too low, or even): h2 says how
         self._limit_lifted = True
         try:
             frames, events = super()._receive_headers_frame(frame)
         finally:
             self._limit_lifted = False
         self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-        self.refused += 1
         return frames, [e for e in events if getattr(e, "stream_id", None) != frame.stream_id]
+
+    def _refuse(self, frame: HeadersFrame) -> tuple[list[Frame], list[H2Event]]:
+        """RST_STREAM ``REFUSED_STREAM`` for the new stream of ``frame``,
+        with no stream made for it."""
+        h2.connection._decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        self.highest_inbound_stream_id = frame.stream_id
+        self._closed_streams[frame.stream_id] = StreamClosedBy.SEND_RST_STREAM
+        reset = RstStreamFrame(frame.stream_id)
+        reset.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+        return [reset], events
 
 
 class GuardedH2Protocol(H2Protocol):

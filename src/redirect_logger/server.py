@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import socket
 import struct
 import weakref
@@ -148,9 +147,13 @@ class _GuardedTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         try:
+            timeout = self.config.read_timeout
             while True:
                 try:
-                    with trio.fail_after(self.config.read_timeout or math.inf):
+                    if timeout:
+                        with trio.fail_after(timeout):
+                            data = await self.stream.receive_some(MAX_RECV)
+                    else:  # no scope per read (each byte of a slowloris client is one)
                         data = await self.stream.receive_some(MAX_RECV)
                 except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
                     self._count_send_timeout(exc)
