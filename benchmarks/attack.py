@@ -30,6 +30,12 @@ round after round. It prints wrk's req/s and p99 per run, then per
 configuration and attack the medians over the rounds of the baseline's and
 the attacked load's figures and of the ratios; the target is at least 0.7
 times the baseline's req/s and at most twice its p99.
+It also reads the CPU time of the service, wrk and the attacker, and
+splits each loss of req/s into CPU the service did not get beside the
+attack ("CPU taken": the attacker's and the machine's other work) and
+CPU it spent beyond what its requests cost in the baseline ("service's
+own"); docs/benchmarks.md#where-the-time-goes-under-attack. --configs
+runs only the configurations named.
 Every run must add up (ledger received = delivered, nothing failed or lost,
 the topic holding as many records as delivered), or the script exits 1.
 Without --bootstrap it starts Apache Kafka itself (tests/brokers.py).
