@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 import trio
 
 from brokers import Broker
+from redirect_logger.hits import record_id
+from redirect_logger.spill import read_segment
 from support import ledger_counts, service_config, start_service, unique_topic, unreachable_config
 
 SAFE_ORIGIN = "https://safe.example"
@@ -36,6 +40,17 @@ HOSTILE_TARGETS = [
     b"/docs/%zz",
     b"/" + b"a" * 4000,
 ]
+
+
+def journaled_ids(spill: Path) -> list[str]:
+    """The record ids in every slot's journal segments, in order, repeats kept."""
+    ids = []
+    for path in sorted(spill.glob("slot-*/segment-*.log")):
+        for record in read_segment(path).records:
+            found = record_id(record.value)
+            assert found is not None
+            ids.append(found.decode())
+    return ids
 
 
 async def raw_request(
@@ -138,6 +153,13 @@ async def test_full_queue_while_kafka_is_down_matches_what_clients_saw(policy: s
     Clients see a 503 exactly for each shed hit and a redirect for every other;
     the ledger accounts for each: dropped under drop and block (after waiting
     max_block), journaled under spill, and the 3 taken in are journaled at exit.
+    The journal holds exactly the ids the ledger counts as spilled, each once,
+    each one answered with a redirect.
+
+    Under spill a hit is dropped when the overflow channel (1 record) is full
+    too, which a slow journal write on a loaded machine allows (documented):
+    each request waits until the two channels hold at most 1 hit, so each one
+    finds room in one of them and none may be dropped.
     """
     config = unreachable_config(
         records={
@@ -151,27 +173,36 @@ async def test_full_queue_while_kafka_is_down_matches_what_clients_saw(policy: s
         spill={"queue_full_timeout": 60.0},  # the workers keep waiting: the channel stays full
     )
     stop = trio.Event()
-    statuses: list[int] = []
+    answers: dict[str, int] = {}
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             service, codes = await start_service(nursery, config, stop)
+            pipeline = service.pipeline
+            assert pipeline is not None
             async with httpx.AsyncClient(base_url=service.binds[0]) as client:
                 for _ in range(40):
+                    while pipeline.queue_depth() > 1:  # noqa: ASYNC110
+                        await trio.sleep(0.005)  # the spill writer has the overflow hit
                     response = await client.get("/")
-                    statuses.append(response.status_code)
-                    assert "x-hit-id" in response.headers
+                    answers[response.headers["x-hit-id"]] = response.status_code
                     if response.status_code == 503:
                         assert response.headers["retry-after"] == "1"
                     await trio.sleep(0.01)
             stop.set()
     ledger = service.ledger_snapshot()
+    statuses = list(answers.values())
+    assert len(answers) == 40  # an id each
     refused = statuses.count(503)
     assert statuses.count(302) == 40 - refused
     assert (ledger["received"], ledger["failed"], ledger["in_flight"]) == (40, 0, 0)
     assert codes == [0]
+    journaled = journaled_ids(Path(config["spill"]["directory"]))
+    assert len(journaled) == len(set(journaled)) == ledger["spilled"]
+    assert {answers.get(id_) for id_ in journaled} == {302}
     if policy == "shed":
         assert (refused, ledger["shed"], ledger["dropped"], ledger["spilled"]) == (37, 37, 0, 3)
     elif policy == "spill":
         assert (refused, ledger["shed"], ledger["dropped"], ledger["spilled"]) == (0, 0, 0, 40)
+        assert set(journaled) == set(answers)
     else:
         assert (refused, ledger["shed"], ledger["dropped"], ledger["spilled"]) == (0, 0, 37, 3)
