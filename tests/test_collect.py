@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 import trio
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from brokers import Broker
@@ -702,6 +702,8 @@ def test_every_form_gives_back_the_events(events: list[dict[str, Any]]) -> None:
     assert parse_events(pretty, "text/plain", 10) == events
 
 
+# What is checked is the error's position, not the parse time: no deadline per example.
+@settings(deadline=None)
 @given(events=events_strategy, data=st.data())
 def test_an_ndjson_error_names_its_line_and_column(
     events: list[dict[str, Any]], data: st.DataObject
