@@ -8,6 +8,7 @@ exactly once where the fault allows it.
 
 from __future__ import annotations
 
+import re
 import socket
 import statistics
 import threading
@@ -25,6 +26,7 @@ from brokers import KafkaBroker
 from redirect_logger.spill import read_segment
 from support import (
     BIND_RE,
+    ROOT,
     ServiceProcess,
     read_topic,
     service_config,
@@ -36,7 +38,17 @@ from support import (
 pytestmark = pytest.mark.faults
 
 CLIENTS = 6
-SLOW = 2.0  # s; a redirect slower than this under a fault counts as affected
+_BOUND = re.compile(r"during each of these faults a redirect\s+is answered within ([\d.]+) s")
+
+
+def documented_bound() -> float:
+    """The latency bound under a broker fault that docs/durability.md states (s)."""
+    found = _BOUND.search((ROOT / "docs" / "durability.md").read_text())
+    assert found is not None, "docs/durability.md states no latency bound under a fault"
+    return float(found.group(1))
+
+
+SLOW = documented_bound()  # s; a redirect slower than this under a fault is a failure
 
 
 async def _load(
@@ -63,6 +75,15 @@ async def _load(
     async with trio.open_nursery() as nursery:
         for index in range(CLIENTS):
             nursery.start_soon(client, urls[index % len(urls)])
+
+
+async def _spilled(url: str) -> float:
+    """The service's spilled count, from /metrics."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        metrics = (await http.get("/metrics")).text
+    found = re.search(r'^redirect_logger_records_total\{outcome="spilled"\} (\S+)$', metrics, re.M)
+    assert found is not None, metrics
+    return float(found.group(1))
 
 
 def _latency(answered: dict[str, float]) -> str:
@@ -158,7 +179,12 @@ async def test_broker_down_at_start_then_up_delivers_every_record_once(
     answered: dict[str, float] = {}
     try:
         url = await trio.to_thread.run_sync(service.url)
-        await _load([url], 4.0, answered)
+        # Load until the outage outgrew librdkafka's queue and records were
+        # journaled (4 s does it on an idle machine; a loaded one answers less).
+        for _ in range(15):
+            await _load([url], 4.0, answered)
+            if await _spilled(url) > 0:
+                break
         assert max(answered.values()) < SLOW, _latency(answered)
         await trio.to_thread.run_sync(own_kafka.start)
         ledger = await _stop_after_delivery(service, own_kafka, topic, answered)
