@@ -273,7 +273,9 @@ async def test_a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing(
     stop = trio.Event()
     ids: list[str] = []
     config = service_config(kafka_broker.bootstrap, topic, spill={"enabled": spill})
-    with trio.fail_after(60):
+    # 400 requests one after another, a rebuild and a replay: about 30 s on a
+    # machine at a load average of 25; a record that never settles still fails.
+    with trio.fail_after(180):
         async with trio.open_nursery() as nursery:
             service, codes = await start_service(nursery, config, stop)
             sink = service.sink
