@@ -4,8 +4,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from brokers import Broker, KafkaBroker, KafkaCluster, start_broker
+
+# Property tests check what an answer says, not how fast it comes: no
+# per-example deadline (hypothesis' 200 ms fails on a loaded machine).
+settings.register_profile("redirect-logger", deadline=None)
+settings.load_profile("redirect-logger")
 
 
 @pytest.fixture(scope="session")
