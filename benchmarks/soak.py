@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/soak.py [--bootstrap HOST:PORT] [--minutes 60]
         [--connections 256] [--interval 60] [--collect N] [--warmup 10]
-        [--probe DIR [--tracemalloc] [--frames 1] [--malloc-trim]]
+        [--probe DIR [--tracemalloc] [--frames 1] [--malloc-trim] [--gc-collect]]
         [--env NAME=VALUE ...]
 
 Starts ``redirect-logger serve`` (the real CLI; ``benchmarks/served.py``)
@@ -154,6 +154,12 @@ def _probe_report(directory: Path, half: float, end: float) -> list[str]:
                 for kind in ("heap", "anon", "file")
             )
             + f" {line.get('pymalloc_arenas', 0) / 2**20:6.1f} {line.get('threads', 0):3}"
+            + (
+                f" collected {line['collected']:,},"
+                f" RSS then {line['rss_after_collect_kib'] / 1024:.1f}"
+                if "collected" in line
+                else ""
+            )
         )
     loaded = [line for line in lines if line["t"] - start < end - 1] or lines  # under load
     later = [index for index, line in enumerate(loaded) if line["t"] - start >= half]
@@ -168,6 +174,20 @@ def _probe_report(directory: Path, half: float, end: float) -> list[str]:
     minutes = (after["t"] - before["t"]) / 60
     out += ["", f"gc-tracked objects by type, change over the last {minutes:.1f} min:"]
     out += [f"  {change:+9,} {name}" for name, change in top if change]
+    collected = [line for line in loaded if "collected" in line]
+    if collected:
+        every_kind: dict[str, list[int]] = {}
+        for line in collected:
+            for name, count in line["garbage"].items():
+                every_kind.setdefault(name, []).append(count)
+        counts = [line["collected"] for line in collected]
+        out += [
+            "",
+            f"full collections: {min(counts):,} to {max(counts):,} objects unreachable each;"
+            " the types, median count:",
+        ]
+        ranked = sorted(every_kind.items(), key=lambda item: -sorted(item[1])[len(item[1]) // 2])
+        out += [f"  {sorted(c)[len(c) // 2]:9,} {name}" for name, c in ranked[:12]]
     snapshots = sorted(directory.glob("snapshot-*.tm"))
     if len(snapshots) > last:
         old = tracemalloc.Snapshot.load(str(snapshots[first]))
@@ -203,6 +223,9 @@ def main() -> int:
     parser.add_argument("--tracemalloc", action="store_true", help="the probe traces the heap")
     parser.add_argument("--frames", type=int, default=1, help="tracemalloc's traceback depth")
     parser.add_argument("--malloc-trim", action="store_true", help="the probe trims after each")
+    parser.add_argument(
+        "--gc-collect", action="store_true", help="the probe runs a full collection after each"
+    )
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument(
         "--timeout", type=float, default=2.0, help="s: wrk counts a slower answer as a timeout"
@@ -214,8 +237,8 @@ def main() -> int:
         parser.error(f"--collect: 1 to {MAX_EVENTS} events")
     if args.interval < 1:
         parser.error("--interval: 1 s at least")
-    if (args.tracemalloc or args.malloc_trim) and args.probe is None:
-        parser.error("--tracemalloc and --malloc-trim need --probe DIR")
+    if (args.tracemalloc or args.malloc_trim or args.gc_collect) and args.probe is None:
+        parser.error("--tracemalloc, --malloc-trim and --gc-collect need --probe DIR")
     if any("=" not in pair for pair in args.env):
         parser.error("--env: NAME=VALUE")
     if shutil.which("wrk") is None:
@@ -231,6 +254,7 @@ def main() -> int:
         launcher += ["--every", str(args.interval), "--frames", str(args.frames)]
         launcher += [] if args.tracemalloc else ["--no-tracemalloc"]
         launcher += ["--malloc-trim"] if args.malloc_trim else []
+        launcher += ["--gc-collect"] if args.gc_collect else []
         launcher.append("--")
     seconds = round(args.minutes * 60)
     work = Path(tempfile.mkdtemp(prefix="soak-"))

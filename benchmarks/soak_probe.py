@@ -1,7 +1,7 @@
 """The service's CLI with a memory probe beside it, for benchmarks/soak.py.
 
     python benchmarks/soak_probe.py --dump DIR [--every 60] [--frames 1]
-        [--no-tracemalloc] [--malloc-trim] -- serve --config c.toml
+        [--no-tracemalloc] [--malloc-trim] [--gc-collect] -- serve --config c.toml
 
 Runs ``redirect_logger.cli.main`` with the arguments after ``--``, and a
 daemon thread that, every --every s, appends one JSON line to
@@ -11,7 +11,11 @@ holds from the system, what of it is in use, what is free) and the count of
 gc-tracked objects by type; and, under tracemalloc (--frames deep), dumps a
 snapshot to ``DIR/snapshot-NNN.tm``. With --malloc-trim it then calls
 ``malloc_trim(0)`` and records RSS after it: what glibc held free, given
-back. Nothing of it is in the service's code: the probe only looks.
+back. With --gc-collect it runs a full collection after the counts and
+records what it found unreachable, by type (objects in reference cycles
+that the service's raised thresholds had not yet collected; see heap.py).
+Nothing of it is in the service's code: the probe only looks (and, with
+those two options, frees).
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ def _name(kind: type) -> str:
     return f"{module if isinstance(module, str) else '?'}.{kind.__qualname__}"
 
 
-def sample(dump: Path, index: int, trim: bool) -> dict[str, object]:
+def sample(dump: Path, index: int, trim: bool, collect: bool) -> dict[str, object]:
     started = time.monotonic()
     line: dict[str, object] = {
         "t": time.time(),
@@ -143,6 +147,19 @@ def sample(dump: Path, index: int, trim: bool) -> dict[str, object]:
     counts = Counter(map(type, gc.get_objects()))
     line["objects"] = sum(counts.values())
     line["types"] = {_name(kind): count for kind, count in counts.items()}
+    if collect:
+        # What a full collection finds unreachable (kept aside by DEBUG_SAVEALL
+        # to be counted), then freed by a second one.
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            line["collected"] = gc.collect()
+            found = Counter(map(type, gc.garbage))
+            gc.garbage.clear()
+        finally:
+            gc.set_debug(0)
+        gc.collect()
+        line["garbage"] = {_name(kind): count for kind, count in found.most_common(20)}
+        line["rss_after_collect_kib"] = rss_kib()
     if trim:
         line["rss_before_trim_kib"] = rss_kib()  # the sample's own allocations included
         _libc.malloc_trim(0)
@@ -151,12 +168,12 @@ def sample(dump: Path, index: int, trim: bool) -> dict[str, object]:
     return line
 
 
-def probe(dump: Path, every: float, trim: bool) -> None:
+def probe(dump: Path, every: float, trim: bool, collect: bool) -> None:
     index = 0
     with (dump / "probe.jsonl").open("a") as out:
         while True:
             try:
-                line = sample(dump, index, trim)
+                line = sample(dump, index, trim, collect)
             except Exception as exc:  # the probe must not go quiet unnoticed
                 line = {"t": time.time(), "error": repr(exc)}
             out.write(json.dumps(line) + "\n")
@@ -174,12 +191,15 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=1)
     parser.add_argument("--no-tracemalloc", action="store_true")
     parser.add_argument("--malloc-trim", action="store_true")
+    parser.add_argument("--gc-collect", action="store_true")
     args = parser.parse_args(argv[:split])
     args.dump.mkdir(parents=True, exist_ok=True)
     if not args.no_tracemalloc:
         tracemalloc.start(args.frames)
     threading.Thread(
-        target=probe, args=(args.dump, args.every, args.malloc_trim), daemon=True
+        target=probe,
+        args=(args.dump, args.every, args.malloc_trim, args.gc_collect),
+        daemon=True,
     ).start()
     return cli.main(argv[split + 1 :])
 

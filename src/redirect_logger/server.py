@@ -202,6 +202,19 @@ class _GuardedTCPServer(TCPServer):
             server.discard(sock)
             if counted:
                 gate.release(peer)
+            self._unlink()
+
+    def _unlink(self) -> None:
+        """Break the reference cycle a connection leaves when it is over:
+        Hypercorn's protocol holds this server's ``protocol_send``, a bound
+        method, so the server, its protocol, h11's state and buffers and the
+        task group would wait for a full collection of the cyclic garbage
+        collector, which the service's thresholds make rare
+        (docs/architecture.md#the-garbage-collector). Without the protocol,
+        reference counting frees them all when the task ends."""
+        attributes = vars(self)
+        attributes.pop("protocol", None)
+        attributes.pop("_task_group", None)
 
     async def _run_guarded(self) -> None:
         try:
