@@ -8,7 +8,7 @@ the bot flag's patterns. While the service runs, what start-up built is
 frozen (``gc.freeze``: never scanned again), and a young collection waits
 for ``YOUNG_THRESHOLD`` more container objects than were freed. Objects in
 reference cycles are still collected; there are few (the request path makes
-none).
+none, and the guard in server.py breaks the one a closed connection left).
 """
 
 from __future__ import annotations
