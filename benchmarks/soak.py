@@ -3,7 +3,7 @@
     nice -n 10 python benchmarks/soak.py [--bootstrap HOST:PORT] [--minutes 60]
         [--connections 256] [--interval 60] [--collect N] [--warmup 10]
         [--probe DIR [--tracemalloc] [--frames 1] [--malloc-trim] [--gc-collect]]
-        [--env NAME=VALUE ...]
+        [--env NAME=VALUE ...] [--timeout 30]
 
 Starts ``redirect-logger serve`` (the real CLI; ``benchmarks/served.py``)
 against --bootstrap and loads it with ``wrk -t1`` (keep-alive, loopback) at
@@ -228,7 +228,7 @@ def main() -> int:
     )
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument(
-        "--timeout", type=float, default=2.0, help="s: wrk counts a slower answer as a timeout"
+        "--timeout", type=float, default=30.0, help="s: wrk counts a slower answer as a timeout"
     )
     args = parser.parse_args()
     if not 0 < args.minutes <= MAX_MINUTES:
