@@ -18,7 +18,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -575,3 +575,16 @@ def write_country_db(path: Path, countries: Mapping[str, str]) -> Path:
         writer.insert_network(IPSet([network]), {"country": {"iso_code": country}})
     writer.to_db_file(str(path))
     return path
+
+
+async def until_loaded(
+    loaded: Callable[[], int], at_least: int = 50, patience: float = 30.0
+) -> None:
+    """Wait until ``loaded()`` (answers so far) passes ``at_least``, for at
+    most ``patience`` s, then assert it did: on a loaded machine the load may
+    take longer to reach the service than a test's fixed pause."""
+    for _ in range(int(patience / 0.05)):
+        if loaded() > at_least:
+            break
+        await trio.sleep(0.05)
+    assert loaded() > at_least, "no load reached the service"
