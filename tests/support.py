@@ -588,3 +588,9 @@ async def until_loaded(
             break
         await trio.sleep(0.05)
     assert loaded() > at_least, "no load reached the service"
+
+
+# User-Agents of three OS families, as uap-core names them (routes' os)
+IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 Mobile"
+ANDROID = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/120 Mobile Safari"
+WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120 Safari/537.36"

@@ -15,13 +15,10 @@ from redirect_logger.geo import Countries
 from redirect_logger.hits import Enricher, Hit
 from redirect_logger.routing import Clients, Routing, languages_of, routing_warnings
 from redirect_logger.rules import RuleTable
-from support import write_country_db
+from support import ANDROID, IPHONE, WINDOWS, write_country_db
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
-IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 Mobile"
 IPAD = "Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148"
-ANDROID = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/120 Mobile Safari"
-WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120 Safari/537.36"
 
 APP = {
     "name": "app",

@@ -14,6 +14,9 @@ import trio
 
 from brokers import Broker
 from support import (
+    ANDROID,
+    IPHONE,
+    WINDOWS,
     ServiceProcess,
     check_record_schema,
     ledger_counts,
@@ -25,10 +28,6 @@ from support import (
     write_config,
     write_country_db,
 )
-
-IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 Mobile"
-ANDROID = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/120 Mobile Safari"
-WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120 Safari/537.36"
 
 APP = {
     "name": "app",
