@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import httpx
 import jsonschema
+import pytest
 import trio
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -594,3 +595,20 @@ async def until_loaded(
 IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 Mobile"
 ANDROID = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Chrome/120 Mobile Safari"
 WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120 Safari/537.36"
+
+
+async def never_read_until_reset(stalled: trio.abc.Stream) -> None:
+    """Ask for large answers (a long forwarded path) and read none, until the
+    socket buffers are full and sending blocks; then the service must reset
+    the connection (``server.send_timeout`` of at most 2 s, and the kernel's
+    probes), not close it as idle."""
+    big = b"GET /docs/" + b"%FF" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    blocked = False
+    while not blocked:
+        with trio.move_on_after(0.5) as sending:
+            await stalled.send_all(big)
+        blocked = sending.cancelled_caught
+    await trio.sleep(4)
+    with pytest.raises(trio.BrokenResourceError):
+        while await stalled.receive_some(1 << 20):
+            pass

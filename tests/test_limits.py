@@ -43,6 +43,7 @@ from redirect_logger.http2 import _H2Connection
 from redirect_logger.service import Service
 from support import (
     ServiceProcess,
+    never_read_until_reset,
     read_topic,
     service_config,
     start_service,
@@ -454,16 +455,7 @@ async def test_every_connection_limit_holds_in_both_launch_modes(
 
             host, _ = public.removeprefix("http://").rsplit(":", 1)
             stalled = await trio.open_tcp_stream(host, port)
-            big = b"GET /docs/" + b"%FF" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-            blocked = False
-            while not blocked:  # until the socket buffers are full and sending blocks
-                with trio.move_on_after(0.5) as sending:
-                    await stalled.send_all(big)
-                blocked = sending.cancelled_caught
-            await trio.sleep(4)  # send_timeout, and the kernel's probes
-            with pytest.raises(trio.BrokenResourceError):  # reset, not an idle close
-                while await stalled.receive_some(1 << 20):
-                    pass
+            await never_read_until_reset(stalled)
             await stalled.aclose()
 
         async with httpx.AsyncClient(base_url=admin) as client:

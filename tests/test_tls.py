@@ -28,6 +28,7 @@ from brokers import Broker, free_port
 from support import (
     ServiceProcess,
     check_delivery,
+    never_read_until_reset,
     read_topic,
     run_cli,
     service_config,
@@ -264,16 +265,7 @@ async def test_connection_limits_hold_over_tls(
 
             await trio.sleep(0.5)
             stalled = await _tls(port, verify)
-            big = b"GET /docs/" + b"%FF" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-            blocked = False
-            while not blocked:  # until the socket buffers are full and sending blocks
-                with trio.move_on_after(0.5) as sending:
-                    await stalled.send_all(big)
-                blocked = sending.cancelled_caught
-            await trio.sleep(4)  # send_timeout, and the kernel's probes
-            with pytest.raises(trio.BrokenResourceError):  # reset, not an idle close
-                while await stalled.receive_some(1 << 20):
-                    pass
+            await never_read_until_reset(stalled)
             await trio.aclose_forcefully(stalled)
     finally:
         code = await trio.to_thread.run_sync(service.terminate)
