@@ -61,6 +61,7 @@ from statistics import median
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+import served
 from compare import _broker, _records, wrk_figures
 from served import ROOT, Served
 
@@ -97,28 +98,15 @@ REQ_RATIO, P99_RATIO = 0.7, 2.0  # the targets
 def write_config(
     path: Path, bootstrap: str, topic: str, admin: int, limits: dict[str, float]
 ) -> Path:
+    """The benchmarks' config (served.py) with an admin port and ``limits``."""
     server = "\n".join(f"{key} = {value}" for key, value in limits.items())
-    path.write_text(
-        f"""[server]
-bind = ["127.0.0.1:0"]
-admin_bind = ["127.0.0.1:{admin}"]
-graceful_timeout = 5.0
-{server}
-[[rules]]
-name = "docs"
-path = "/docs/*"
-target = "https://docs.example.com/"
-status = 301
-forward_path = true
-[records]
-topic = "{topic}"
-[kafka]
-"bootstrap.servers" = "{bootstrap}"
-[spill]
-directory = "{path.parent / ("spill-" + topic)}"
-"""
+    return served.write_config(
+        path,
+        bootstrap,
+        topic,
+        path.parent / ("spill-" + topic),
+        server=f'admin_bind = ["127.0.0.1:{admin}"]\n{server}',
     )
-    return path
 
 
 @dataclass

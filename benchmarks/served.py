@@ -35,13 +35,14 @@ def write_config(
     ``https://docs.example.com/`` with the path and query forwarded), plus
     extra TOML lines per table (``[collect]`` is off unless ``collect`` says
     ``enabled = true``)."""
+    if "max_connections_per_ip" not in server:
+        # wrk's connections all come from 127.0.0.1, and /metrics is read on
+        # the same port: up to 256 of them, the scrape would be the one refused.
+        server = f"max_connections_per_ip = 0\n{server}"
     path.write_text(
         f"""[server]
 bind = ["127.0.0.1:0"]
 graceful_timeout = 5.0
-# wrk's connections all come from 127.0.0.1, and /metrics is read on the
-# same port: up to 256 of them, the scrape would be the one refused.
-max_connections_per_ip = 0
 {server}
 [[rules]]
 name = "docs"
