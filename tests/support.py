@@ -213,6 +213,111 @@ def read_messages(
         consumer.close()
 
 
+_SERVICE_NOTABLE = re.compile(
+    r"WARNING|ERROR|CRITICAL|fatal|rebuilt|purge|retr|sequence|producer id|replicas", re.I
+)
+_BROKER_NOTABLE = re.compile(
+    r"WARN|ERROR|FATAL|Truncat|epoch|[Cc]reat|[Dd]elet|OutOfOrder|UnknownProducer|Duplicate"
+)
+
+
+def explain_missing(
+    broker: Broker, topic: str, wanted: set[str], service_output: str = "", tail: int = 60
+) -> str:
+    """Why ids answered (``wanted``) are not in ``topic``: each missing id and
+    every topic on the broker it is in (or "nowhere"), each partition's end
+    offset, the service's notable log lines and the broker's (the last
+    ``tail`` of each). For a failing assertion's message."""
+    lines: list[str] = []
+    found: dict[str, list[str]] = {}
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "explain"})
+    try:
+        names = sorted(
+            name for name in consumer.list_topics(timeout=10).topics if not name.startswith("__")
+        )
+    finally:
+        consumer.close()
+    lines.append(f"topics on the broker: {names}")
+    for name in names:
+        try:
+            reads = read_messages(broker.bootstrap, name, timeout=20)
+        except AssertionError as exc:
+            lines.append(f"{name}: unreadable: {exc}")
+            continue
+        ids = Counter(str(read.record.get("id")) for read in reads)
+        twice = sum(1 for count in ids.values() if count > 1)
+        lines.append(f"{name}: {len(reads)} records, {len(ids)} ids, {twice} more than once")
+        for record_id in ids:
+            found.setdefault(record_id, []).append(name)
+    missing = sorted(wanted - {i for i, where in found.items() if topic in where})
+    lines.append(f"{len(missing)} answered ids missing from {topic}:")
+    lines += [f"  {i}: in {found.get(i) or 'nowhere'}" for i in missing[:50]]
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "explain"})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        partitions = sorted(metadata.partitions) if metadata is not None else []
+        marks = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            for p in partitions
+        }
+        lines.append(f"{topic} (low, high) offsets: {marks}")
+    except KafkaException as exc:
+        lines.append(f"{topic} offsets: {exc}")
+    finally:
+        consumer.close()
+    workdir = getattr(broker, "workdir", None)
+    if isinstance(workdir, Path):
+        times = sorted(_uuid7_ms(i) for i in missing if UUID7.match(i))
+        lines += _batch_anomalies(workdir / "kafka-data", topic, times)
+    notable = [line for line in service_output.splitlines() if _SERVICE_NOTABLE.search(line)]
+    lines.append(f"service: {len(notable)} notable lines, the last {tail}:")
+    lines += notable[-tail:]
+    if isinstance(workdir, Path) and (workdir / "kafka.log").exists():
+        text = (workdir / "kafka.log").read_text(errors="replace").splitlines()
+        notable = [line for line in text if _BROKER_NOTABLE.search(line)]
+        lines.append(
+            f"broker {workdir / 'kafka.log'}: {len(notable)} notable lines, the last {tail}:"
+        )
+        lines += notable[-tail:]
+    return "\n".join(lines)
+
+
+def _uuid7_ms(record_id: str) -> int:
+    """The Unix time in ms a UUIDv7 id was made (its first 48 bits)."""
+    return int(record_id.replace("-", "")[:12], 16)
+
+
+def _batch_anomalies(data: Path, topic: str, times: list[int]) -> list[str]:
+    """From the broker's log segments of ``topic`` (record batch v2 headers):
+    each partition's batches, producer ids and epochs, every batch whose
+    sequence does not follow its producer's previous one, and the batches
+    around each of ``times`` (ms; a missing id's creation)."""
+    lines: list[str] = []
+    for directory in sorted(data.glob(f"{topic}-*")):
+        batches: list[tuple[int, int, int, int, int, int]] = []
+        for segment in sorted(directory.glob("*.log")):
+            raw, pos = segment.read_bytes(), 0
+            while pos + 61 <= len(raw):
+                base, length = struct.unpack_from(">qi", raw, pos)
+                if length <= 0:
+                    break
+                first_ms, pid, epoch, seq, count = struct.unpack_from(">q8xqhii", raw, pos + 27)
+                batches.append((base, count, pid, epoch, seq, first_ms))
+                pos += 12 + length
+        producers = sorted({(pid, epoch) for _, _, pid, epoch, _, _ in batches})
+        lines.append(f"{directory.name}: {len(batches)} batches, (pid, epoch) {producers}")
+        following: dict[tuple[int, int], int] = {}
+        for base, count, pid, epoch, seq, _ in batches:
+            expected = following.get((pid, epoch))
+            if expected is not None and seq != expected:
+                lines.append(f"  offset {base}: pid {pid} epoch {epoch} seq {seq}, not {expected}")
+            following[(pid, epoch)] = seq + count
+        for when in times:
+            near = [b for b in batches if abs(b[5] - when) < 200]
+            lines.append(f"  batches (offset, count, pid, epoch, seq, ms) near {when}: {near[:8]}")
+    return lines
+
+
 def _partitions(consumer: Consumer, topic: str, deadline: float) -> list[int]:
     while True:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)

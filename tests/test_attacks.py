@@ -33,7 +33,15 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from brokers import Broker, free_port
-from support import ROOT, ServiceProcess, read_topic, service_config, unique_topic, write_config
+from support import (
+    ROOT,
+    ServiceProcess,
+    explain_missing,
+    read_topic,
+    service_config,
+    unique_topic,
+    write_config,
+)
 
 pytestmark = pytest.mark.attacks
 
@@ -219,13 +227,22 @@ async def stopped_and_recorded(attacked: Attacked, broker: Broker, topic: str) -
     [ledger] = service.ledgers()
     assert ledger["received"] == ledger["delivered"], ledger
     assert ledger["failed"] == ledger["dropped"] == ledger["shed"] == ledger["in_flight"] == 0
-    records = await trio.to_thread.run_sync(
-        lambda: read_topic(broker.bootstrap, topic, timeout=60, expected=ledger["delivered"])
-    )
+    answered = attacked.ordinary | attacked.attackers
+
+    def explained(what: str) -> str:
+        return f"{what}; {ledger}\n" + explain_missing(broker, topic, answered, service.output)
+
+    try:
+        records = await trio.to_thread.run_sync(
+            lambda: read_topic(broker.bootstrap, topic, timeout=60, expected=ledger["delivered"])
+        )
+    except AssertionError as exc:
+        raise AssertionError(await trio.to_thread.run_sync(explained, str(exc))) from None
     ids = [record["id"] for record in records]
-    assert len(ids) == len(set(ids)) == ledger["delivered"], (len(ids), ledger)
-    assert not attacked.ordinary - set(ids), "answered ordinary hits missing from the topic"
-    assert not attacked.attackers - set(ids), "hits answered to attackers missing from the topic"
+    if not (len(ids) == len(set(ids)) == ledger["delivered"]) or answered - set(ids):
+        raise AssertionError(
+            await trio.to_thread.run_sync(explained, f"{len(ids)} records, {len(set(ids))} ids")
+        )
 
 
 IDLE_MAX = 2000
