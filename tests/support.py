@@ -306,6 +306,11 @@ def _batch_anomalies(data: Path, topic: str, times: list[int]) -> list[str]:
                 pos += 12 + length
         producers = sorted({(pid, epoch) for _, _, pid, epoch, _, _ in batches})
         lines.append(f"{directory.name}: {len(batches)} batches, (pid, epoch) {producers}")
+        # Leader epochs and the offsets they start at: more than one means the
+        # partition changed leaders (on one node: the broker was fenced).
+        epochs = directory / "leader-epoch-checkpoint"
+        if epochs.exists():
+            lines.append(f"  leader-epoch-checkpoint: {epochs.read_text().split()}")
         following: dict[tuple[int, int], int] = {}
         for base, count, pid, epoch, seq, _ in batches:
             expected = following.get((pid, epoch))
