@@ -6,8 +6,9 @@ side in one process.
 The rule step is what ``app.Frontend._hit`` does from the request to its
 answer: match the path (and host), then a live rule's window, macros or
 dynamic target (links.py), or else a routed rule's route or split
-(routing.py), and the Location. In this tree that is ``RuleTable.answer``;
-at a revision without it, the steps its app.py took (match and Location;
+(routing.py), both for a rule that combines them, and the Location. In
+this tree that is ``RuleTable.answer``; at a revision without it, the
+steps its app.py took (match and Location;
 then ``target.live``; then ``target.routing``), chosen once by what its
 ``Target`` has. "Before" is rules.py, links.py and routing.py as they are at
 ``--before`` (by default 615d13b, the commit before windows, macros, dynamic
@@ -128,6 +129,26 @@ FEATURE_RULES: list[dict[str, Any]] = [
         ],
     },
 ]
+# Rules that combine routes or a split with a window and macros (issue 16's last gap)
+COMBINED_RULES: list[dict[str, Any]] = [
+    {
+        "name": "timed-ab",
+        "path": "/f/timed-ab",
+        "target": "https://example.com/landing",
+        "valid_from": "2020-01-01T00:00:00Z",
+        "valid_until": "2100-01-01T00:00:00Z",
+        "split": [
+            {"name": "a", "weight": 50, "target": "https://example.com/a?click={hit_id}"},
+            {"name": "b", "weight": 50, "target": "https://example.com/b?click={hit_id}"},
+        ],
+    },
+    {
+        "name": "app-click",
+        "path": "/f/app-click",
+        "target": "https://example.com/app?click={hit_id}",
+        "routes": [{"os": ["iOS"], "target": "https://apps.apple.com/app/id1?ct={hit_id}"}],
+    },
+]
 
 
 def scope(path: str, query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> Any:
@@ -194,6 +215,18 @@ CASES: list[Case] = [
         "routing",
         lambda n: [scope("/f/landing", b"", [(b"cookie", b"rl_landing=b")])] * n,
     ),
+    (
+        "window + split + {hit_id}, kept",
+        "1000+",
+        "combined",
+        lambda n: [scope("/f/timed-ab", b"", [(b"cookie", b"rl_timed-ab=b")])] * n,
+    ),
+    (
+        "route + {hit_id} (agent cached)",
+        "1000+",
+        "combined",
+        lambda n: [scope("/f/app-click", b"", [(b"user-agent", IPHONE)])] * n,
+    ),
 ]
 
 
@@ -257,11 +290,16 @@ def main() -> None:
     rules_before = before["rules"]
     routing_before = before.get("routing")
     fields = rules_before.Target.__dataclass_fields__
-    has = {None: True, "live": "live" in fields, "routing": "routing" in fields}
+    has = {
+        None: True,
+        "live": "live" in fields,
+        "routing": "routing" in fields,
+        "combined": "vary" in fields,
+    }
     specs = {
         "100": plain_rules(100),
         "1000": plain_rules(1000),
-        "1000+": plain_rules(1000) + FEATURE_RULES,
+        "1000+": plain_rules(1000) + FEATURE_RULES + COMBINED_RULES,
     }
     tables_after = {
         key: rules_after.RuleTable.from_settings(parse_settings({"kafka": KAFKA, "rules": rules}))
@@ -277,6 +315,7 @@ def main() -> None:
             for rule in rules
             if (has["live"] or rule["name"] not in ("window", "macro", "dynamic"))
             and (has["routing"] or rule["name"] not in ("app", "landing"))
+            and (has["combined"] or rule["name"] not in ("timed-ab", "app-click"))
         ]
         settings = parse_settings({"kafka": KAFKA, "rules": known})
         for side in ("before", "control"):

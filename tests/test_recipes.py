@@ -122,7 +122,7 @@ def test_the_page_has_its_recipes() -> None:
         ("A time-limited campaign", 6),
         ("Email open and click tracking", 6),
         ("An app link that routes iOS and Android", 7),
-        ("An A/B landing-page test", 2),
+        ("An A/B landing-page test", 5),
         ("Protobuf devices", 0),
     ]
 
@@ -164,13 +164,13 @@ def test_the_ab_recipes_first_visit_gets_the_documented_cookie(tmp_path: Path) -
     path = tmp_path / "recipe.toml"
     path.write_text(toml, encoding="utf-8")
     table = RuleTable.from_settings(load_settings(path))
-    routing = table.match("/spring")[0].routing
-    assert routing is not None
-    cookies = {
-        routing.choose(scope("https://l.example.com/spring", []), clients())[3] for _ in range(200)
-    }
+    request = scope("https://l.example.com/spring", [])
+    answers = [table.answer(request, None, clients(), HIT_ID, NOW.timestamp()) for _ in range(200)]
+    cookies = {cookie for *_, cookie in answers}
     assert documented.group(1).encode() in cookies
     assert len(cookies) == 2  # one per variant
+    assert {target.vary for target, *_ in answers} == {b"Cookie"}
+    assert "`Vary: Cookie`" in section
 
 
 async def test_the_protobuf_recipe_records_what_it_says(

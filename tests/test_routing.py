@@ -446,19 +446,210 @@ def test_a_country_route(country_db: Path) -> None:
     assert answer(table, scope("/app", language="fr", client="203.0.113.9"), who)[1] is None
 
 
-def test_routes_and_splits_do_not_combine_with_windows_macros_or_dynamic_targets() -> None:
-    route = {"os": ["iOS"], "target": "https://a.example/"}
+# ------------------------------------------------------------------ combined
+
+HIT_ID = "019ad3c2-5c1e-7a00-8000-00000000000a"
+INSIDE, AFTER = 1_796_000_000.0, 1_800_000_000.0  # 2026-11-29, 2027-01-15
+WINDOW = {"valid_until": "2027-01-01T00:00:00Z"}
+
+
+def full(table: RuleTable, request: dict[str, Any], who: Clients, now: float) -> tuple[Any, ...]:
+    """(status, Location, detail, route, variant, Set-Cookie, Vary)."""
+    target, location, detail, route, variant, cookie = table.answer(request, None, who, HIT_ID, now)
+    return target.status, location, detail, route, variant, cookie, target.vary
+
+
+def test_a_window_holds_the_whole_routed_rule() -> None:
+    rule = {**SPLIT, **WINDOW, "expired_status": 302, "expired_target": "https://example.com/end"}
+    rule["routes"] = [{"os": ["iOS"], "target": "https://apps.apple.com/x"}]
+    table = RuleTable.from_settings(settings(rule))
+    who = clients()
+    # outside: the expired answer, no route drawn, no split cookie, no Vary
+    for request in (scope("/landing", agent=IPHONE), scope("/landing")):
+        assert full(table, request, who, AFTER) == (
+            302,
+            "https://example.com/end",
+            "expired",
+            None,
+            None,
+            None,
+            None,
+        )
+    assert full(table, scope("/landing", agent=IPHONE), who, INSIDE) == (
+        302,
+        "https://apps.apple.com/x",
+        None,
+        0,
+        None,
+        None,
+        b"User-Agent, Cookie",
+    )
+    status, location, detail, route, variant, cookie, vary = full(
+        table, scope("/landing"), who, INSIDE
+    )
+    assert (status, detail, route, vary) == (302, None, None, b"User-Agent, Cookie")
+    assert location == f"https://example.com/{variant}"
+    assert cookie is not None and cookie.startswith(f"rl_landing={variant};".encode())
+    kept = full(table, scope("/landing", cookie=f"rl_landing={variant}"), who, INSIDE)
+    assert kept[1:6] == (location, None, None, variant, None)
+
+
+def test_route_and_variant_targets_fill_their_macros_which_the_request_cannot_set() -> None:
+    rule = {
+        **APP,
+        "routes": [
+            {"os": ["iOS"], "target": "https://apps.apple.com/x?ct={hit_id}&pt={rule}"},
+            {"name": "de", "languages": ["de"], "target": "https://example.com/de"},
+        ],
+        "split": [{"name": "only", "weight": 1, "target": "https://example.com/v?click={hit_id}"}],
+    }
+    table = RuleTable.from_settings(settings(rule))
+    request = scope("/app", b"ct=forged&click=forged&utm=1", agent=IPHONE)
+    assert full(table, request, clients(), 0.0)[1:5] == (
+        f"https://apps.apple.com/x?ct={HIT_ID}&pt=app&click=forged&utm=1",
+        None,
+        0,
+        None,
+    )
+    request = scope("/app", b"ct=kept&click=forged", language="de")
+    assert full(table, request, clients(), 0.0)[1:5] == (
+        "https://example.com/de?ct=kept&click=forged",
+        None,
+        "de",
+        None,
+    )
+    assert full(table, scope("/app", b"click=forged"), clients(), 0.0)[1:5] == (
+        f"https://example.com/v?click={HIT_ID}",
+        None,
+        None,
+        "only",
+    )
+
+
+def test_an_allowed_target_param_wins_over_the_split_and_a_refused_one_takes_it() -> None:
+    rule = {
+        "name": "out",
+        "path": "/out",
+        "target_param": "u",
+        "allowed_hosts": ["example.com"],
+        "on_refused": "fallback",
+        **WINDOW,
+        "routes": [{"os": ["iOS"], "target": "https://apps.apple.com/x"}],
+        "split": [
+            {"name": "a", "weight": 1, "target": "https://example.com/a?c={hit_id}"},
+            {"name": "b", "weight": 0, "target": "https://example.com/b"},
+        ],
+    }
+    table = RuleTable.from_settings(settings(rule))
+    who = clients()
+    allowed = scope("/out", b"u=https%3A%2F%2Fexample.com%2Fp&k=1", agent=IPHONE)
+    assert full(table, allowed, who, INSIDE) == (
+        302,
+        "https://example.com/p?k=1",
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+    refused_ = scope("/out", b"u=https%3A%2F%2Fevil.example%2F&k=1")
+    status, location, detail, route, variant, cookie, vary = full(table, refused_, who, INSIDE)
+    assert (status, location, detail, route, variant, vary) == (
+        302,
+        f"https://example.com/a?c={HIT_ID}&k=1",  # the variant's; u is never forwarded
+        "host",
+        None,
+        "a",
+        b"User-Agent, Cookie",
+    )
+    assert cookie is not None and cookie.startswith(b"rl_out=a;")
+    missing = scope("/out", b"k=1", agent=IPHONE)
+    assert full(table, missing, who, INSIDE)[1:5] == (
+        "https://apps.apple.com/x?k=1",
+        "missing",
+        0,
+        None,
+    )
+    assert full(table, refused_, who, AFTER)[:5] == (404, None, "expired", None, None)
+
+
+def test_a_refused_target_param_no_route_takes_gets_the_fallback() -> None:
+    rule = {
+        "name": "out",
+        "path": "/out",
+        "target_param": "u",
+        "allowed_hosts": ["example.com"],
+        "on_refused": "fallback",
+        "routes": [{"os": ["iOS"], "target": "https://apps.apple.com/x"}],
+    }
+    config = {"kafka": dict(KAFKA), "rules": [rule]}
+    config["fallback"] = {"status": 302, "target": "https://example.com/home"}
+    table = RuleTable.from_settings(parse_settings(config))
+    assert full(table, scope("/out", b"u=x"), clients(), 0.0) == (
+        302,
+        "https://example.com/home?u=x",
+        "malformed",
+        None,
+        None,
+        None,
+        b"User-Agent",  # the routes were asked
+    )
+
+
+@pytest.mark.parametrize(
+    ("routes", "split", "records", "vary"),
+    [
+        ([{"os": ["iOS"], "target": "https://a.example/"}], False, {}, b"User-Agent"),
+        (
+            [{"languages": ["de"], "target": "https://a.example/"}],
+            True,
+            {},
+            b"Accept-Language, Cookie",
+        ),
+        ([{"query": {"ref": "x"}, "target": "https://a.example/"}], False, {}, None),
+        ([], True, {}, b"Cookie"),
+        ([], True, {"ip": "none"}, b"*"),  # drawn anew per hit
+    ],
+)
+def test_vary_names_what_the_routes_and_split_read(
+    routes: list[dict[str, Any]], split: bool, records: dict[str, Any], vary: bytes | None
+) -> None:
+    rule = {**SPLIT, "routes": routes} if split else {**APP, "routes": routes}
+    table = RuleTable.from_settings(settings(rule, **records))
+    who = clients(records=RecordsSettings(**records))
+    request = scope(rule["path"], b"ref=x", agent=IPHONE, language="de")
+    assert full(table, request, who, 0.0)[6] == vary
+    assert RuleTable.from_settings(settings()).fallback.vary is None
+
+
+def test_vary_is_a_star_for_a_country_route(country_db: Path) -> None:
+    rule = {**APP, "routes": [{"countries": ["DE"], "target": "https://a.example/"}]}
+    table = RuleTable.from_settings(settings(rule, geoip_database=str(country_db)))
+    assert full(table, scope("/app"), clients(), 0.0)[6] == b"*"
+
+
+def test_routes_and_splits_combine_and_bad_combinations_name_their_key() -> None:
+    route = {"os": ["iOS"], "target": "https://a.example/?c={hit_id}"}
     for live in (
         {"valid_until": "2027-01-01T00:00:00Z"},
         {"valid_from": "2026-01-01T00:00:00Z"},
         {"target": "https://example.com/app?click={hit_id}"},
     ):
-        assert "rules.0.routes: routes and splits do not combine" in refused(
-            {**APP, **live, "routes": [route]}
-        )
-        assert "rules.0.split: routes and splits do not combine" in refused({**SPLIT, **live})
-    assert "rules.0.routes.0.target: macros ({hit_id}, {rule}) are for a rule's own target" in (
-        refused({**APP, "routes": [{**route, "target": "https://a.example/?c={hit_id}"}]})
+        settings({**APP, **live, "routes": [route]})
+        settings({**SPLIT, **live})
+    dynamic = {"target_param": "u", "allowed_hosts": ["example.com"]}
+    app = {key: value for key, value in APP.items() if key != "target"}
+    split = {key: value for key, value in SPLIT.items() if key != "target"}
+    assert (
+        "rules.0.on_refused: with target_param, routes and a split answer only a refused "
+        'target: they need on_refused = "fallback"'
+    ) in refused({**app, **dynamic, "routes": [route]})
+    assert "rules.0.on_refused" in refused({**split, **dynamic})
+    settings({**split, **dynamic, "on_refused": "fallback"})
+    assert "rules.0.routes.0.target: {hit_id} in the path: macros are replaced in query values" in (
+        refused({**APP, "routes": [{**route, "target": "https://a.example/{hit_id}"}]})
     )
-    variants = [{**v, "target": v["target"] + "?r={rule}"} for v in SPLIT["split"]]
-    assert "rules.0.split.0.target: macros" in refused({**SPLIT, "split": variants})
+    variants = [{**v, "target": "https://{rule}.example/"} for v in SPLIT["split"]]
+    assert "rules.0.split.0.target: {rule} in the host" in refused({**SPLIT, "split": variants})
+    variants = [{**v, "target": v["target"] + "?{rule}=1"} for v in SPLIT["split"]]
+    assert "rules.0.split.0.target: {rule} in a query key" in refused({**SPLIT, "split": variants})

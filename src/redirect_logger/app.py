@@ -73,6 +73,7 @@ class Frontend:
         )
         self._collect_path = collect.path if collect.enabled else None
         self._count_hit = service.metrics.rule_hits.count
+        self._count_choice = service.metrics.choices.count
         self._pixel = Pixel(service.admit)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -161,17 +162,22 @@ class Frontend:
         if admission is Admission.SHED:
             status, body = 503, _OVERLOADED
             headers += [(b"retry-after", b"1"), (b"cache-control", b"no-store")]
-        elif location is None:
-            body = _BODIES.get(status, _NOT_FOUND)
-            headers.append((b"cache-control", b"no-store"))  # a 404 is not an answer to keep
         else:
-            body = b""
-            headers += [
-                (b"location", location.encode("ascii")),
-                (b"cache-control", target.cache_control),
-            ]
-            if cookie is not None:  # a split's variant, drawn for this client
-                headers.append((b"set-cookie", cookie))
+            if location is None:
+                body = _BODIES.get(status, _NOT_FOUND)
+                headers.append((b"cache-control", b"no-store"))  # a 404 is not an answer to keep
+            else:
+                body = b""
+                headers += [
+                    (b"location", location.encode("ascii")),
+                    (b"cache-control", target.cache_control),
+                ]
+                if cookie is not None:  # a split's variant, drawn for this client
+                    headers.append((b"set-cookie", cookie))
+            if target.vary is not None:  # a routed rule's: what the answer depends on
+                headers.append((b"vary", target.vary))
+            if route is not None or variant is not None:
+                self._count_choice(target.name, route, variant)
         self._count_hit(target.name, status)
         headers.append((b"content-length", str(len(body)).encode()))
         if body:

@@ -1050,23 +1050,14 @@ def _cross_check_pixel(settings: Settings) -> None:
 
 
 def _cross_check_routes(settings: Settings) -> None:
-    from .links import MACROS, is_live  # links.py builds on these models
-
     for index, rule in enumerate(settings.rules):
-        if (rule.routes or rule.split) and is_live(rule):
+        dynamic = rule.target_param is not None
+        if dynamic and (rule.routes or rule.split) and rule.on_refused != "fallback":
             raise _KeyError(
-                f"rules.{index}.{'routes' if rule.routes else 'split'}",
-                "routes and splits do not combine with valid_from, valid_until, "
-                "target_param or macros in the same rule",
+                f"rules.{index}.on_refused",
+                "with target_param, routes and a split answer only a refused target: "
+                'they need on_refused = "fallback"',
             )
-        targets = [("routes", n, r.target) for n, r in enumerate(rule.routes)]
-        targets += [("split", n, v.target) for n, v in enumerate(rule.split)]
-        for where, number, target in targets:
-            if any(macro in target for macro in MACROS):
-                raise _KeyError(
-                    f"rules.{index}.{where}.{number}.target",
-                    "macros ({hit_id}, {rule}) are for a rule's own target",
-                )
         if settings.records.geoip_database is not None:
             continue
         for number, route in enumerate(rule.routes):

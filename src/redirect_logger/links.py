@@ -3,7 +3,10 @@ macros, and dynamic targets restricted to an allow-list.
 
 A plain rule never comes here on the request path: its ``Target.live`` is
 None. A rule that uses one of these features has a ``Live`` that answers
-each hit (``Live.resolve``) from the clock, the hit id and the query.
+each hit (``Live.resolve``) from the clock, the hit id and the query; when
+the rule also has routes or a split, its ``Routing`` (routing.py) picks the
+target inside the window (docs/configuration.md, "Routes and splits with
+windows, macros and target_param").
 
 Safety property (that of rules.py, extended): a ``Location`` starts with the
 ``scheme://host`` of a configured target, or, for a dynamic target, with that
@@ -18,14 +21,15 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from ada_url import URL
 
 if TYPE_CHECKING:
     from .config import Fallback, Rule
-    from .rules import RuleTable, Target
+    from .routing import Clients, Routing
+    from .rules import Reply, RuleTable, Target
 
 MACROS = ("{hit_id}", "{rule}")
 _MACRO_RE = re.compile(r"\{(?:hit_id|rule)\}")
@@ -183,18 +187,18 @@ class Answer(NamedTuple):
 
 
 class Live:
-    """A rule's window, macros or dynamic target, compiled."""
+    """A rule's window, macros or dynamic target, compiled, with its routes
+    and split when it has them."""
 
     __slots__ = (
         "_dynamic",
         "_end",
         "_expired",
-        "_expired_query",
         "_fallback",
         "_forward_fallback_path",
         "_param",
-        "_query",
         "_refused",
+        "_routing",
         "_start",
         "_target",
     )
@@ -204,84 +208,118 @@ class Live:
         rule: Rule,
         compile_target: Callable[[Rule | Fallback], Target],
         fallback: Target,
+        routing: Callable[[Target], Routing] | None = None,
     ) -> None:
+        """``routing``: builds the rule's ``Routing`` around its default
+        target (None for a rule without routes or a split)."""
         self._start = -float("inf") if rule.valid_from is None else rule.valid_from.timestamp()
         self._end = float("inf") if rule.valid_until is None else rule.valid_until.timestamp()
-        name = quote(rule.name, safe="")
         if rule.target_param is None:
-            spec = rule.model_copy(update={"target": rule.target.replace("{rule}", name)})  # type: ignore[union-attr]
+            target = configured(rule, rule.target, rule.status, compile_target)
         else:  # the origin, path and query are the request's: stand-ins for now
             spec = rule.model_copy(update={"target": "https://dynamic.invalid/"})
-        target, self._query = _with_macros(compile_target(spec), rule.target)
+            target = compile_target(spec)
         self._dynamic = None if rule.target_param is None else AllowList(rule.allowed_hosts)
         self._param = rule.target_param or ""
         if rule.target_param is not None:
             target = replace(target, query_drop=target.query_drop | {rule.target_param})
         self._target = target
-        expired = rule.model_copy(
-            update={
-                "target": None
-                if rule.expired_target is None
-                else rule.expired_target.replace("{rule}", name),
-                "status": rule.expired_status,
-            }
-        )
-        self._expired, self._expired_query = _with_macros(
-            compile_target(expired), rule.expired_target
-        )
+        self._expired = configured(rule, rule.expired_target, rule.expired_status, compile_target)
         if rule.on_refused == "fallback":
             self._refused = replace(fallback, name=rule.name)
         else:
             self._refused = replace(target, status=400, static_location=None)
         self._fallback = rule.on_refused == "fallback"
         self._forward_fallback_path = fallback.forward_path
+        # A dynamic rule's routes and split answer what it refuses (config.py
+        # asks for on_refused = "fallback"); the [fallback] answers when none does.
+        self._routing = None
+        if routing is not None:
+            self._routing = routing(self._refused if self._dynamic is not None else target)
 
     def resolve(
-        self, path: str, remainder: str, query_string: bytes, hit_id: str, now: float
-    ) -> Answer:
-        """The answer to one hit at ``now`` (seconds since the epoch): outside
-        the window the expired answer; a dynamic target refused, a 400 or
-        the fallback's answer (``on_refused``), with the reason; otherwise
-        the target, its macros filled in."""
+        self,
+        scope: dict[str, Any],
+        remainder: str,
+        clients: Clients,
+        hit_id: str,
+        now: float,
+    ) -> Reply:
+        """The answer to one hit at ``now`` (seconds since the epoch), as
+        ``RuleTable.answer`` gives it: outside the window the expired answer
+        (no route, no variant, no cookie); an allowed dynamic target; a
+        refused one, with its reason, as a 400 or else by the routes and
+        split, or the fallback; otherwise the routes' and split's target
+        or the rule's own, macros filled in."""
+        query_string = scope["query_string"]
         if not self._start <= now < self._end:
             expired = self._expired
             location = (
                 None
                 if expired.static_location is None
-                else _filled(expired, self._expired_query, remainder, query_string, hit_id)
+                else _filled(expired, remainder, query_string, hit_id)
             )
-            return Answer(expired, location, "expired")
-        target = self._target
-        if self._dynamic is None:
-            return Answer(
-                target, _filled(target, self._query, remainder, query_string, hit_id), None
-            )
-        given = given_url(query_string, self._param, self._dynamic)
-        if isinstance(given, str):
-            refused = self._refused
+            return expired, location, "expired", None, None, None
+        detail = None
+        if self._dynamic is not None:
+            given = given_url(query_string, self._param, self._dynamic)
+            if not isinstance(given, str):
+                url, others = given
+                target = self._target
+                location = target.location_at(
+                    f"{url.protocol}//{url.host}",
+                    url.pathname,
+                    url.search[1:].encode("ascii"),
+                    url.hash,
+                    "",
+                    query_string if others else b"",  # its own query as the parser wrote it
+                )
+                return target, location, None, None, None, None
             if not self._fallback:
-                return Answer(refused, None, given)
-            rest = path if self._forward_fallback_path else ""
-            return Answer(refused, refused.location(rest, query_string), given)
-        url, others = given
-        location = target.location_at(
-            f"{url.protocol}//{url.host}",
-            url.pathname,
-            url.search[1:].encode("ascii"),
-            url.hash,
-            "",
-            query_string if others else b"",  # its own query as the parser wrote it
-        )
-        return Answer(target, location, None)
+                return self._refused, None, given, None, None, None
+            detail = given
+        if self._routing is not None:
+            target, route, variant, cookie = self._routing.choose(scope, clients)
+            if self._dynamic is None or route is not None or variant is not None:
+                location = _filled(target, remainder, query_string, hit_id)
+                return target, location, detail, route, variant, cookie
+        elif self._dynamic is None:
+            target = self._target
+            return target, _filled(target, remainder, query_string, hit_id), None, None, None, None
+        else:
+            target = self._refused
+        rest = scope["path"] if self._forward_fallback_path else ""
+        return target, target.location(rest, query_string), detail, None, None, None
 
 
-def _with_macros(target: Target, url: str | None) -> tuple[Target, tuple[bytes, ...] | None]:
+def configured(
+    rule: Rule,
+    url: str | None,
+    status: int,
+    compile_target: Callable[[Rule | Fallback], Target],
+) -> Target:
+    """A configured URL of ``rule`` (its target, expired target, or a route's
+    or variant's) compiled with the rule's forwarding and ``status``: its
+    ``{rule}`` replaced, its query cut at each ``{hit_id}`` (``pieces``),
+    and the query keys whose values hold macros never taken from the request."""
+    name = quote(rule.name, safe="")
+    spec = rule.model_copy(
+        update={
+            "target": None if url is None else url.replace("{rule}", name),
+            "status": status,
+            "routes": [],
+            "split": [],
+        }
+    )
+    return _with_macros(compile_target(spec), url)
+
+
+def _with_macros(target: Target, url: str | None) -> Target:
     """The target with the keys whose values hold macros in ``url`` (its
     configured form) kept from the request (a request never overrides a
-    macro's value), and its query cut at each ``{hit_id}`` (None when it has
-    none)."""
+    macro's value), and its query cut at each ``{hit_id}`` (``pieces``)."""
     if url is None or _MACRO_RE.search(url) is None:
-        return target, None
+        return target
     keys = {
         key
         for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True, encoding="latin-1")
@@ -289,17 +327,12 @@ def _with_macros(target: Target, url: str | None) -> tuple[Target, tuple[bytes, 
     }
     target = replace(target, query_drop=target.query_drop | keys)
     if _HIT_ID not in target.query:
-        return target, None
-    return target, tuple(target.query.split(_HIT_ID))
+        return target
+    return replace(target, pieces=tuple(target.query.split(_HIT_ID)))
 
 
-def _filled(
-    target: Target,
-    pieces: tuple[bytes, ...] | None,
-    remainder: str,
-    query_string: bytes,
-    hit_id: str,
-) -> str | None:
+def _filled(target: Target, remainder: str, query_string: bytes, hit_id: str) -> str | None:
+    pieces = target.pieces
     if pieces is None:
         return target.location(remainder, query_string)
     # A hit id (a UUID) is all unreserved characters: it needs no encoding.
@@ -310,14 +343,20 @@ def _filled(
 
 
 def is_live(rule: Rule) -> bool:
-    """Whether the rule needs a ``Live``: a window, a macro or a target_param."""
+    """Whether the rule needs a ``Live``: a window, a target_param, or a
+    macro in its target, expired target, or a route's or variant's target."""
     return (
         rule.valid_from is not None
         or rule.valid_until is not None
         or rule.target_param is not None
         or any(
             url is not None and _MACRO_RE.search(url) is not None
-            for url in (rule.target, rule.expired_target)
+            for url in (
+                rule.target,
+                rule.expired_target,
+                *(route.target for route in rule.routes),
+                *(variant.target for variant in rule.split),
+            )
         )
     )
 

@@ -7,6 +7,7 @@ services can live in one process (tests) without clashing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,6 +15,9 @@ from prometheus_client.registry import Collector
 
 from .ledger import OUTCOMES, Ledger
 from .limits import CLOSES, REFUSALS
+
+if TYPE_CHECKING:
+    from .config import Rule
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -114,6 +118,59 @@ class RuleHits(Collector):
         yield hits
 
 
+class Choices(Collector):
+    """Redirect answers by route and by split variant:
+    ``redirect_logger_routed_total{rule,route}`` and
+    ``redirect_logger_split_total{rule,variant}``.
+
+    The labels are configured names only (a route's name, else its index),
+    so their number is bounded by the config. ``configure`` lists every
+    route and variant of the rules loaded (at 0 until answered); a route or
+    variant keeps its counts after a reload removes it, as ``RuleHits``.
+    Counted and read on the Trio thread.
+    """
+
+    def __init__(self) -> None:
+        self._routed: dict[tuple[str, str], int] = {}
+        self._split: dict[tuple[str, str], int] = {}
+
+    def configure(self, rules: list[Rule]) -> None:
+        for rule in rules:
+            for index, route in enumerate(rule.routes):
+                label = str(index) if route.name is None else route.name
+                self._routed.setdefault((rule.name, label), 0)
+            for variant in rule.split:
+                self._split.setdefault((rule.name, variant.name), 0)
+
+    def count(self, rule: str | None, route: int | str | None, variant: str | None) -> None:
+        """Count one answer of ``rule`` by its route, or else its variant."""
+        name = FALLBACK_RULE if rule is None else rule
+        if route is not None:
+            key = (name, str(route))
+            self._routed[key] = self._routed.get(key, 0) + 1
+        elif variant is not None:
+            key = (name, variant)
+            self._split[key] = self._split.get(key, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        routed = CounterMetricFamily(
+            "redirect_logger_routed",
+            "Redirect answers a rule's route chose, by rule and route (its name, else its index)",
+            labels=["rule", "route"],
+        )
+        for (rule, route), count in sorted(self._routed.items()):
+            routed.add_metric([rule, route], count)
+        yield routed
+        split = CounterMetricFamily(
+            "redirect_logger_split",
+            "Redirect answers a rule's split chose, by rule and variant",
+            labels=["rule", "variant"],
+        )
+        for (rule, variant), count in sorted(self._split.items()):
+            split.add_metric([rule, variant], count)
+        yield split
+
+
 def _by_rule(item: tuple[tuple[str | None, int], int]) -> tuple[str, int]:
     (rule, status), _ = item
     return (FALLBACK_RULE if rule is None else rule, status)
@@ -146,6 +203,8 @@ class Metrics:
         self.registry.register(TopicsMissing(topics_missing))
         self.rule_hits = RuleHits()
         self.registry.register(self.rule_hits)
+        self.choices = Choices()
+        self.registry.register(self.choices)
         self.batch_size = Histogram(
             "redirect_logger_batch_size_records",
             "Records per batch handed to the producer",

@@ -174,12 +174,29 @@ class Routing:
         self._cookie_marker = f"{self.cookie_name}=".encode("ascii")
 
     @classmethod
-    def compile(cls, rule: Rule, default: Target, redirects: RedirectsSettings | None) -> Routing:
+    def compile(
+        cls,
+        rule: Rule,
+        default: Target,
+        redirects: RedirectsSettings | None,
+        *,
+        anonymous: bool = False,
+    ) -> Routing:
+        """The rule's routes and split around ``default``, the target when
+        none applies; each target with the rule's status and forwarding, its
+        macros as the rule's own target's (links.configured), never
+        forwarding ``target_param``, and the rule's ``Vary``. ``anonymous``:
+        ``records.ip = "none"``."""
+        from .links import configured
         from .rules import Target  # rules.py builds routings: imported when it does
 
+        compile_target = functools.partial(Target.compile, rule.name, redirects=redirects)
+        vary = vary_of(rule, anonymous=anonymous)
+        param = frozenset(() if rule.target_param is None else (rule.target_param,))
+
         def target(url: str) -> Target:
-            spec = rule.model_copy(update={"target": url, "routes": [], "split": []})
-            return Target.compile(rule.name, spec, redirects)
+            compiled = configured(rule, url, rule.status, compile_target)
+            return replace(compiled, query_drop=compiled.query_drop | param, vary=vary)
 
         routes = [
             Route(
@@ -195,7 +212,7 @@ class Routing:
             for index, route in enumerate(rule.routes)
         ]
         variants = [(v.name, v.weight, target(v.target)) for v in rule.split]
-        return cls(rule, replace(default, routing=None), routes, variants)
+        return cls(rule, replace(default, routing=None, vary=vary), routes, variants)
 
     def choose(self, scope: dict[str, Any], clients: Clients) -> Choice:
         """The target that answers this request, the route that chose it, the
@@ -280,6 +297,24 @@ class Routing:
         index = bisect_right(self._cumulative, random.random() * self._total)
         index = min(index, len(self._names) - 1)  # random() * total < total, but be safe
         return self._names[index], self._targets[index]
+
+
+def vary_of(rule: Rule, *, anonymous: bool) -> bytes | None:
+    """The ``Vary`` of a routed rule's answers: the request headers its
+    routes read (``User-Agent`` for ``os``, ``Accept-Language`` for
+    ``languages``) and ``Cookie`` for a sticky split; ``*`` when the answer
+    depends on what no header names (a country: the client's address; a
+    split drawn anew per hit); None when it depends on the URL alone."""
+    if any(route.countries is not None for route in rule.routes) or (rule.split and anonymous):
+        return b"*"
+    names = []
+    if any(route.os is not None for route in rule.routes):
+        names.append("User-Agent")
+    if any(route.languages is not None for route in rule.routes):
+        names.append("Accept-Language")
+    if rule.split:
+        names.append("Cookie")
+    return ", ".join(names).encode("ascii") if names else None
 
 
 def _as_latin1(text: str) -> str:

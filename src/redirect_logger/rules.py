@@ -52,10 +52,15 @@ class Target:
     query_allow: frozenset[str] | None = None  # request query keys forwarded; None: all
     query_drop: frozenset[str] = frozenset()  # request query keys never forwarded
     cache_control: bytes = b""  # the redirect's Cache-Control header value
-    # A rule with a window, macros or target_param answers through this (links.py)
+    # A rule with a window, macros or target_param answers through this
+    # (links.py), its routes and split included
     live: Live | None = None
-    # The rule's routes and split (routing.py); None for a rule without them
+    # The routes and split of a rule without a Live (routing.py); None: none
     routing: Routing | None = None
+    # The query cut at each {hit_id} of the configured target (links.py); None: none
+    pieces: tuple[bytes, ...] | None = None
+    # The Vary header of a routed rule's answer (routing.vary_of); None: no header
+    vary: bytes | None = None
 
     @classmethod
     def compile(
@@ -302,23 +307,35 @@ class RuleTable:
     host); within a host: exact, tolerant, bare prefix, longest prefix."""
 
     def __init__(
-        self, rules: list[Rule], fallback: Fallback, redirects: RedirectsSettings | None = None
+        self,
+        rules: list[Rule],
+        fallback: Fallback,
+        redirects: RedirectsSettings | None = None,
+        *,
+        anonymous: bool = False,
     ) -> None:
+        """``anonymous``: ``records.ip = "none"`` (a split draws each hit anew)."""
         self._hosts: dict[str, _HostRules] = {}
         self._wildcards: dict[str, _HostRules] = {}  # "example.com" for "*.example.com"
         self._any = _HostRules()
         self.fallback = Target.compile(None, fallback, redirects)
         for index, rule in enumerate(rules):
             target = Target.compile(rule.name, rule, redirects)
-            if is_live(rule):
-                live = Live(
-                    rule, partial(Target.compile, rule.name, redirects=redirects), self.fallback
-                )
-                target = replace(target, live=live)
-            elif rule.routes or rule.split:
+            routing = None
+            if rule.routes or rule.split:
                 from .routing import Routing  # it builds on Target
 
-                target = replace(target, routing=Routing.compile(rule, target, redirects))
+                routing = partial(Routing.compile, rule, redirects=redirects, anonymous=anonymous)
+            if is_live(rule):
+                live = Live(
+                    rule,
+                    partial(Target.compile, rule.name, redirects=redirects),
+                    self.fallback,
+                    routing,
+                )
+                target = replace(target, live=live)
+            elif routing is not None:
+                target = replace(target, routing=routing(target))
             if rule.host is None:
                 group = self._any
             elif rule.host.startswith("*."):
@@ -333,7 +350,12 @@ class RuleTable:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuleTable:
-        return cls(settings.rules, settings.fallback, settings.redirects)
+        return cls(
+            settings.rules,
+            settings.fallback,
+            settings.redirects,
+            anonymous=settings.records.ip == "none",
+        )
 
     def match(self, path: str, host: bytes | None = None) -> tuple[Target, str]:
         """The target for a decoded request path and the part matched by "*".
@@ -375,16 +397,13 @@ class RuleTable:
 
         ``host``: the ``Host`` header's value, looked at only when
         ``by_host``; ``hit_id`` and ``now`` (seconds since the epoch) are the
-        hit's, for a live rule's macros and window. A rule has a ``live`` or
-        a ``routing``, never both (config.py refuses it).
+        hit's, for a live rule's macros and window. A rule with a ``live``
+        answers through it, routes and split included; one with only routes
+        or a split through its ``routing``.
         """
-        path = scope["path"]
-        target, remainder = self.match(path, host)
+        target, remainder = self.match(scope["path"], host)
         if target.live is not None:  # a window, macros or a dynamic target (links.py)
-            target, location, detail = target.live.resolve(
-                path, remainder, scope["query_string"], hit_id, now
-            )
-            return target, location, detail, None, None, None
+            return target.live.resolve(scope, remainder, clients, hit_id, now)
         if target.routing is None:
             return target, target.location(remainder, scope["query_string"]), None, None, None, None
         target, route, variant, cookie = target.routing.choose(scope, clients)  # routing.py

@@ -116,6 +116,7 @@ class Service:
         # Which topics the config writes to are missing (checked once the producer runs).
         self.topics = TopicWatch(lambda: self.settings.topics(), self._topic_names)
         self.metrics = Metrics(self.ledger, self._gauges, self.topics.gauge)
+        self.metrics.choices.configure(settings.rules)
         self.pipeline: Pipeline | None = None
         self.sink: KafkaSink | None = None
         self.spill = Spill(None, self.ledger)  # gets its journal in create_sink()
@@ -153,6 +154,7 @@ class Service:
         )
         self.rules = table
         self.pixel_path = _pixel_path(merged)
+        self.metrics.choices.configure(merged.rules)
         restart = [
             name
             for name in type(old).model_fields
