@@ -6,8 +6,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 
 from redirect_logger.bots import Agents, os_families
 from redirect_logger.config import ConfigError, RecordsSettings, ServerSettings, parse_settings
@@ -653,3 +657,146 @@ def test_routes_and_splits_combine_and_bad_combinations_name_their_key() -> None
     assert "rules.0.split.0.target: {rule} in the host" in refused({**SPLIT, "split": variants})
     variants = [{**v, "target": v["target"] + "?{rule}=1"} for v in SPLIT["split"]]
     assert "rules.0.split.0.target: {rule} in a query key" in refused({**SPLIT, "split": variants})
+
+
+# ------------------------------------------------- no open redirect, routed
+
+# Every origin a routed request may be sent to: the rules' own targets, their
+# routes' and variants' (query, fragment and macros included), the expired
+# answer, and the dynamic target's allow-list.
+ROUTED_RULES = [
+    {
+        "name": "app",
+        "path": "/app/*",
+        "target": "https://example.com/app",
+        "forward_path": True,
+        "routes": [
+            {"os": ["iOS"], "target": "https://apps.apple.com/x?ct={hit_id}&pt={rule}#f"},
+            {"name": "de", "languages": ["de"], "target": "https://de.example.com/d/"},
+            {"query": {"ref": "mail"}, "target": "http://mail.example:8080/m?k=1"},
+        ],
+        "split": [
+            {"name": "a", "weight": 3, "target": "https://a.example.com/?c={hit_id}"},
+            {"name": "b", "weight": 1, "target": "https://b.example.com/b"},
+        ],
+    },
+    {
+        "name": "out",
+        "path": "/out",
+        "target_param": "u",
+        "allowed_hosts": ["example.org", "*.example.net"],
+        "on_refused": "fallback",
+        **WINDOW,
+        "expired_status": 302,
+        "expired_target": "https://ended.example.com/",
+        "routes": [{"os": ["Android"], "target": "https://play.example.com/s"}],
+        "split": [
+            {"name": "x", "weight": 1, "target": "https://x.example.com/x?id={hit_id}"},
+            {"name": "y", "weight": 1, "target": "https://y.example.com/y"},
+        ],
+    },
+]
+ROUTED_ORIGINS = {
+    "app": {
+        "https://example.com",
+        "https://apps.apple.com",
+        "https://de.example.com",
+        "http://mail.example:8080",
+        "https://a.example.com",
+        "https://b.example.com",
+    },
+    "out": {
+        "https://ended.example.com",
+        "https://play.example.com",
+        "https://x.example.com",
+        "https://y.example.com",
+    },
+}
+ROUTED_VARIANTS = {"app": {"a", "b"}, "out": {"x", "y"}}
+ROUTED = RuleTable.from_settings(settings(*ROUTED_RULES))
+
+
+def allowed_target(netloc: str) -> bool:
+    """What ``allowed_hosts`` admits for rule ``out``: the host exactly, or a
+    name below the wildcard's domain; no port, no userinfo. A final dot names
+    the same host (the parser keeps it, as browsers do)."""
+    netloc = netloc.removesuffix(".")
+    return netloc == "example.org" or (
+        netloc.endswith(".example.net") and ":" not in netloc and "@" not in netloc
+    )
+
+
+nasty_targets = st.sampled_from(
+    [
+        "https://example.org/p",
+        "https://a.example.net:8443/p",
+        "https://a.example.net/p?q=1",
+        "https://evil.com/",
+        "//evil.com",
+        "https://example.org@evil.com/",
+        "https://evil.com\\@example.org/",
+        "https://example.org.evil.com/",
+        "https://example.org:8443/",
+        "https:/\\evil.com",
+        "javascript:alert(1)",
+        "https://EXAMPLE.org./x",
+        "https://%65vil.com/",
+        "https://\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.org/",  # fullwidth
+    ]
+)
+routed_query = st.one_of(
+    st.binary(max_size=60),
+    st.tuples(nasty_targets, st.binary(max_size=20)).map(
+        lambda pair: b"u=" + quote(pair[0], safe="").encode() + b"&" + pair[1]
+    ),
+    st.sampled_from([b"ref=mail", b"ct=forged&c=forged&id=forged", b"u=", b"%zz"]),
+)
+routed_agent = st.one_of(st.none(), st.text(max_size=30), st.sampled_from([IPHONE, ANDROID]))
+routed_language = st.one_of(st.none(), st.text(max_size=20), st.sampled_from(["de", "de-AT"]))
+routed_cookie = st.one_of(
+    st.none(),
+    st.text(max_size=30),
+    st.sampled_from(["rl_app=b", "rl_out=y", "rl_app=zzz; rl_out=x", "rl_app=a\r\nX: 1"]),
+)
+
+
+@settings_(max_examples=400)
+@given(
+    path=st.one_of(
+        st.text().map(lambda text: "/app/" + text),
+        st.sampled_from(["/out", "/app/", "/app//evil.com", "/app/..%2F..%2Fevil"]),
+    ),
+    query=routed_query,
+    agent=routed_agent,
+    language=routed_language,
+    cookie=routed_cookie,
+    now=st.sampled_from([INSIDE, AFTER]),
+)
+def test_no_routed_request_leaves_its_rules_origins(
+    path: str, query: bytes, agent: str | None, language: str | None, cookie: str | None, now: float
+) -> None:
+    """Routes, splits, macros, a window and a dynamic target together: the
+    Location is on an origin of the rule's config (or, for a dynamic target,
+    an allow-listed host), printable ASCII; a Set-Cookie names a configured
+    variant of that rule; the route and variant are configured ones."""
+    request = scope(path, query, agent=agent, language=language, cookie=cookie)
+    target, location, _, route, variant, set_cookie = ROUTED.answer(
+        request, None, clients(), HIT_ID, now
+    )
+    name = target.name
+    assert name in ROUTED_ORIGINS
+    if location is not None:
+        assert all("\x21" <= char <= "\x7e" for char in location), location
+        assert "\\" not in location
+        parts = urlsplit(location)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        assert location.startswith(origin + "/")
+        assert origin in ROUTED_ORIGINS[name] or (
+            name == "out" and parts.scheme in ("http", "https") and allowed_target(parts.netloc)
+        ), location
+    assert variant is None or variant in ROUTED_VARIANTS[name]
+    assert route is None or route in (0, 1, 2, "de")
+    if set_cookie is not None:
+        assert variant is not None
+        assert set_cookie.startswith(f"rl_{name}={variant};".encode())
+        assert b"\r" not in set_cookie and b"\n" not in set_cookie
