@@ -310,7 +310,8 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
     last_activity = next_look = time.monotonic()
 
     def idle() -> bool:
-        return bool(args.idle_timeout) and time.monotonic() - last_activity > args.idle_timeout
+        limit: float | None = args.idle_timeout
+        return limit is not None and time.monotonic() - last_activity > limit
 
     try:
         while args.count is None or printed < args.count:
@@ -375,6 +376,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
     return value
 
 
@@ -456,9 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the fallback's, collect.topic, collect.bad_topic",
     )
     tail_cmd.add_argument("--from-beginning", action="store_true")
-    tail_cmd.add_argument("--count", type=int, help="stop after this many records")
     tail_cmd.add_argument(
-        "--idle-timeout", type=float, help="stop after this many seconds without a record"
+        "--count", type=_count, metavar="N", help="stop after N records (1 or more)"
+    )
+    tail_cmd.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        metavar="S",
+        help="stop after S seconds (> 0) without a record",
     )
     tail_cmd.set_defaults(run=_cmd_tail)
 
