@@ -83,8 +83,9 @@ async def test_losing_records_is_reported(tmp_path: Path, mode: str, workers: in
     finally:
         service.kill()
     assert statuses == [302] * 3
-    if workers == 0:
-        assert code == 3, service.output
+    # With a master, Hypercorn 0.18 replaces its worker's 3 by 0 (docs/cli.md#under-hypercorn
+    # says so and how to tell instead): should this fail, Hypercorn reports it now; update the doc.
+    assert code == (3 if workers == 0 else 0), service.output
     assert service.ledgers() == [ledger_counts(received=3, failed=3)]
     assert "ERROR redirect_logger.service" in service.output
 
