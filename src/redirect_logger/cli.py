@@ -8,6 +8,7 @@ when records remain journaled.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -149,6 +150,16 @@ def _load(path: str) -> Settings | None:
     return settings
 
 
+def _listen_error(settings: Settings, error: OSError) -> str:
+    """An error binding the listeners, with the addresses: the OSError alone
+    ("Address already in use") does not say which key to look at."""
+    if error.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+        return str(error)
+    server = settings.server
+    keys = "server.bind, server.admin_bind" if server.admin_bind else "server.bind"
+    return f"cannot listen on {' '.join([*server.bind, *server.admin_bind])} ({keys}): {error}"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
@@ -179,7 +190,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return trio.run(run, instruments=[trace] if trace else [])
     except OSError as exc:  # the supervisor's binding
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_listen_error(settings, exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except BaseExceptionGroup as group:
         config_errors, other = group.split(ConfigError)
@@ -188,7 +199,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise
         for failed in (config_errors, startup_errors):
             for error in leaf_errors(failed) if failed is not None else []:
-                print(f"error: {error}", file=sys.stderr)
+                shown = _listen_error(settings, error) if isinstance(error, OSError) else error
+                print(f"error: {shown}", file=sys.stderr)
         return EXIT_CONFIG if config_errors else EXIT_FAILURE
     finally:
         if trace is not None:
