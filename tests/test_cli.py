@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from brokers import Broker
@@ -116,3 +117,24 @@ def test_tail_takes_topics_or_all_topics_not_both(tmp_path: Path) -> None:
     result = _tail(path, "--topic", "hits", "--all-topics")
     assert (result.returncode, result.stdout) == (2, "")
     assert "argument --all-topics: not allowed with argument --topic" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--count", "0"], "argument --count: 0 is not 1 or more"),
+        (["--count", "-3"], "argument --count: -3 is not 1 or more"),
+        (["--count", "ten"], "argument --count: 'ten' is not a whole number"),
+        (["--idle-timeout", "0"], "argument --idle-timeout: 0 is not > 0"),
+        (["--idle-timeout", "-1"], "argument --idle-timeout: -1 is not > 0"),
+    ],
+)
+def test_tail_refuses_a_count_or_idle_timeout_that_cannot_stop_it(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Before this was checked, --count 0 or -3 printed nothing and exited 0, and
+    --idle-timeout 0 meant no limit: usage errors now, exit 2, nothing read."""
+    path = write_config(tmp_path / "c.toml", service_config(UNREACHABLE, "hits"))
+    result = _tail(path, *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert message in result.stderr

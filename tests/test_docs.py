@@ -428,6 +428,25 @@ def test_check_sample_output_is_what_check_prints(tmp_path: Path) -> None:
     assert matches_sample({"a": 1, "…": "…"}, {"a": 2, "b": 3}) == [".a: documented 1, printed 2"]
 
 
+# ---------------------------------------------------------------- the stop time
+
+
+def test_the_stop_time_with_the_defaults_is_the_sum_of_the_defaults() -> None:
+    """docs/architecture.md#time-limits states the longest stop of ``serve``
+    with the default settings: it must be the sum the grace_period check uses."""
+    text = sections((ROOT / "docs" / "architecture.md").read_text(), "### ")["Time limits"]
+    [(stated, terms)] = re.findall(r"\((\d+) s with the defaults: ([\d. +]+)\)", text)
+    defaults = Settings.model_validate({"kafka": {"bootstrap.servers": "x:1"}})
+    parts = [
+        defaults.server.shutdown_delay,
+        defaults.server.graceful_timeout,
+        defaults.shutdown.flush_timeout,
+        config.PURGE_ALLOWANCE,
+    ]
+    assert [float(term) for term in terms.split("+")] == parts
+    assert float(stated) == sum(parts)
+
+
 # ---------------------------------------------------------------- the README
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,9 @@ async def test_losing_records_is_reported(tmp_path: Path, mode: str, workers: in
     finally:
         service.kill()
     assert statuses == [302] * 3
-    if workers == 0:
-        assert code == 3, service.output
+    # With a master, Hypercorn 0.18 replaces its worker's 3 by 0 (docs/cli.md#under-hypercorn
+    # says so and how to tell instead): should this fail, Hypercorn reports it now; update the doc.
+    assert code == (3 if workers == 0 else 0), service.output
     assert service.ledgers() == [ledger_counts(received=3, failed=3)]
     assert "ERROR redirect_logger.service" in service.output
 
@@ -102,6 +104,33 @@ async def test_a_property_librdkafka_refuses_stops_the_start(tmp_path: Path, mod
     assert "no.such.property" in service.output
     if mode == "cli":  # Hypercorn binds before it re-raises a failed lifespan startup
         assert "Running on" not in service.output
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+async def test_an_address_in_use_is_named(tmp_path: Path, workers: list[str]) -> None:
+    """Exit 1, and the error names the addresses and their keys, not only
+    the system's "Address already in use"."""
+    port, admin = free_port(), free_port()
+    config = write_config(
+        tmp_path / "c.toml",
+        unreachable_config(
+            server={"bind": [f"127.0.0.1:{port}"], "admin_bind": [f"127.0.0.1:{admin}"]}
+        ),
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", admin))
+        taken.listen()
+        service = ServiceProcess.cli(config, *workers)
+        try:
+            code = await trio.to_thread.run_sync(service.wait, 30.0)
+        finally:
+            service.kill()
+    assert code == 1, service.output
+    expected = (
+        f"error: cannot listen on 127.0.0.1:{port} 127.0.0.1:{admin} "
+        "(server.bind, server.admin_bind): [Errno 98] Address already in use"
+    )
+    assert expected in service.output
 
 
 async def test_serve_refuses_an_invalid_bind(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 import trio
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from brokers import Broker
 from redirect_logger import replay as replay_module
@@ -330,3 +331,41 @@ async def test_records_the_service_journaled_are_replayed_with_their_headers(
     for read in messages:
         stamp = datetime.fromisoformat(read.record["ts"]).timestamp()
         assert read.timestamp_ms == round(stamp * 1000) > 1_700_000_000_000
+
+
+async def test_replay_keeps_a_segment_it_cannot_deliver_and_goes_on_with_the_next(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """A segment whose topic does not exist is kept whole (exit 1, ``segment
+    kept``); the replay does not stop there: the newer segment after it is
+    delivered and deleted (docs/durability.md#by-hand-redirect-logger-replay)."""
+    missing, topic = unique_topic("missing"), unique_topic()
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap, "log_level": 0})
+    created = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    await trio.to_thread.run_sync(lambda: created[topic].result(30))
+    spill = tmp_path / "spill"
+    stuck, later = journal_records(missing, 10), journal_records(topic, 10)
+    journal = Journal(spill / "slot-0", **OPTIONS)
+    journal.append(stuck)
+    [kept] = journal.seal()
+    journal.append(later)
+    journal.close()
+    data = service_config(
+        kafka_broker.bootstrap,
+        topic,
+        spill={"directory": str(spill)},
+        # The test broker auto-creates topics; a producer asks it to by default.
+        kafka={"allow.auto.create.topics": False, "topic.metadata.propagation.max.ms": 1000},
+    )
+    config = write_config(tmp_path / "c.toml", data)
+    result = await trio.to_thread.run_sync(replay, config)
+    assert result.returncode == 1, result.stderr  # records remain journaled
+    assert f"replay of {kept}: 10 of 10 records not delivered" in result.stderr
+    assert "segment kept" in result.stderr
+    assert "replayed 10 records; 10 still journaled" in result.stderr
+    messages = await trio.to_thread.run_sync(
+        lambda: read_messages(kafka_broker.bootstrap, topic, expected=10)
+    )
+    assert by_id(messages) == by_id(later)
+    assert [p.name for p in (spill / "slot-0").glob("segment-*.log")] == [kept.name]
+    assert ids(read_segment(kept).records) == ids(stuck)

@@ -8,6 +8,7 @@ when records remain journaled.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -149,6 +150,16 @@ def _load(path: str) -> Settings | None:
     return settings
 
 
+def _listen_error(settings: Settings, error: OSError) -> str:
+    """An error binding the listeners, with the addresses: the OSError alone
+    ("Address already in use") does not say which key to look at."""
+    if error.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+        return str(error)
+    server = settings.server
+    keys = "server.bind, server.admin_bind" if server.admin_bind else "server.bind"
+    return f"cannot listen on {' '.join([*server.bind, *server.admin_bind])} ({keys}): {error}"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
@@ -179,7 +190,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return trio.run(run, instruments=[trace] if trace else [])
     except OSError as exc:  # the supervisor's binding
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_listen_error(settings, exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except BaseExceptionGroup as group:
         config_errors, other = group.split(ConfigError)
@@ -188,7 +199,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise
         for failed in (config_errors, startup_errors):
             for error in leaf_errors(failed) if failed is not None else []:
-                print(f"error: {error}", file=sys.stderr)
+                shown = _listen_error(settings, error) if isinstance(error, OSError) else error
+                print(f"error: {shown}", file=sys.stderr)
         return EXIT_CONFIG if config_errors else EXIT_FAILURE
     finally:
         if trace is not None:
@@ -310,7 +322,8 @@ def _tail(settings: Settings, args: argparse.Namespace) -> int:
     last_activity = next_look = time.monotonic()
 
     def idle() -> bool:
-        return bool(args.idle_timeout) and time.monotonic() - last_activity > args.idle_timeout
+        limit: float | None = args.idle_timeout
+        return limit is not None and time.monotonic() - last_activity > limit
 
     try:
         while args.count is None or printed < args.count:
@@ -375,6 +388,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
     return value
 
 
@@ -456,9 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the fallback's, collect.topic, collect.bad_topic",
     )
     tail_cmd.add_argument("--from-beginning", action="store_true")
-    tail_cmd.add_argument("--count", type=int, help="stop after this many records")
     tail_cmd.add_argument(
-        "--idle-timeout", type=float, help="stop after this many seconds without a record"
+        "--count", type=_count, metavar="N", help="stop after N records (1 or more)"
+    )
+    tail_cmd.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        metavar="S",
+        help="stop after S seconds (> 0) without a record",
     )
     tail_cmd.set_defaults(run=_cmd_tail)
 
