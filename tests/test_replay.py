@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 import trio
+from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from brokers import Broker
@@ -369,3 +370,58 @@ async def test_replay_keeps_a_segment_it_cannot_deliver_and_goes_on_with_the_nex
     assert by_id(messages) == by_id(later)
     assert [p.name for p in (spill / "slot-0").glob("segment-*.log")] == [kept.name]
     assert ids(read_segment(kept).records) == ids(stuck)
+
+
+async def test_a_fatal_error_of_the_replay_producer_rebuilds_it_and_keeps_the_segment(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """librdkafka's fatal errors cannot be provoked from a client, so the replay
+    producer's error callback is handed one, as librdkafka would, right after
+    the first chunk of the older segment is produced: that segment is kept
+    (what was acknowledged before is marked, and not produced again), the
+    producer is rebuilt once, the replay goes on with the next segment, and
+    the next replay finishes the kept one. Every record is in Kafka, and none
+    is left journaled (docs/durability.md#replay)."""
+    topic = unique_topic()
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap, "log_level": 0})
+    created = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    await trio.to_thread.run_sync(lambda: created[topic].result(30))
+    spill = tmp_path / "spill"
+    older, newer = journal_records(topic, 40), journal_records(topic, 40)
+    journal = Journal(spill / "slot-0", max_bytes=10**7, segment_bytes=10**6)
+    journal.append(older)
+    [kept] = journal.seal()
+    journal.append(newer)
+    journal.close()
+    settings = parse_settings(
+        service_config(kafka_broker.bootstrap, topic, spill={"directory": str(spill)})
+    )
+    ledger = Ledger()
+    replayer = Replayer(settings.kafka, settings.spill, ledger, None)
+    sink = replayer.sink
+    produce_batch = sink.produce_batch
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(replay_module, "_CHUNK", 10)  # four chunks a segment
+
+    def fail_after_the_first_chunk(batch: list[Encoded], window: float, tag: object = None) -> int:
+        taken = produce_batch(batch, window, tag)
+        if sink.rebuilds == 0 and sink.fatal_error is None:
+            sink._on_error(KafkaError(KafkaError._FATAL, "injected", fatal=True))
+        return taken
+
+    monkeypatch.setattr(sink, "produce_batch", fail_after_the_first_chunk)
+    try:
+        assert await trio.to_thread.run_sync(replayer.wait_reachable, 30.0)
+        assert not await trio.to_thread.run_sync(replayer.replay_all)  # the older one is kept
+        assert (sink.rebuilds, sink.fatal_error) == (1, None)
+        assert [p.name for p in (spill / "slot-0").glob("segment-*.log")] == [kept.name]
+        assert await trio.to_thread.run_sync(replayer.replay_all)
+    finally:
+        monkeypatch.undo()
+    assert list((spill / "slot-0").glob("segment-*.log")) == []
+    messages = await trio.to_thread.run_sync(
+        lambda: read_messages(kafka_broker.bootstrap, topic, expected=80)
+    )
+    assert by_id(messages) == by_id(older + newer)  # every record, at least once
+    assert sink.rebuilds == 1
+    assert ledger.replayed == len(messages)  # each delivery counted once
