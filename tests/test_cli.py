@@ -127,6 +127,7 @@ def test_tail_takes_topics_or_all_topics_not_both(tmp_path: Path) -> None:
         (["--count", "ten"], "argument --count: 'ten' is not a whole number"),
         (["--idle-timeout", "0"], "argument --idle-timeout: 0 is not > 0"),
         (["--idle-timeout", "-1"], "argument --idle-timeout: -1 is not > 0"),
+        (["--topic", ""], "argument --topic: a topic name cannot be empty"),
     ],
 )
 def test_tail_refuses_a_count_or_idle_timeout_that_cannot_stop_it(

@@ -391,6 +391,12 @@ def _positive(text: str) -> float:
     return value
 
 
+def _topic(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("a topic name cannot be empty")
+    return text
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -469,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument(
         "--topic",
         action="append",
+        type=_topic,
         metavar="NAME",
         help="read this topic (repeatable; default: records.topic)",
     )
