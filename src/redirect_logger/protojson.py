@@ -1,14 +1,16 @@
 """A protobuf message as protobuf's canonical JSON mapping, exactly as
 ``json_format.MessageToDict(message, preserving_proto_field_name=True)``
-makes it, about four times faster (docs/benchmarks.md#collect-endpoint).
+makes it, about seven times faster (docs/benchmarks.md#collect-endpoint).
 
 ``json_format`` walks ``ListFields()`` and looks up each field's kind, name
 and conversion anew for every value of every message. Here a function is
 made once per message type (Python source compiled at start, from the
-descriptor): it reads each field in number order, keeps those that
-``ListFields()`` would list, and converts each by ``json_format``'s own
-rules for scalars, enums, repeated and map fields, messages, and
-``Timestamp`` (its ``ToJsonString()``, with each day's date made once).
+descriptor), one straight run of code with the fields of the messages
+within it written in place: it reads each field in number order, keeps
+those that ``ListFields()`` would list, and converts each by
+``json_format``'s own rules for scalars (a 4-byte float's value made once,
+then kept), enums, repeated and map fields, messages, and ``Timestamp``
+(its ``ToJsonString()``, with the text of each minute made once).
 Whatever else a type may hold is handed to ``json_format`` itself, whole:
 the other well-known types (but ``Duration``: its ``ToJsonString()``),
 extensions, and enum values with JSON options. ``tests/test_protojson.py``
