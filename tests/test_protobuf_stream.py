@@ -47,6 +47,7 @@ def check(found: Decoder, name: str, body: bytes) -> list[bytes] | None:
     events whenever ``_each`` accepts the stream: it never gives up on a
     good stream (none here is nested 99 deep) and never accepts a bad one."""
     cls, convert, batch = found._types[name]
+    assert batch is not None
     expected = outcome(lambda: found._each(body, name, cls, convert))
     read = found.reader(f"application/x-protobuf; messageType={name}; delimited=true".encode())
     assert outcome(lambda: read(body)) == expected
@@ -237,3 +238,20 @@ def test_messages_nested_to_the_parsers_limit_are_read_one_by_one() -> None:
             "field": path,
         },
     )
+
+
+def test_types_that_cannot_be_a_batchs_items_are_read_one_by_one() -> None:
+    """A map's entry type (a repeated field of it is a map) has no Batch:
+    its streams are read message by message, as json_format maps each. A
+    well-known type has one."""
+    entry, timestamp = "tutorial.REALTIMEGPS.LabelsEntry", "google.protobuf.Timestamp"
+    found = Decoder(SCHEMA, [entry, timestamp], MAX_EVENTS, 10**6)
+    assert found._types[entry].batch is None
+    assert found._types[timestamp].batch is not None
+    labels = CLASSES["tutorial.REALTIMEGPS"]()
+    labels.labels["fleet"] = "north"
+    data = labels.SerializeToString()[2:]  # the entry, after field 10's tag and length
+    read = found.reader(b"application/x-protobuf; delimited=true")
+    assert read(stream(data, data)) == [b'{"key":"fleet","value":"north"}'] * 2
+    read = found.reader(f"application/x-protobuf; messageType={timestamp}; delimited=true".encode())
+    assert read(stream(b"\x08\x01", b"")) == [b'"1970-01-01T00:00:01Z"', b'"1970-01-01T00:00:00Z"']

@@ -141,11 +141,12 @@ Read = Callable[[bytes], list[bytes]]
 class _Type(NamedTuple):
     """An accepted message type: its class, the function that writes a message
     as JSON (protojson.py), and the class of ``message Batch { repeated T
-    items = 1; }``, which parses a whole delimited stream in one call."""
+    items = 1; }``, which parses a whole delimited stream in one call (None
+    for a type that cannot be an item: see ``_batches``)."""
 
     cls: type[Message]
     convert: Callable[[Message], dict[str, Any]]
-    batch: type[Message]
+    batch: type[Message] | None
 
 
 # The file of the Batch types (a name no schema of protoc's makes: it has no
@@ -156,21 +157,28 @@ _BATCH_PACKAGE = "redirect_logger_batches"
 
 def _batches(
     schema: bytes, messages: Sequence[str]
-) -> tuple[dict[str, Descriptor], dict[str, type[Message]]]:
+) -> tuple[dict[str, Descriptor], dict[str, type[Message] | None]]:
     """A second pool of the schema, with a Batch type for each of ``messages``:
-    each type's descriptor there, and its Batch class."""
+    each type's descriptor there, and its Batch class. A map's entry type
+    has none (a repeated field of it is a map), nor has a MessageSet (its
+    own wire format), nor any type when the pool refuses the Batch types:
+    their streams are read message by message."""
     files = descriptor_pb2.FileDescriptorSet.FromString(schema)
     pool = descriptor_pool.DescriptorPool()
     for file in files.file:
         pool.Add(file)
+    descriptors = {name: pool.FindMessageTypeByName(name) for name in messages}
     batch_file = descriptor_pb2.FileDescriptorProto(
         name=_BATCH_FILE, package=_BATCH_PACKAGE, syntax="proto3"
     )
-    for index, name in enumerate(messages):
-        found = pool.FindMessageTypeByName(name)
+    batched: dict[str, str] = {}  # type -> its Batch type's full name
+    for name, found in descriptors.items():
+        options = found.GetOptions()
+        if options.map_entry or options.message_set_wire_format:
+            continue
         if found.file.name not in batch_file.dependency:
             batch_file.dependency.append(found.file.name)
-        batch = batch_file.message_type.add(name=f"Batch{index}")
+        batch = batch_file.message_type.add(name=f"Batch{len(batched)}")
         batch.field.add(
             name="items",
             number=1,
@@ -178,16 +186,17 @@ def _batches(
             type=FieldDescriptor.TYPE_MESSAGE,
             type_name=f".{name}",
         )
-    pool.Add(batch_file)
-    return (
-        {name: pool.FindMessageTypeByName(name) for name in messages},
-        {
-            name: message_factory.GetMessageClass(
-                pool.FindMessageTypeByName(f"{_BATCH_PACKAGE}.Batch{index}")
-            )
-            for index, name in enumerate(messages)
-        },
-    )
+        batched[name] = f"{_BATCH_PACKAGE}.{batch.name}"
+    try:
+        pool.Add(batch_file)
+    except Exception:  # upb raises TypeError or KeyError; the streams are read one by one
+        return descriptors, dict.fromkeys(messages)
+    return descriptors, {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(batched[name]))
+        if name in batched
+        else None
+        for name in messages
+    }
 
 
 class Decoder:
@@ -273,12 +282,12 @@ class Decoder:
         name: str,
         cls: type[Message],
         convert: Callable[[Message], dict[str, Any]],
-        batch: type[Message],
+        batch: type[Message] | None,
     ) -> list[bytes]:
         """The events of a delimited stream: at once (``_stream``) when every
         message in it is good; else message by message (``_each``), which
         raises Rejected for the first that is not, naming it."""
-        events = self._stream(body, convert, batch)
+        events = None if batch is None else self._stream(body, convert, batch)
         return self._each(body, name, cls, convert) if events is None else events
 
     def _stream(
