@@ -159,6 +159,86 @@ async def test_messages_are_events_as_json_format_maps_them(
     assert by_key[("tracker-hb", None)] == {"device_id": "tracker-hb", "at": "2026-09-21T14:13:21Z"}
 
 
+async def test_a_stream_at_the_limits_is_read_whole_or_refused_naming_its_message(
+    kafka_broker: Broker,
+) -> None:
+    """100 messages in one stream, with length prefixes of 1 to 3 bytes (one
+    message of 20,000 bytes, mostly a field the schema does not know) and one
+    message whose JSON is exactly the size limit: every event read back from
+    Kafka is json_format's mapping of its message. The same stream with one
+    byte of message 50 garbled, or cut inside its last message: the 400
+    naming the message and the byte, and nothing recorded."""
+    topic, events = unique_topic(), unique_topic("events")
+    config = protobuf_config(kafka_broker.bootstrap, topic, events)
+    limit = 60_000 - 48 * 1024  # message.max.bytes less the envelope's bytes
+    stream = [gps(2000 + n) for n in range(100)]
+    stream[10] = GpsMessage(device_id="tracker-big", sequence=10)
+    # {"device_id":"...","sequence":"20"}: exactly the limit as JSON
+    padding = limit - len('{"device_id":"","sequence":"20"}')
+    stream[20] = GpsMessage(device_id="x" * padding, sequence=20)
+    datas = [message.SerializeToString() for message in stream]
+    datas[10] += b"\xa2\x06" + _VarintBytes(20_000) + bytes(20_000)  # field 100: unknown
+    body = b"".join(_VarintBytes(len(data)) + data for data in datas)
+    assert {len(_VarintBytes(len(data))) for data in datas} == {1, 2, 3}
+    offsets = [0]  # where each message's length prefix begins
+    for data in datas:
+        offsets.append(offsets[-1] + len(_VarintBytes(len(data))) + len(data))
+    garbled_at = offsets[50] + len(_VarintBytes(len(datas[50])))  # message 50's first byte
+    assert body[garbled_at] == 0x0A  # field 1 (device_id), length-delimited
+    garbled = body[:garbled_at] + b"\x0e" + body[garbled_at + 1 :]  # field 1, wire type 6
+    cut = body[:-1]
+    last = offsets[99]
+    content_type = f"{PROTOBUF}; delimited=true"
+    stop = trio.Event()
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+                answers = []
+                for sent in (body, garbled, cut):
+                    response = await client.post(
+                        "/collect", content=sent, headers={"content-type": content_type}
+                    )
+                    answers.append((response.status_code, response.json()))
+            stop.set()
+    assert codes == [0]
+    size = len(datas[99])
+    assert answers == [
+        (202, {"accepted": 100}),
+        (
+            400,
+            {
+                "error": f"Message 50 (at byte {garbled_at}) is not a valid {GPS}: at byte "
+                f"{garbled_at}, field device_id: wire type 6, which does not exist",
+                "type": GPS,
+                "event": 50,
+                "offset": garbled_at,
+                "field": "device_id",
+            },
+        ),
+        (
+            400,
+            {
+                "error": f"Message 99 (at byte {last}) is not a valid {GPS}: at byte {last}: "
+                f"its length prefix says {size} bytes, {size - 1} follow",
+                "type": GPS,
+                "event": 99,
+                "offset": last,
+            },
+        ),
+    ]
+    assert service.ledger_snapshot() == ledger_counts(received=100, delivered=100)
+    assert rejections(service) == {"malformed": 2}
+
+    read = await trio.to_thread.run_sync(read_messages, kafka_broker.bootstrap, events, 60.0, 100)
+    records = [message.record for message in read]
+    assert len({record["id"] for record in records}) == 100
+    by_sequence = {record["data"]["sequence"]: record["data"] for record in records}
+    assert by_sequence == {str(message.sequence): mapped(message) for message in stream}
+    assert by_sequence["10"] == {"device_id": "tracker-big", "sequence": "10"}
+    assert len(json.dumps(by_sequence["20"], separators=(",", ":"))) == limit
+
+
 async def test_refused_bodies_get_their_answer_and_leave_nothing(kafka_broker: Broker) -> None:
     """A wrong type, a truncated body, garbage, a bad stream, an unknown or
     unlisted messageType, too many messages, a message too large as JSON:

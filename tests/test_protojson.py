@@ -7,19 +7,21 @@ places the problem of a body the parser refuses."""
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import orjson
 import pytest
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.internal import type_checkers
 from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from redirect_logger.collect import Rejected
 from redirect_logger.protobuf import Decoder, _locate, _message_types, load_schema
-from redirect_logger.protojson import Converter, _timestamp
+from redirect_logger.protojson import _WRITTEN, _WRITTEN_HELD, Converter, _float, _timestamp
 from support import ROOT
 
 PROTOS = ROOT / "tests" / "protos"
@@ -311,3 +313,23 @@ def delimited_bytes(message: Message) -> bytes:
     data = message.SerializeToString()
     assert len(data) < 128
     return bytes([len(data)]) + data
+
+
+def test_four_byte_floats_written_before_are_written_the_same() -> None:
+    """protojson.py keeps the JSON value of each 4-byte float it writes: a
+    value seen again, 0.0 after -0.0 and the reverse (equal as keys), NaN
+    and the infinities, and values past the bound of what is kept are all
+    written as json_format writes them."""
+    four = struct.Struct("<f")
+    tenth = four.unpack(four.pack(0.1))[0]
+    values = [tenth, tenth, -0.0, 0.0, -0.0, math.nan, math.nan, math.inf, -math.inf, 1e-45]
+    for value in values:
+        message = CLASSES["kinds.Everything"]()
+        message.scalars.f_float = value
+        message.repeated.r_float.extend([value, -value, value])
+        same(message)
+    count = _WRITTEN_HELD + 100
+    for n in range(count):  # distinct 4-byte floats, none 0
+        value = four.unpack(four.pack(1.0 + n / count))[0]
+        assert _float(value) == type_checkers.ToShortestFloat(value)
+        assert 0 < len(_WRITTEN) <= _WRITTEN_HELD

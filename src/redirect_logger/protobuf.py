@@ -16,8 +16,9 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -137,19 +138,83 @@ def _message_types(
 Read = Callable[[bytes], list[bytes]]
 
 
+class _Type(NamedTuple):
+    """An accepted message type: its class, the function that writes a message
+    as JSON (protojson.py), and the class of ``message Batch { repeated T
+    items = 1; }``, which parses a whole delimited stream in one call (None
+    for a type that cannot be an item: see ``_batches``)."""
+
+    cls: type[Message]
+    convert: Callable[[Message], dict[str, Any]]
+    batch: type[Message] | None
+
+
+# The file of the Batch types (a name no schema of protoc's makes: it has no
+# .proto suffix), in a pool of their own, so that messageType never names them
+_BATCH_FILE = "redirect-logger batches"
+_BATCH_PACKAGE = "redirect_logger_batches"
+
+
+def _batches(
+    schema: bytes, messages: Sequence[str]
+) -> tuple[dict[str, Descriptor], dict[str, type[Message] | None]]:
+    """A second pool of the schema, with a Batch type for each of ``messages``:
+    each type's descriptor there, and its Batch class. A map's entry type
+    has none (a repeated field of it is a map), nor has a MessageSet (its
+    own wire format), nor any type when the pool refuses the Batch types:
+    their streams are read message by message."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(schema)
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        pool.Add(file)
+    descriptors = {name: pool.FindMessageTypeByName(name) for name in messages}
+    batch_file = descriptor_pb2.FileDescriptorProto(
+        name=_BATCH_FILE, package=_BATCH_PACKAGE, syntax="proto3"
+    )
+    batched: dict[str, str] = {}  # type -> its Batch type's full name
+    for name, found in descriptors.items():
+        options = found.GetOptions()
+        if options.map_entry or options.message_set_wire_format:
+            continue
+        if found.file.name not in batch_file.dependency:
+            batch_file.dependency.append(found.file.name)
+        batch = batch_file.message_type.add(name=f"Batch{len(batched)}")
+        batch.field.add(
+            name="items",
+            number=1,
+            label=FieldDescriptor.LABEL_REPEATED,
+            type=FieldDescriptor.TYPE_MESSAGE,
+            type_name=f".{name}",
+        )
+        batched[name] = f"{_BATCH_PACKAGE}.{batch.name}"
+    try:
+        pool.Add(batch_file)
+    except Exception:  # upb raises TypeError or KeyError; the streams are read one by one
+        return descriptors, dict.fromkeys(messages)
+    return descriptors, {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(batched[name]))
+        if name in batched
+        else None
+        for name in messages
+    }
+
+
 class Decoder:
     """Turns protobuf bodies into events, as the JSON their records will hold."""
 
     def __init__(
         self, schema: bytes, messages: Sequence[str], max_events: int, max_event_bytes: int
     ) -> None:
-        self._pool, descriptors = _message_types(schema, messages, "descriptor_set")
+        self._pool, _ = _message_types(schema, messages, "descriptor_set")
         self._default = messages[0]
         self._max_events = max_events
         self._max_event_bytes = max_event_bytes
+        # Messages are parsed in a pool that also holds the Batch types; Any
+        # types are looked up in the schema's (json_format's descriptor_pool).
+        descriptors, batches = _batches(schema, messages)
         converter = Converter(self._pool)
-        self._types: dict[str, tuple[type[Message], Callable[[Message], dict[str, Any]]]] = {
-            name: (message_factory.GetMessageClass(found), converter.of(found))
+        self._types: dict[str, _Type] = {
+            name: _Type(message_factory.GetMessageClass(found), converter.of(found), batches[name])
             for name, found in descriptors.items()
         }
 
@@ -177,9 +242,9 @@ class Decoder:
         delimited = parameters.get("delimited", "false").lower()
         if delimited not in ("true", "false"):
             raise Rejected(415, "content_type", "delimited must be true or false")
-        cls, convert = found
+        cls, convert, batch = found
         if delimited == "true":
-            return lambda body: self._delimited(body, name, cls, convert)
+            return lambda body: self._delimited(body, name, cls, convert, batch)
         return lambda body: self._written([self._one(body, 0, name, cls, convert, None)])
 
     def _written(self, events: list[dict[str, Any]]) -> list[bytes]:
@@ -217,7 +282,75 @@ class Decoder:
         name: str,
         cls: type[Message],
         convert: Callable[[Message], dict[str, Any]],
+        batch: type[Message] | None,
     ) -> list[bytes]:
+        """The events of a delimited stream: at once (``_stream``) when every
+        message in it is good; else message by message (``_each``), which
+        raises Rejected for the first that is not, naming it."""
+        events = None if batch is None else self._stream(body, convert, batch)
+        return self._each(body, name, cls, convert) if events is None else events
+
+    def _stream(
+        self, body: bytes, convert: Callable[[Message], dict[str, Any]], batch: type[Message]
+    ) -> list[bytes] | None:
+        """The events of a delimited stream, parsed in one call as a Batch
+        (``_items``); or None when the stream is not good in every way
+        (framing, parsing, mapping, the limits), and nothing else."""
+        items = self._items(body, batch)
+        if items is None:
+            return None
+        try:
+            events = [orjson.dumps(convert(item)) for item in items]
+        except (json_format.Error, ValueError, TypeError):  # orjson's errors are TypeErrors
+            return None
+        if events and max(map(len, events)) > self._max_event_bytes:
+            return None
+        return events
+
+    def _items(self, body: bytes, batch: type[Message]) -> Sequence[Message] | None:
+        """The messages of a delimited stream, parsed in one call as a Batch;
+        or None when its framing or a message is not good, or it holds more
+        than ``max_events``.
+
+        A stream of messages M, each after a varint of its length, becomes the
+        encoding of ``Batch { repeated M items = 1; }`` once each length is
+        preceded by 0x0A, field 1's tag with wire type 2 (length-delimited):
+        each item then parses as ``FromString`` parses its bytes. Where the
+        two could differ, the Batch is stricter (an item is one message
+        deeper, so the parser's depth limit comes one message sooner), and
+        the answer then comes from ``_each``."""
+        pieces: list[bytes] = []
+        position, end = 0, len(body)
+        while position < end:
+            first = body[position]
+            if first < 0x80:  # a length below 128
+                after = position + 1 + first
+            else:
+                prefix = _varint(body, position, end)
+                if prefix is None:
+                    return None
+                after = prefix[1] + prefix[0]
+            if after > end or len(pieces) == self._max_events:
+                return None
+            pieces.append(body[position:after])
+            position = after
+        if not pieces:
+            return []
+        try:
+            items: Sequence[Message] = batch.FromString(b"\n" + b"\n".join(pieces)).items
+        except DecodeError:
+            return None
+        return items
+
+    def _each(
+        self,
+        body: bytes,
+        name: str,
+        cls: type[Message],
+        convert: Callable[[Message], dict[str, Any]],
+    ) -> list[bytes]:
+        """The events of a delimited stream, read message by message; raises
+        Rejected for the first message or length that is not good."""
         events: list[dict[str, Any]] = []
         position, end = 0, len(body)
         while position < end:

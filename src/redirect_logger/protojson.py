@@ -1,14 +1,16 @@
 """A protobuf message as protobuf's canonical JSON mapping, exactly as
 ``json_format.MessageToDict(message, preserving_proto_field_name=True)``
-makes it, about four times faster (docs/benchmarks.md#collect-endpoint).
+makes it, about seven times faster (docs/benchmarks.md#collect-endpoint).
 
 ``json_format`` walks ``ListFields()`` and looks up each field's kind, name
 and conversion anew for every value of every message. Here a function is
 made once per message type (Python source compiled at start, from the
-descriptor): it reads each field in number order, keeps those that
-``ListFields()`` would list, and converts each by ``json_format``'s own
-rules for scalars, enums, repeated and map fields, messages, and
-``Timestamp`` (its ``ToJsonString()``, with each day's date made once).
+descriptor), one straight run of code with the fields of the messages
+within it written in place: it reads each field in number order, keeps
+those that ``ListFields()`` would list, and converts each by
+``json_format``'s own rules for scalars (a 4-byte float's value made once,
+then kept), enums, repeated and map fields, messages, and ``Timestamp``
+(its ``ToJsonString()``, with the text of each minute made once).
 Whatever else a type may hold is handed to ``json_format`` itself, whole:
 the other well-known types (but ``Duration``: its ``ToJsonString()``),
 extensions, and enum values with JSON options. ``tests/test_protojson.py``
@@ -51,7 +53,10 @@ def _double(value: float) -> Any:
 
 
 _FOUR_BYTES = struct.Struct("<f")
-_G = tuple(f".{precision}g" for precision in range(6, 18))
+_G = tuple(f"%.{precision}g" for precision in range(6, 18))
+# 4-byte floats already written (not 0): sensors repeat their values
+_WRITTEN: dict[float, float] = {}
+_WRITTEN_HELD = 16384
 
 
 def _shortest(value: float) -> float:
@@ -60,17 +65,28 @@ def _shortest(value: float) -> float:
     significant digits, 6 or more, that read back as the same 4-byte float."""
     pack, unpack = _FOUR_BYTES.pack, _FOUR_BYTES.unpack
     for spec in _G:  # a 4-byte float needs at most 9 digits
-        rounded = float(format(value, spec))
-        if unpack(pack(rounded))[0] == value:
+        rounded = float(spec % value)
+        # A value that 6 digits give back exactly needs no packing to tell.
+        if rounded == value or unpack(pack(rounded))[0] == value:
             return rounded
     raise ValueError(f"{value!r} is not a 4-byte float")
 
 
 def _float(value: float) -> Any:
+    """What json_format writes for a float field's value: ``_shortest`` of a
+    finite one, the text of an infinite or NaN one. The values of finite
+    ones are kept (``_WRITTEN``, up to ``_WRITTEN_HELD``), but for 0 and
+    -0.0, which are equal as keys."""
     if value - value == 0.0:
-        rounded = float(format(value, ".6g"))
-        # A 4-byte float that 6 digits give back exactly: _shortest's first answer.
-        return rounded if rounded == value else _shortest(value)
+        found = _WRITTEN.get(value)
+        if found is not None:
+            return found
+        found = _shortest(value)
+        if value:
+            if len(_WRITTEN) >= _WRITTEN_HELD:
+                _WRITTEN.clear()
+            _WRITTEN[value] = found
+        return found
     return _float_special(value)
 
 
@@ -94,31 +110,34 @@ def _to_json_string(message: Any) -> Any:
 
 
 _SECONDS_MIN, _SECONDS_MAX = -62135596800, 253402300799  # 0001-01-01 to 9999-12-31
-_DAYS: dict[int, str] = {}  # days since 1970-01-01 -> its date, as isoformat() writes it
+_EPOCH = datetime.datetime(1970, 1, 1)
+_MINUTES: dict[int, str] = {}  # minutes since the epoch -> "YYYY-MM-DDTHH:MM:"
+_TWO_DIGITS = tuple(f"{second:02d}" for second in range(60))
+_MILLISECONDS = tuple(f".{milliseconds:03d}Z" for milliseconds in range(1000))
 
 
 def _timestamp(message: Any) -> str:
     """``message.ToJsonString()`` of a Timestamp (what json_format writes),
-    with the date of each day made once: RFC 3339 in UTC, with 0, 3, 6 or 9
-    digits of a second. Raises ValueError for an invalid one, as it does."""
-    seconds, nanos = message.seconds, message.nanos
+    with the text of each minute made once: RFC 3339 in UTC, with 0, 3, 6 or
+    9 digits of a second. Raises ValueError for an invalid one, as it does."""
+    seconds: int = message.seconds
+    nanos: int = message.nanos
     if not (_SECONDS_MIN <= seconds <= _SECONDS_MAX and 0 <= nanos < 1_000_000_000):
         return str(message.ToJsonString())  # raises
-    rest = seconds % 86_400
-    days = (seconds - rest) // 86_400
-    date = _DAYS.get(days)
-    if date is None:
-        if len(_DAYS) >= 4096:
-            _DAYS.clear()
-        date = (datetime.date(1970, 1, 1) + datetime.timedelta(days)).isoformat()
-        _DAYS[days] = date
-    hours, rest = divmod(rest, 3600)
-    minutes, rest = divmod(rest, 60)
-    text = f"{date}T{hours:02d}:{minutes:02d}:{rest:02d}"
-    if nanos == 0:
+    minutes, second = divmod(seconds, 60)
+    text = _MINUTES.get(minutes)
+    if text is None:
+        if len(_MINUTES) >= 4096:
+            _MINUTES.clear()
+        # isoformat() writes the year in 4 digits, as ToJsonString() does
+        text = (_EPOCH + datetime.timedelta(minutes=minutes)).isoformat()[:17]
+        _MINUTES[minutes] = text
+    text += _TWO_DIGITS[second]
+    if not nanos:
         return text + "Z"
-    if nanos % 1_000_000 == 0:
-        return f"{text}.{nanos // 1_000_000:03d}Z"
+    milliseconds, rest = divmod(nanos, 1_000_000)
+    if not rest:
+        return text + _MILLISECONDS[milliseconds]
     if nanos % 1000 == 0:
         return f"{text}.{nanos // 1000:06d}Z"
     return f"{text}.{nanos:09d}Z"
@@ -170,31 +189,20 @@ class Converter:
         that is set. A field with presence (a message, ``optional``, a
         ``oneof`` member, proto2) is set when ``HasField`` says so; a repeated
         or map field when not empty; any other scalar when its bits are not
-        all zero (upb's test): a true value, or -0.0."""
-        names: dict[str, Any] = {"copysign": math.copysign}
-        lines = ["def convert(m):", "    js = {}"]
-        for index, field in enumerate(sorted(descriptor.fields, key=lambda f: f.number)):
-            function = self._field(field)
-            name = field.name
-            get = f"m.{name}" if not keyword.iskeyword(name) else f"getattr(m, {name!r})"
-            as_it_is = (
-                not field.is_repeated
-                and field.cpp_type in _AS_THEY_ARE
-                and field.type != FieldDescriptor.TYPE_BYTES
-            )
-            value = "v" if as_it_is else f"c{index}(v)"
-            names[f"c{index}"] = function
-            if field.has_presence:
-                lines += [f"    if m.HasField({name!r}):", f"        v = {get}"]
-            elif not field.is_repeated and field.cpp_type in _FLOATS:
-                lines += [f"    v = {get}", "    if v or copysign(1.0, v) < 0.0:"]
-            else:
-                lines += [f"    v = {get}", "    if v:"]
-            lines.append(f"        js[{name!r}] = {value}")
-        lines.append("    return js")
-        source = "\n".join(lines) + "\n"
-        exec(compile(source, f"<protojson {descriptor.full_name}>", "exec"), names)
-        made: Convert = names["convert"]
+        all zero (upb's test): a true value, or -0.0.
+
+        The function is one straight run of code: the fields of messages
+        within it (singular or repeated, of plain types, up to ``_INLINED``
+        deep and never a type within itself) are written in place, and each
+        scalar's conversion with them, so that a message costs no Python call
+        but for Timestamps, 4-byte floats, maps and closed enums."""
+        source = _Source(self)
+        source.lines.append("def convert(m):")
+        source.message(descriptor, "m", "js", 1, (descriptor,))
+        source.lines.append("    return js")
+        text = "\n".join(source.lines) + "\n"
+        exec(compile(text, f"<protojson {descriptor.full_name}>", "exec"), source.names)
+        made: Convert = source.names["convert"]
         return made
 
     def _field(self, field: FieldDescriptor) -> Convert:
@@ -242,12 +250,17 @@ class Converter:
         return int  # 32-bit integers: json_format returns them as they are
 
 
+def _enum_names(enum: Any) -> dict[int, str]:
+    """The name json_format writes for each number of the enum: the first of aliases."""
+    by_number = enum.values_by_number  # as json_format looks them up
+    return {value.number: by_number[value.number].name for value in enum.values}
+
+
 def _enum(field: FieldDescriptor) -> Convert:
     enum = field.enum_type
     if enum.full_name == "google.protobuf.NullValue":
         return lambda value: None
-    by_number = enum.values_by_number  # as json_format looks them up: the first of aliases
-    names = {value.number: by_number[value.number].name for value in enum.values}
+    names = _enum_names(enum)
     closed = enum.is_closed
 
     def convert(value: int) -> Any:
@@ -261,6 +274,133 @@ def _enum(field: FieldDescriptor) -> Convert:
         return value
 
     return convert
+
+
+# Messages within a message whose fields its function writes in place
+_INLINED = 3
+
+
+class _Source:
+    """The source of one type's function and the names it uses (``c0``,
+    ``c1``, ...: the converters it calls)."""
+
+    def __init__(self, converter: Converter) -> None:
+        self.converter = converter
+        self.lines: list[str] = []
+        self.names: dict[str, Any] = {
+            "copysign": math.copysign,
+            "special": _float_special,
+            "f32": _float,
+            "floats": _WRITTEN.get,
+            "b64": base64.b64encode,
+            "timestamp": _timestamp,
+        }
+
+    def name(self, value: Any) -> str:
+        """A name the function knows ``value`` by."""
+        name = f"c{len(self.names)}"
+        self.names[name] = value
+        return name
+
+    def message(
+        self,
+        descriptor: Descriptor,
+        src: str,
+        dst: str,
+        indent: int,
+        within: tuple[Descriptor, ...],
+    ) -> None:
+        """Lines that set ``dst`` to the JSON of the message ``src``."""
+        pad = "    " * indent
+        depth = len(within)
+        v = f"v{depth}"
+        self.lines.append(f"{pad}{dst} = {{}}")
+        has = f"h{depth}"  # the message's HasField, looked up once
+        if any(f.has_presence and not f.is_repeated for f in descriptor.fields):
+            self.lines.append(f"{pad}{has} = {src}.HasField")
+        for field in sorted(descriptor.fields, key=lambda f: f.number):
+            name = field.name
+            key = repr(name)
+            get = f"{src}.{name}" if not keyword.iskeyword(name) else f"getattr({src}, {key})"
+            inner = field.message_type
+            if inner is not None and inner.GetOptions().map_entry:
+                convert = self.name(self.converter._map(inner))
+                self.lines += [
+                    f"{pad}{v} = {get}",
+                    f"{pad}if {v}:",
+                    f"{pad}    {dst}[{key}] = {convert}({v})",
+                ]
+            elif field.is_repeated:
+                self.lines += [f"{pad}{v} = {get}", f"{pad}if {v}:"]
+                if self._inline(inner, within):
+                    assert inner is not None
+                    item, items, out = f"s{depth}", f"l{depth}", f"d{depth}"
+                    # v[:] is a list of the items: faster to walk than v
+                    self.lines += [f"{pad}    {items} = []", f"{pad}    for {item} in {v}[:]:"]
+                    self.message(inner, item, out, indent + 2, (*within, inner))
+                    self.lines += [
+                        f"{pad}        {items}.append({out})",
+                        f"{pad}    {dst}[{key}] = {items}",
+                    ]
+                else:
+                    value = self.value(field, "x")
+                    written = "list(" + v + ")" if value == "x" else f"[{value} for x in {v}]"
+                    self.lines.append(f"{pad}    {dst}[{key}] = {written}")
+            elif field.has_presence:
+                self.lines.append(f"{pad}if {has}({key}):")
+                if self._inline(inner, within):
+                    assert inner is not None
+                    item, out = f"s{depth}", f"d{depth}"
+                    self.lines.append(f"{pad}    {item} = {get}")
+                    self.message(inner, item, out, indent + 1, (*within, inner))
+                    self.lines.append(f"{pad}    {dst}[{key}] = {out}")
+                else:
+                    self.lines += [
+                        f"{pad}    {v} = {get}",
+                        f"{pad}    {dst}[{key}] = {self.value(field, v)}",
+                    ]
+            else:
+                self.lines.append(f"{pad}{v} = {get}")
+                if field.cpp_type in _FLOATS:
+                    self.lines.append(f"{pad}if {v} or copysign(1.0, {v}) < 0.0:")
+                else:
+                    self.lines.append(f"{pad}if {v}:")
+                self.lines.append(f"{pad}    {dst}[{key}] = {self.value(field, v)}")
+
+    def _inline(self, descriptor: Descriptor | None, within: tuple[Descriptor, ...]) -> bool:
+        """Whether the fields of a message of this type are written in place."""
+        return (
+            descriptor is not None
+            and len(within) <= _INLINED
+            and descriptor not in within
+            and _plain(descriptor)
+            and descriptor.full_name not in _TO_JSON_STRING
+        )
+
+    def value(self, field: FieldDescriptor, v: str) -> str:
+        """The expression of one value ``v`` of the field, as json_format writes it."""
+        cpp = field.cpp_type
+        if cpp == FieldDescriptor.CPPTYPE_MESSAGE:
+            convert = self.converter._message(field.message_type)
+            if convert is _timestamp:
+                return f"timestamp({v})"
+            return f"{self.name(convert)}({v})"
+        if cpp == FieldDescriptor.CPPTYPE_ENUM:
+            enum = field.enum_type
+            if enum.full_name == "google.protobuf.NullValue":
+                return "None"
+            if enum.is_closed:
+                return f"{self.name(_enum(field))}({v})"
+            return f"{self.name(_enum_names(enum))}.get({v}, {v})"
+        if field.type == FieldDescriptor.TYPE_BYTES:
+            return f"b64({v}).decode()"
+        if cpp in _INT64:
+            return f"str({v})"
+        if cpp == FieldDescriptor.CPPTYPE_DOUBLE:
+            return f"({v} if {v} - {v} == 0.0 else special({v}))"
+        if cpp == FieldDescriptor.CPPTYPE_FLOAT:
+            return f"(floats({v}) or f32({v}))"  # kept ones are not 0: true
+        return v  # strings, bools and 32-bit integers: json_format writes them as they are
 
 
 def _plain(descriptor: Descriptor) -> bool:
