@@ -22,9 +22,10 @@ The service's producer settings, in turn from --producer: ``default`` (the
 service's own), or ``short``: ``message.timeout.ms`` 5000,
 ``request.timeout.ms`` 2000, ``socket.timeout.ms`` 3000, so that librdkafka
 times out and retries requests and expires records during a fault (the
-expired ones go to the spill journal); or ``small``: ``short`` with
-``batch.num.messages`` 4 and ``linger.ms`` 0, batches of up to 4 records
-as under a light load, a produce request for every few hits. --session-timeout sets the broker's
+expired ones go to the spill journal); ``batch4``: ``batch.num.messages``
+4 and ``linger.ms`` 0, batches of up to 4 records as under a light load (4
+keep-alive clients), but a produce request for every few hits; or
+``small``: ``short`` and ``batch4`` together. --session-timeout sets the broker's
 ``broker.session.timeout.ms`` (default Kafka's 9000; with 2000 a short
 freeze makes the controller fence its own broker). --debug passes
 librdkafka's ``debug`` contexts (``eos``: the idempotent producer's state
@@ -88,8 +89,8 @@ end
 """
 # What a broker logs that matters here, by kind.
 BROKER_EVENTS = {
-    "fenced": re.compile(r"[Ff]enc"),
-    "leader epoch": re.compile(r"[Ll]eader epoch|leaderEpoch|epoch \d+ (?:for|to)"),
+    "fenced": re.compile(r"Fencing broker"),
+    "leader": re.compile(r"\] Leader \S+ with topic id"),
     "truncation": re.compile(r"Truncat"),
     "out of order": re.compile(r"OutOfOrderSequence"),
     "duplicate": re.compile(r"DuplicateSequence|[Dd]uplicate batch"),
@@ -172,18 +173,17 @@ class LogTail:
 
 
 def journal_ids(spill: Path) -> set[str]:
-    """The ids of every record in the spill journal's segments."""
+    """The ids of every record in the spill journal's segments (each slot's
+    ``segment-*.log``), replayed or not."""
     ids: set[str] = set()
-    for segment in spill.glob("*"):
-        if segment.is_file():
-            with_records = read_segment(segment).records
-            for record in with_records:
-                try:
-                    found = json.loads(record.value).get("id")
-                except ValueError:
-                    continue
-                if isinstance(found, str):
-                    ids.add(found)
+    for segment in spill.rglob("segment-*.log"):
+        for record in read_segment(segment).records:
+            try:
+                found = json.loads(record.value).get("id")
+            except ValueError:
+                continue
+            if isinstance(found, str):
+                ids.add(found)
     return ids
 
 
@@ -202,7 +202,11 @@ def one_run(
     topic = f"shortfall-{number}-{uuid.uuid4().hex[:8]}"
     spill = work / f"spill-{number}"
     spill.mkdir()
-    kafka = {"short": SHORT_TIMEOUTS, "small": SHORT_TIMEOUTS + SMALL_BATCHES}.get(producer, "")
+    kafka = {
+        "short": SHORT_TIMEOUTS,
+        "batch4": SMALL_BATCHES,
+        "small": SHORT_TIMEOUTS + SMALL_BATCHES,
+    }.get(producer, "")
     if args.debug:
         kafka += f'"debug" = "{args.debug}"\n'
     config = write_config(work / f"run-{number}.toml", broker.bootstrap, topic, spill, kafka=kafka)
