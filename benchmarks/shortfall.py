@@ -103,8 +103,8 @@ BROKER_EVENTS = {
 SHOWN = ("fenced", "truncation", "out of order", "duplicate", "producer epoch", "append error")
 # What librdkafka logs through the service about its idempotent producer.
 CLIENT_EVENTS = re.compile(
-    r"librdkafka.*(?:seq|epoch|DRAIN|bump|Duplicate|OutOfOrder|persist|timed out|TIMED_OUT"
-    r"|reset|PID)"
+    r"librdkafka.*(?:ERRSEQ|bumped epoch|Epoch:[1-9]|OutOfOrder|DUPLICATE|Duplicate|ersisted"
+    r"|timed out|Timed out|TIMED_OUT|[Ff]atal|Inconsistent)"
 )
 
 
