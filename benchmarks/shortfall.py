@@ -58,27 +58,33 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from itertools import cycle
 from pathlib import Path
 
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
 from compare import _kept
 from served import ROOT, Served, write_config
 
 sys.path.insert(0, str(ROOT / "tests"))
 from brokers import Broker, KafkaBroker
+from redirect_logger.config import KAFKA_DEFAULTS
 from redirect_logger.spill import read_segment
 from support import explain_missing
 
 PATH = "/docs/a?x=1"
-SHORT_TIMEOUTS = (
-    '"message.timeout.ms" = 5000\n"request.timeout.ms" = 2000\n"socket.timeout.ms" = 3000\n'
-)
-# Batches of at most 4 records, sent at once: a produce request per few
-# hits, as under a light load, but many of them (the most retries per record).
-SMALL_BATCHES = '"batch.num.messages" = 4\n"linger.ms" = 0\n'
+# The producer settings of each --producer choice, beyond the service's own.
+VARIANTS: dict[str, dict[str, int]] = {
+    "default": {},
+    "short": {"message.timeout.ms": 5000, "request.timeout.ms": 2000, "socket.timeout.ms": 3000},
+    # batches of up to 4 records, sent at once
+    "batch4": {"batch.num.messages": 4, "linger.ms": 0},
+}
+VARIANTS["small"] = {**VARIANTS["short"], **VARIANTS["batch4"]}
 # wrk: the id of every 301, one a line, into the file given after "--".
 WRK_SCRIPT = """
 local out
@@ -202,11 +208,7 @@ def one_run(
     topic = f"shortfall-{number}-{uuid.uuid4().hex[:8]}"
     spill = work / f"spill-{number}"
     spill.mkdir()
-    kafka = {
-        "short": SHORT_TIMEOUTS,
-        "batch4": SMALL_BATCHES,
-        "small": SHORT_TIMEOUTS + SMALL_BATCHES,
-    }.get(producer, "")
+    kafka = "".join(f'"{key}" = {value}\n' for key, value in VARIANTS[producer].items())
     if args.debug:
         kafka += f'"debug" = "{args.debug}"\n'
     config = write_config(work / f"run-{number}.toml", broker.bootstrap, topic, spill, kafka=kafka)
@@ -278,6 +280,132 @@ def one_run(
     return ok, len(answered), events
 
 
+def direct_run(
+    number: int,
+    kind: str,
+    length: float,
+    producer: str,
+    args: argparse.Namespace,
+    broker: Broker,
+    tail: LogTail,
+) -> tuple[bool, int, Counter[str]]:
+    """One run of a bare idempotent producer (the service's defaults and the
+    variant's), records keyed as 4 clients would be, as fast as librdkafka
+    takes them (--rate at most) for --seconds, the fault a quarter in. Then every record
+    reported delivered must be in the topic at the offset its report gave:
+    a report that points at another record's offset is a batch the broker
+    took for a duplicate (or offsets reused after a truncation)."""
+    topic = f"direct-{number}-{uuid.uuid4().hex[:8]}"
+    config: dict[str, str | int | bool] = {
+        "bootstrap.servers": broker.bootstrap,
+        **KAFKA_DEFAULTS,
+        "statistics.interval.ms": 0,
+        **VARIANTS[producer],
+    }
+    delivered: dict[bytes, tuple[int, int]] = {}
+    failed: Counter[str] = Counter()
+    failed_ids: set[bytes] = set()
+
+    def report(error: KafkaError | None, message: Message) -> None:
+        value = message.value() or b""
+        if error is None:
+            delivered[value] = (message.partition() or 0, message.offset() or 0)
+        else:
+            failed[error.name()] += 1
+            failed_ids.add(value)
+
+    producer_ = Producer({**config, "on_delivery": report})
+    keys = [f"127.0.0.{n}".encode() for n in range(2, 6)]
+    faulted = threading.Thread(
+        target=lambda: (time.sleep(args.seconds / 4), fault(kind, length, broker, args.busy))
+    )
+    produced = 0
+    started = time.monotonic()
+    faulted.start()
+    while time.monotonic() - started < args.seconds:
+        value = uuid.uuid4().hex.encode()
+        while True:
+            try:
+                producer_.produce(topic, value, keys[produced % 4])
+                break
+            except BufferError:
+                producer_.poll(0.05)
+        produced += 1
+        if produced % 1000 == 0:
+            producer_.poll(0)
+            ahead = produced / args.rate - (time.monotonic() - started)
+            if ahead > 0:  # at most --rate records/s
+                time.sleep(ahead)
+    faulted.join()
+    left = producer_.flush(120)
+    stored = _offsets(broker.bootstrap, topic)
+    where = {value: place for place, value in stored.items()}
+    elsewhere = {v: p for v, p in delivered.items() if stored.get(p) != v}
+    lost = [v for v in elsewhere if v not in where]
+    moved = len(elsewhere) - len(lost)
+    persisted = len(failed_ids & set(where))
+    broker_lines = tail.read()
+    events = Counter(
+        name
+        for line in broker_lines
+        for name, pattern in BROKER_EVENTS.items()
+        if pattern.search(line)
+    )
+    ok = not elsewhere and left == 0
+    print(
+        f"direct {number}: {kind} {length:g} s, producer {producer}: {produced:,} produced, "
+        f"{len(delivered):,} reported delivered, {sum(failed.values()):,} failed "
+        f"{dict(failed) or ''} ({persisted:,} of them in the topic), {left} unreported; "
+        f"{len(stored):,} in the topic; {len(lost)} reported delivered and missing, {moved} "
+        f"found at another offset than reported; broker: {dict(events) or 'nothing notable'}"
+        + ("" if ok else "  <== CHECK FAILED"),
+        flush=True,
+    )
+    for value in list(elsewhere)[:10]:
+        print(
+            f"    {value.decode()}: reported at {elsewhere[value]}, stored at {where.get(value)};"
+            f" that offset holds {stored.get(elsewhere[value], b'nothing').decode()}"
+        )
+    for line in [
+        line for line in broker_lines if any(BROKER_EVENTS[k].search(line) for k in SHOWN)
+    ][:8]:
+        print(f"    broker: {line[:300]}")
+    return ok, len(delivered), events
+
+
+def _offsets(bootstrap: str, topic: str) -> dict[tuple[int, int], bytes]:
+    """Every record of ``topic``: (partition, offset) -> value, read to each
+    partition's end offset."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
+    )
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+            for p in partitions
+        }
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        stored: dict[tuple[int, int], bytes] = {}
+        positions = dict.fromkeys(partitions, 0)
+        give_up = time.monotonic() + 300
+        while any(positions[p] < ends[p] for p in partitions) and time.monotonic() < give_up:
+            for message in consumer.consume(10_000, 0.5):
+                if message.error():
+                    continue
+                partition, offset = message.partition() or 0, message.offset() or 0
+                positions[partition] = offset + 1
+                stored[(partition, offset)] = message.value() or b""
+        return stored
+    finally:
+        consumer.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", help="an existing broker (no freeze: not ours)")
@@ -292,8 +420,12 @@ def main() -> int:
     parser.add_argument("--session-timeout", type=int, help="broker.session.timeout.ms")
     parser.add_argument("--debug", help="librdkafka debug contexts for the service, e.g. eos")
     parser.add_argument("--keep-logs", action="store_true", help="keep every run's service log")
+    parser.add_argument(
+        "--direct", action="store_true", help="a bare producer, its reports checked by offset"
+    )
+    parser.add_argument("--rate", type=int, default=20_000, help="--direct: records/s at most")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
+    if shutil.which("wrk") is None and not args.direct:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     if args.bootstrap and "freeze" in args.faults:
@@ -321,9 +453,14 @@ def main() -> int:
         producers = cycle(args.producer)
         for number in range(1, args.runs + 1):
             kind = next(kinds)
-            ok, hits, seen = one_run(
-                number, kind, next(lengths[kind]), next(producers), args, broker, work, tail
-            )
+            if args.direct:
+                ok, hits, seen = direct_run(
+                    number, kind, next(lengths[kind]), next(producers), args, broker, tail
+                )
+            else:
+                ok, hits, seen = one_run(
+                    number, kind, next(lengths[kind]), next(producers), args, broker, work, tail
+                )
             failed += not ok
             answered += hits
             faults[kind] += 1
@@ -334,8 +471,9 @@ def main() -> int:
             print(f"kept: {work} (the broker's data and log in {work / 'kafka'})")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    what = "records reported delivered" if args.direct else "hits answered"
     print(
-        f"{args.runs} runs ({dict(faults)}), {answered:,} hits answered, {failed} with a check "
+        f"{args.runs} runs ({dict(faults)}), {answered:,} {what}, {failed} with a check "
         f"failed; the broker logged {dict(events) or 'nothing notable'}"
     )
     return 1 if failed else 0
