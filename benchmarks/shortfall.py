@@ -3,7 +3,8 @@
     nice -n 5 python benchmarks/shortfall.py [--runs 12] [--seconds 30]
         [--faults freeze starve none] [--freeze 4 12 20] [--starve 10 20]
         [--busy 8] [--producer default short] [--connections 16]
-        [--session-timeout MS] [--debug eos] [--bootstrap HOST:PORT]
+        [--session-timeout MS] [--debug eos] [--keep-logs] [--bootstrap HOST:PORT]
+        [--direct [--rate 20000]]
 
 Starts Apache Kafka, one KRaft node (tests/brokers.py; its server.log and
 state-change.log in its own directory), unless --bootstrap names one. Then
@@ -42,7 +43,16 @@ broker's notable log lines of that run (fencing, leader epochs,
 truncation, producer sequence and epoch errors) by kind, and the service's
 librdkafka lines about sequences and epochs. A run that breaks a check
 prints the evidence (tests/support.py ``explain_missing``), and the
-broker's data and log are kept. Bounded: every run stops after --seconds
+broker's data and log are kept.
+
+--direct runs a bare confluent-kafka producer instead of the service (its
+settings, records keyed by 4 client addresses, at most --rate records/s)
+and checks each delivery report by offset: the record stored at the offset
+a report gave must be the record reported. The broker answers a batch it
+takes for a duplicate of one of the producer's last 5 (same producer id,
+epoch and sequence range) with that batch's offsets and logs nothing; a
+report pointing at another record is that, or offsets reused after a
+truncation. Bounded: every run stops after --seconds
 (wrk's duration), every fault after its length; the busy processes are
 killed by process id.
 """
