@@ -698,6 +698,11 @@ def plot(
     figure.savefig(path, dpi=110)
 
 
+# The started broker's log files (server.log, state-change.log, kafka.log),
+# named when records are short.
+BROKER_LOGS: list[Path] = []
+
+
 @contextmanager
 def _broker(bootstrap: str | None, work: Path) -> Iterator[str]:
     if bootstrap:
@@ -712,6 +717,7 @@ def _broker(bootstrap: str | None, work: Path) -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.stop()
+        BROKER_LOGS.extend(broker.log_files())
 
 
 def main() -> int:
@@ -761,7 +767,9 @@ def main() -> int:
             ]
     finally:
         if SHORT:  # the broker's log and data, to tell a lost record from a late one
-            print(f"records short: the broker's log is kept in {work / 'kafka'}", file=sys.stderr)
+            print(f"records short: the broker's data is kept in {work / 'kafka'}", file=sys.stderr)
+            for log in BROKER_LOGS:
+                print(f"  its log: {log}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(report(runs, args.connections, systems))

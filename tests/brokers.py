@@ -15,11 +15,14 @@ A broker that cannot be started raises ``BrokerUnavailable``: tests fail, never 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from confluent_kafka import KafkaException
@@ -116,9 +119,18 @@ class TansuBroker(Broker):
             self.process.wait(10)
 
 
+POM = ROOT / "tests" / "kafka" / "pom.xml"
+LOG_CONFIG = ROOT / "tests" / "kafka" / "log4j2.properties"
+# What each Apache Kafka node logs, in its own directory (LOG_CONFIG).
+BROKER_LOGS = ("server.log", "state-change.log")
+
+
 def kafka_jars() -> Path:
-    """Apache Kafka's jars, fetched with Maven into the cache on first use."""
-    libs = CACHE / f"kafka-{KAFKA_VERSION}" / "libs"
+    """Apache Kafka's jars, fetched with Maven into the cache on first use:
+    one directory per version of tests/kafka/pom.xml, so that a jar added
+    there is fetched on a machine that has the older set cached."""
+    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
+    libs = CACHE / f"kafka-{KAFKA_VERSION}" / f"libs-{digest}"
     marker = libs / f"kafka_2.13-{KAFKA_VERSION}.jar"
     if marker.exists():
         return libs
@@ -129,7 +141,7 @@ def kafka_jars() -> Path:
             "-q",
             "-B",
             "-f",
-            str(ROOT / "tests" / "kafka" / "pom.xml"),
+            str(POM),
             "dependency:copy-dependencies",
             f"-Dkafka.version={KAFKA_VERSION}",
             f"-DoutputDirectory={tmp}",
@@ -143,7 +155,12 @@ def kafka_jars() -> Path:
         raise BrokerUnavailable(
             f"fetching Apache Kafka with Maven failed:\n{result.stdout}{result.stderr}"
         )
-    tmp.rename(libs)
+    try:
+        tmp.rename(libs)
+    except OSError:  # another process fetched the same set first
+        if not marker.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return libs
 
 
@@ -193,11 +210,28 @@ class KafkaNode(Broker):
             self.process.wait(10)
 
     def launch(self) -> None:
-        """Starts the process without waiting for it (see ``wait_ready``)."""
+        """Starts the process without waiting for it (see ``wait_ready``).
+        The broker logs into its directory (``log_files``); what the JVM
+        itself prints goes to kafka.log there."""
         log = (self.workdir / "kafka.log").open("ab")
+        logging = [f"-Dlog4j2.configurationFile={LOG_CONFIG}", f"-Dkafka.logs.dir={self.workdir}"]
         self.process = subprocess.Popen(
-            [*self._java, "kafka.Kafka", str(self.properties)], stdout=log, stderr=subprocess.STDOUT
+            [*self._java, *logging, "kafka.Kafka", str(self.properties)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+
+    def log_files(self) -> list[Path]:
+        """The broker's log files, oldest first (rolled ones before the
+        current one), and kafka.log (the JVM's own output) last."""
+        files: list[Path] = []
+        for name in BROKER_LOGS:
+            # rolled: name.1, name.2, ... (Log4j's default: the higher, the newer)
+            rolled = [p for p in self.workdir.glob(f"{name}.*") if p.suffix[1:].isdigit()]
+            files += sorted(rolled, key=lambda p: int(p.suffix[1:]))
+            files += [self.workdir / name] if (self.workdir / name).exists() else []
+        kafka_log = self.workdir / "kafka.log"
+        return files + ([kafka_log] if kafka_log.exists() else [])
 
     def wait_ready(self, deadline: float) -> None:
         """Until this node serves metadata that lists it as a live broker;
@@ -226,10 +260,14 @@ class KafkaBroker(KafkaNode):
     """Apache Kafka, one KRaft node, on fixed ports and a data directory that
     survive ``stop``/``kill`` and ``start`` (for the fault tests)."""
 
-    def __init__(self, workdir: Path, *, start: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, *, start: bool = True, properties: Sequence[str] = ()
+    ) -> None:
+        """``properties``: server.properties lines added after (and so
+        overriding) the defaults, e.g. ``broker.session.timeout.ms=3000``."""
         port, controller, sasl = free_port(), free_port(), free_port()
         self.sasl_bootstrap = f"127.0.0.1:{sasl}"  # SASL_PLAINTEXT, mechanism PLAIN
-        properties = [
+        lines = [
             "process.roles=broker,controller",
             f"controller.quorum.voters=1@127.0.0.1:{controller}",
             f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller},"
@@ -251,8 +289,9 @@ class KafkaBroker(KafkaNode):
             "transaction.state.log.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=true",
+            *properties,
         ]
-        super().__init__(workdir, 1, port, properties, heap="768m")
+        super().__init__(workdir, 1, port, lines, heap="768m")
         _format([self])
         if start:
             self.start()

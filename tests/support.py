@@ -216,9 +216,27 @@ def read_messages(
 _SERVICE_NOTABLE = re.compile(
     r"WARNING|ERROR|CRITICAL|fatal|rebuilt|purge|retr|sequence|producer id|replicas", re.I
 )
+# In a broker's log: anything about the topic, and these about any.
 _BROKER_NOTABLE = re.compile(
-    r"WARN|ERROR|FATAL|Truncat|epoch|[Cc]reat|[Dd]elet|OutOfOrder|UnknownProducer|Duplicate"
+    r"WARN|ERROR|FATAL|[Ff]enc|Truncat|OutOfOrder|UnknownProducer|Duplicate|InvalidProducerEpoch"
 )
+
+
+def broker_log_lines(broker: Broker, topic: str, tail: int = 60) -> list[str]:
+    """From an Apache Kafka broker's log files (``log_files``), the lines
+    that mention ``topic`` or are notable for any (warnings and errors,
+    fencing, truncation, producer sequence and epoch errors): the last
+    ``tail`` of each file, under its name; [] for a broker without them."""
+    log_files = getattr(broker, "log_files", None)
+    if log_files is None:
+        return []
+    lines: list[str] = []
+    for path in log_files():
+        text = path.read_text(errors="replace").splitlines()
+        notable = [line for line in text if topic in line or _BROKER_NOTABLE.search(line)]
+        lines.append(f"broker {path} ({len(text)} lines): {len(notable)} notable, the last {tail}:")
+        lines += notable[-tail:]
+    return lines
 
 
 def explain_missing(
@@ -272,13 +290,7 @@ def explain_missing(
     notable = [line for line in service_output.splitlines() if _SERVICE_NOTABLE.search(line)]
     lines.append(f"service: {len(notable)} notable lines, the last {tail}:")
     lines += notable[-tail:]
-    if isinstance(workdir, Path) and (workdir / "kafka.log").exists():
-        text = (workdir / "kafka.log").read_text(errors="replace").splitlines()
-        notable = [line for line in text if _BROKER_NOTABLE.search(line)]
-        lines.append(
-            f"broker {workdir / 'kafka.log'}: {len(notable)} notable lines, the last {tail}:"
-        )
-        lines += notable[-tail:]
+    lines += broker_log_lines(broker, topic, tail)
     return "\n".join(lines)
 
 

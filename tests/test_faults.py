@@ -213,6 +213,9 @@ async def test_broker_killed_mid_load_and_restarted_loses_nothing(
         await _stop_after_delivery(service, own_kafka, topic, answered)
     finally:
         service.kill()
+    # The broker logs into its directory, across the kill (tests/kafka/log4j2.properties).
+    log = (own_kafka.workdir / "server.log").read_text()
+    assert log.count("Kafka Server started") == 2, own_kafka.log_files()
 
 
 @pytest.mark.parametrize("mode", ["cli", "hypercorn-2"])
