@@ -48,7 +48,11 @@ It also reads the CPU time of the service, wrk and the attacker, and
 splits each loss of req/s into CPU the service did not get beside the
 attack ("CPU taken": the attacker's and the machine's other work) and
 CPU it spent beyond what its requests cost in the baseline ("service's
-own"); docs/benchmarks.md#where-the-time-goes-under-attack. --configs
+own"); docs/benchmarks.md#where-the-time-goes-under-attack. The "req/s per
+CPU s ratio" is the ordinary req/s per second of the service's CPU beside
+the attack over the baseline's: what the req/s ratio would have been had
+the service got as much CPU in both runs, the machine's other work aside
+(it is 1 - service's own x baseline CPU / attacked CPU). --configs
 runs only the configurations named.
 Every run must add up (ledger received = delivered, nothing failed or lost,
 the topic holding as many records as delivered), or the script exits 1.
@@ -209,6 +213,13 @@ class Run:
         the baseline's CPU per request, over the baseline's CPU."""
         per_request = self.base_cpu / self.base_rps
         return (self.cpu - self.rps * per_request) / self.base_cpu
+
+    @property
+    def per_cpu(self) -> float:
+        """The ordinary req/s per second of the service's CPU beside the
+        attack over the baseline's: the req/s ratio had the service got the
+        same CPU in both runs, whatever the machine's other work took."""
+        return (self.rps / self.cpu) / (self.base_rps / self.base_cpu)
 
 
 def _free_port() -> int:
@@ -412,11 +423,12 @@ def main() -> int:
     print()
     print(
         "| configuration | attack | baseline req/s | baseline p99 ms | attacked req/s |"
-        " attacked p99 ms | req/s ratio | p99 ratio | target | service CPU s/s |"
+        " attacked p99 ms | req/s ratio | p99 ratio | target | req/s per CPU s ratio |"
+        " service CPU s/s |"
         " attacker CPU s/s | others on the service's CPU s/s | req/s lost: CPU taken |"
         " req/s lost: service's own |"
     )
-    print("| --- | --- |" + " ---: |" * 6 + " --- |" + " ---: |" * 5)
+    print("| --- | --- |" + " ---: |" * 6 + " --- |" + " ---: |" * 6)
     for config in args.configs:
         for attack in args.attacks:
             mine = [run for run in runs if (run.config, run.attack) == (config, attack)]
@@ -428,6 +440,7 @@ def main() -> int:
                 f" {median(run.base_p99 for run in mine):.1f} |"
                 f" {median(run.rps for run in mine):,.0f} | {median(run.p99 for run in mine):.1f} |"
                 f" {rps_ratio:.2f} | {p99_ratio:.2f} | {'met' if met else 'missed'} |"
+                f" {median(run.per_cpu for run in mine):.2f} |"
                 f" {median(run.base_cpu for run in mine):.2f} ->"
                 f" {median(run.cpu for run in mine):.2f} |"
                 f" {median(run.attacker_cpu for run in mine):.2f} |"
