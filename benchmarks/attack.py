@@ -1,6 +1,7 @@
 """Ordinary load beside each attack on the connection limits, with and without the limits.
 
     python benchmarks/attack.py [--bootstrap HOST:PORT] [--seconds 10] [--rounds 2]
+        [--isolate | --no-isolate]
 
 Each run starts ``redirect-logger serve`` (the real CLI, one process) afresh
 and loads it twice with ``wrk -t1 -c64 --latency`` (keep-alive, from
@@ -21,6 +22,19 @@ its own loopback addresses:
 - ``rapid_reset``: 4 clients opening and resetting HTTP/2 streams as fast
   as they can (CVE-2023-44487).
 
+CPU isolation (``--isolate``, the default on a machine with 2 cores or
+more): the service (``taskset``: its process and every thread it starts)
+runs on the upper half of the CPUs this script may use, and this script,
+wrk, the attacker and the Apache Kafka it starts on the others, in the
+baseline and the attacked run alike, so that what the attack takes from
+the ordinary clients is the work it makes the service do, as when the
+attackers are other machines, not CPU its own processes take from the
+service's core. The pinning is printed, and checked on each run (every
+thread of the service, wrk and the attacker); a broker given with
+--bootstrap is not pinned. Other work on the machine is not pinned
+either: the script reads how busy the service's CPUs were beyond the
+service itself (``others on its CPU``), and /proc/loadavg.
+
 Two configurations: ``limits``
 (``max_connections = 2000``, ``max_connections_per_ip = 256``,
 ``idle_timeout = 5``, ``send_timeout = 2``, ``h2_max_concurrent_streams =
@@ -34,7 +48,11 @@ It also reads the CPU time of the service, wrk and the attacker, and
 splits each loss of req/s into CPU the service did not get beside the
 attack ("CPU taken": the attacker's and the machine's other work) and
 CPU it spent beyond what its requests cost in the baseline ("service's
-own"); docs/benchmarks.md#where-the-time-goes-under-attack. --configs
+own"); docs/benchmarks.md#where-the-time-goes-under-attack. The "req/s per
+CPU s ratio" is the ordinary req/s per second of the service's CPU beside
+the attack over the baseline's: what the req/s ratio would have been had
+the service got as much CPU in both runs, the machine's other work aside
+(it is 1 - service's own x baseline CPU / attacked CPU). --configs
 runs only the configurations named.
 Every run must add up (ledger received = delivered, nothing failed or lost,
 the topic holding as many records as delivered), or the script exits 1.
@@ -45,6 +63,7 @@ Bounded: each run stops after --seconds (the attacker within 60 s more).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -93,6 +112,59 @@ CONFIGS = {
     },
 }
 REQ_RATIO, P99_RATIO = 0.7, 2.0  # the targets
+# Of /proc/stat's per-CPU times, those a CPU is busy (all but idle and iowait)
+BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which CPUs the service runs on, and which the load (this script, wrk,
+    the attacker, the broker it starts); both empty: no pinning."""
+
+    service: frozenset[int] = frozenset()
+    load: frozenset[int] = frozenset()
+
+    @classmethod
+    def split(cls, cpus: set[int]) -> Pinning:
+        """The upper half of ``cpus`` (rounded down, at least one) for the service."""
+        ordered = sorted(cpus)
+        cut = len(ordered) - max(1, len(ordered) // 2)
+        return cls(frozenset(ordered[cut:]), frozenset(ordered[:cut]))
+
+    def __str__(self) -> str:
+        if not self.service:
+            return "no pinning: the service, wrk, the attacker and the broker share every CPU"
+        return (
+            f"the service on CPU {_cpu_list(self.service)}; this script, wrk, the attacker"
+            f" and the broker it starts on CPU {_cpu_list(self.load)}"
+        )
+
+    def check(self, pid: int, cpus: frozenset[int], what: str) -> None:
+        """Raise unless every thread of process ``pid`` may run on ``cpus`` only."""
+        if not self.service:
+            return
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                allowed = os.sched_getaffinity(int(task.name))
+                if allowed != cpus:
+                    raise RuntimeError(
+                        f"{what} thread {task.name} may run on CPU {_cpu_list(allowed)},"
+                        f" not {_cpu_list(cpus)}"
+                    )
+
+
+def _cpu_list(cpus: set[int] | frozenset[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
+
+
+def _busy(cpus: frozenset[int]) -> float:
+    """The time (s) CPUs ``cpus`` have been busy since boot, all processes'."""
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            total += sum(int(fields[index]) for index in BUSY_FIELDS)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def write_config(
@@ -124,6 +196,9 @@ class Run:
     cpu: float  # the service's CPU time beside the attack, s per s
     attacker_cpu: float  # the attacker process's CPU time, s per s of its life
     wrk_cpu: float  # wrk's CPU time beside the attack, s per s
+    base_core: float  # how busy the service's CPUs were in the baseline, s per s
+    core: float  # and beside the attack (both: 0 with no pinning)
+    load: str  # /proc/loadavg's 1-minute figure at the start and the end of the run
 
     @property
     def taken(self) -> float:
@@ -138,6 +213,13 @@ class Run:
         the baseline's CPU per request, over the baseline's CPU."""
         per_request = self.base_cpu / self.base_rps
         return (self.cpu - self.rps * per_request) / self.base_cpu
+
+    @property
+    def per_cpu(self) -> float:
+        """The ordinary req/s per second of the service's CPU beside the
+        attack over the baseline's: the req/s ratio had the service got the
+        same CPU in both runs, whatever the machine's other work took."""
+        return (self.rps / self.cpu) / (self.base_rps / self.base_cpu)
 
 
 def _free_port() -> int:
@@ -187,27 +269,39 @@ def _ready(admin: str) -> None:
     raise RuntimeError("the service was not ready within 60 s")
 
 
-def one_run(work: Path, bootstrap: str, config: str, attack: str, seconds: int) -> Run:
+def _loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def one_run(
+    work: Path, bootstrap: str, config: str, attack: str, seconds: int, pinning: Pinning
+) -> Run:
     topic = f"attack-{uuid.uuid4().hex[:12]}"
     admin_port = _free_port()
     admin = f"http://127.0.0.1:{admin_port}"
     path = write_config(work / f"{topic}.toml", bootstrap, topic, admin_port, CONFIGS[config])
-    served = Served(path)
+    load_start = _loadavg()
+    served = Served(path, cpus=pinning.service)
     attacker = None
     try:
         _ready(admin)
+        pinning.check(served.pid, pinning.service, "the service's")
         url = served.url
         host, port = url.removeprefix("http://").rsplit(":", 1)
         command = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency"]
         # CPU times: the service's from /proc, wrk's and the attacker's when
         # each is waited for (one at a time, so each delta is one process's)
         service_start, start = _cpu(served.pid), time.monotonic()
+        core_start = _busy(pinning.service)
         baseline = subprocess.run(
             [*command, f"{url}/docs/base"], capture_output=True, text=True, timeout=seconds + 60
         ).stdout
         base_cpu = (_cpu(served.pid) - service_start) / (time.monotonic() - start)
+        base_core = (_busy(pinning.service) - core_start) / (time.monotonic() - start)
         service_start, children_start, start = _cpu(served.pid), _children_cpu(), time.monotonic()
+        core_start = _busy(pinning.service)
         wrk = subprocess.Popen([*command, f"{url}/docs/bench"], stdout=subprocess.PIPE, text=True)
+        pinning.check(wrk.pid, pinning.load, "wrk's")
         time.sleep(0.5)
         attacker_start = time.monotonic()
         attacker = subprocess.Popen(
@@ -218,8 +312,10 @@ def one_run(work: Path, bootstrap: str, config: str, attack: str, seconds: int) 
             stdout=subprocess.PIPE,
             text=True,
         )
+        pinning.check(attacker.pid, pinning.load, "the attacker's")
         report, _ = wrk.communicate(timeout=seconds + 60)
         cpu = (_cpu(served.pid) - service_start) / (time.monotonic() - start)
+        core = (_busy(pinning.service) - core_start) / (time.monotonic() - start)
         wrk_cpu = (_children_cpu() - children_start) / (time.monotonic() - start)
         children_start = _children_cpu()
         output, _ = attacker.communicate(timeout=seconds + 60)
@@ -248,8 +344,24 @@ def one_run(work: Path, bootstrap: str, config: str, attack: str, seconds: int) 
         raise RuntimeError(f"{config}/{attack}: records do not add up: {ledger}, topic {in_topic}")
     return Run(
         *(config, attack, base_rps, base_p99, rps, p99, errors, seen, counted),
-        *(base_cpu, cpu, attacker_cpu, wrk_cpu),
+        *(base_cpu, cpu, attacker_cpu, wrk_cpu, base_core, core),
+        f"{load_start} -> {_loadavg()}",
     )
+
+
+def _report_broker(bootstrap: str | None, pinning: Pinning) -> None:
+    """Say where the broker runs; check the pinning of the one this script started."""
+    if bootstrap:
+        print(f"broker: {bootstrap}, not started here, so not pinned", flush=True)
+        return
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            if ppid == os.getpid() and b"kafka.Kafka" in command:
+                pinning.check(pid, pinning.load, "the broker's")
+                cpus = _cpu_list(os.sched_getaffinity(pid))
+                print(f"broker: Apache Kafka, pid {pid}, on CPU {cpus}", flush=True)
 
 
 def main() -> int:
@@ -259,22 +371,38 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    cpus = os.sched_getaffinity(0)
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=len(cpus) >= 2,
+        help="the service on CPUs of its own, the load on the others"
+        f" (default here: {'on' if len(cpus) >= 2 else 'off'}, {len(cpus)} CPUs)",
+    )
     args = parser.parse_args()
+    if args.isolate and len(cpus) < 2:
+        print(f"--isolate needs 2 CPUs or more; this script may use {len(cpus)}", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the service and attackers inherit it
+    pinning = Pinning.split(cpus) if args.isolate else Pinning()
+    if pinning.service:  # what this script starts from now on inherits it
+        os.sched_setaffinity(0, pinning.load)
+    print(f"pinning: {pinning}", flush=True)
     cases = [(config, attack) for config in args.configs for attack in args.attacks]
     runs: list[Run] = []
     with (
         tempfile.TemporaryDirectory(prefix="attack-") as tmp,
         _broker(args.bootstrap, Path(tmp)) as bootstrap,
     ):
+        _report_broker(args.bootstrap, pinning)
         for round_ in range(args.rounds):
             shift = round_ % len(cases)
             for config, attack in cases[shift:] + cases[:shift]:
-                run = one_run(Path(tmp), bootstrap, config, attack, args.seconds)
+                run = one_run(Path(tmp), bootstrap, config, attack, args.seconds, pinning)
                 runs.append(run)
                 print(
                     f"round {round_ + 1} | {config} | {attack} | baseline {run.base_rps:,.0f}"
@@ -282,16 +410,25 @@ def main() -> int:
                     f" p99 {run.p99:.1f} ms | {run.errors or 'no socket errors'} |"
                     f" attacker {run.seen} | counted {run.counted} | CPU s/s: service"
                     f" {run.base_cpu:.2f} -> {run.cpu:.2f}, attacker {run.attacker_cpu:.2f},"
-                    f" wrk {run.wrk_cpu:.2f}",
+                    f" wrk {run.wrk_cpu:.2f}"
+                    + (
+                        f", others on its CPU {run.base_core - run.base_cpu:.2f} ->"
+                        f" {run.core - run.cpu:.2f}"
+                        if pinning.service
+                        else ""
+                    )
+                    + f" | load average {run.load}",
                     flush=True,
                 )
     print()
     print(
         "| configuration | attack | baseline req/s | baseline p99 ms | attacked req/s |"
-        " attacked p99 ms | req/s ratio | p99 ratio | target | service CPU s/s |"
-        " attacker CPU s/s | req/s lost: CPU taken | req/s lost: service's own |"
+        " attacked p99 ms | req/s ratio | p99 ratio | target | req/s per CPU s ratio |"
+        " service CPU s/s |"
+        " attacker CPU s/s | others on the service's CPU s/s | req/s lost: CPU taken |"
+        " req/s lost: service's own |"
     )
-    print("| --- | --- |" + " ---: |" * 6 + " --- |" + " ---: |" * 4)
+    print("| --- | --- |" + " ---: |" * 6 + " --- |" + " ---: |" * 6)
     for config in args.configs:
         for attack in args.attacks:
             mine = [run for run in runs if (run.config, run.attack) == (config, attack)]
@@ -303,13 +440,21 @@ def main() -> int:
                 f" {median(run.base_p99 for run in mine):.1f} |"
                 f" {median(run.rps for run in mine):,.0f} | {median(run.p99 for run in mine):.1f} |"
                 f" {rps_ratio:.2f} | {p99_ratio:.2f} | {'met' if met else 'missed'} |"
+                f" {median(run.per_cpu for run in mine):.2f} |"
                 f" {median(run.base_cpu for run in mine):.2f} ->"
                 f" {median(run.cpu for run in mine):.2f} |"
                 f" {median(run.attacker_cpu for run in mine):.2f} |"
-                f" {median(run.taken for run in mine):.2f} |"
+                + (
+                    f" {median(run.base_core - run.base_cpu for run in mine):.2f} ->"
+                    f" {median(run.core - run.cpu for run in mine):.2f} |"
+                    if pinning.service
+                    else " - |"
+                )
+                + f" {median(run.taken for run in mine):.2f} |"
                 f" {median(run.own for run in mine):.2f} |"
             )
     print(f"\ntarget: >= {REQ_RATIO}x the baseline's req/s and <= {P99_RATIO}x its p99")
+    print(f"pinning: {pinning}")
     return 0
 
 

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -78,12 +78,18 @@ class Served:
         *,
         launcher: Sequence[str] = ("-m", "redirect_logger.cli"),
         env: Mapping[str, str] | None = None,
+        cpus: Collection[int] = (),
     ) -> None:
         """``workers``: run ``serve --workers N`` (0: one process, no supervisor).
         ``launcher``: what runs the CLI, after the interpreter (a wrapper
         script that takes the CLI's arguments, say); ``env``: variables
-        added to the service's environment."""
+        added to the service's environment; ``cpus``: the CPUs the service
+        (its threads and any workers) may run on, set by ``taskset``, which
+        then runs the service in its own process, so ``pid`` is still the
+        service's; empty: wherever the caller may run."""
         command = [sys.executable, *launcher, "serve", "--config", str(config)]
+        if cpus:
+            command = ["taskset", "--cpu-list", ",".join(map(str, sorted(cpus))), *command]
         self.workers = workers
         self.process = subprocess.Popen(
             command + (["--workers", str(workers)] if workers else []),

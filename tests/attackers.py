@@ -132,14 +132,26 @@ async def slowloris(host: str, port: int, count: int, seconds: float, repeat: bo
     ``seconds``; with ``repeat``, each closed one is opened again until
     then). ``connections``: those opened; ``answered``: those that got any
     byte back; ``closed``: those the server closed, with the first and
-    last time that took (s from the connect)."""
-    answered = opened = 0
+    last time that took (s from the connect); ``reset``: connections opened
+    again (``repeat``) that were reset before their connect returned (past
+    ``max_connections``, the server resets them at accept), each tried
+    again 0.1 s later."""
+    answered = opened = reset = 0
     took: list[float] = []
     end = trio.current_time() + seconds
 
     async def one(index: int) -> None:
-        nonlocal opened
-        stream = await connect(host, port, f"127.0.2.{index % 8 + 1}")
+        nonlocal opened, reset
+        while True:
+            try:
+                stream = await connect(host, port, f"127.0.2.{index % 8 + 1}")
+            except ConnectionResetError:
+                if not (repeat and trio.current_time() < end):
+                    raise
+                reset += 1
+                await trio.sleep(0.1)
+            else:
+                break
         opened += 1
         # From the connect, as the server's idle timer: the task below may
         # start later on a loaded machine, which made the close look early.
@@ -170,6 +182,7 @@ async def slowloris(host: str, port: int, count: int, seconds: float, repeat: bo
         "closed": len(took),
         "first_closed": min(took, default=0.0),
         "last_closed": max(took, default=0.0),
+        "reset": reset,
     }
 
 

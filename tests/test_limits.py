@@ -73,6 +73,9 @@ PINNED = {
     "H2Connection._receive_frame": (
         "39b2e16b4fd74ed014ca144a0c6e388aef3dc51f116d6f0a874b70d92bd92873"
     ),
+    "H2Connection.receive_data": (
+        "4470c8fafce8153ac77aedb1a8daff284ed7691cd7650c986fd608a5f723a69e"
+    ),
     "H2Connection._stream_closed_by": (
         "e5e734d023f1734faf38e4ebc7e96188516cd87ea887fb8dfda55af6052017b3"
     ),
@@ -169,6 +172,7 @@ def test_the_overridden_hypercorn_is_the_version_pinned() -> None:
         "H2Connection.open_inbound_streams": connection.open_inbound_streams.fget,
         "H2Connection._begin_new_stream": connection._begin_new_stream,
         "H2Connection._receive_frame": connection._receive_frame,
+        "H2Connection.receive_data": connection.receive_data,
         "H2Connection._stream_closed_by": connection._stream_closed_by,
         "_decode_headers": h2.connection._decode_headers,
     }
@@ -229,6 +233,37 @@ def test_http2_streams_past_the_limit_are_refused_with_no_stream_made() -> None:
     received = [e for e in events if isinstance(e, h2.events.RequestReceived)]
     assert [e.stream_id for e in received] == [7]
     assert (b"x-only-in-5", b"abc") in (received[0].headers or [])
+
+
+def test_http2_a_stream_closed_between_refusals_makes_room_in_the_same_read() -> None:
+    """With 2 streams allowed, in one read: streams 1 and 3 open, 5 and 7 are
+    refused, the client resets stream 1, and stream 9 is opened in its room
+    (the open streams are counted again after the reset), 11 refused; in
+    the next read, after the server has answered stream 3, stream 13 opens."""
+    server = _H2Connection(h2.config.H2Configuration(client_side=False))
+    server.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
+    )
+    server.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    base = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
+    for stream_id in (1, 3, 5, 7):
+        client.send_headers(stream_id, [*base, (":path", f"/{stream_id}")], end_stream=True)
+    client.reset_stream(1)
+    for stream_id in (9, 11):
+        client.send_headers(stream_id, [*base, (":path", f"/{stream_id}")], end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    opened = [e.stream_id for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert opened == [1, 3, 9]
+    assert server.refused == 3
+    refusals = [f[1] for f in _frames(server.data_to_send()) if f[2] == REFUSED]
+    assert refusals == [5, 7, 11]
+    server.send_headers(3, [(":status", "301")], end_stream=True)
+    client.send_headers(13, [*base, (":path", "/13")], end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    assert [e.stream_id for e in events if isinstance(e, h2.events.RequestReceived)] == [13]
+    assert server.refused == 3
 
 
 async def test_connections_past_max_connections_are_reset_and_counted(broker: Broker) -> None:

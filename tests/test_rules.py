@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from redirect_logger.config import ConfigError, parse_settings
 from redirect_logger.links import answer
-from redirect_logger.rules import RuleTable, Target, merge_query, request_host
+from redirect_logger.rules import RuleTable, Target, merge_query, quote_path, request_host
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
 
@@ -219,6 +219,34 @@ def test_forwarded_prefix_remainder_lands_encoded_in_the_path(
     assert_forwarded(location, urlsplit(target_url).path or "/", remainder)
     assert urlsplit(location).query == urlsplit(target_url).query
     assert urlsplit(location).fragment == urlsplit(target_url).fragment
+
+
+PATH_SAFE = "/-._~!$&'()*+,;=:@"  # the forwarded path's kept characters, as rules.py has them
+
+
+@given(
+    text=st.one_of(
+        st.text(),
+        st.text(st.characters(max_codepoint=0x7F)),
+        st.text(st.characters(max_codepoint=0xFF)),
+        st.text(
+            st.sampled_from(["%", "/", '"', "\x00", "\x7f", "\x80", "\xff", "a", "~", "\u0100"])
+        ),
+    )
+)
+@example(text="")
+@example(text='"' * 16_000)
+@example(text="a/b c/%41/\u00e9/\U0001f600/\x00")
+@example(text="".join(map(chr, range(256))))
+def test_quote_path_is_quote_character_for_character(text: str) -> None:
+    assert quote_path(text) == quote(text, safe=PATH_SAFE)
+
+
+def test_quote_path_refuses_a_lone_surrogate_as_quote_does() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        quote("a\udcff", safe=PATH_SAFE)
+    with pytest.raises(UnicodeEncodeError):
+        quote_path("a\udcff")
 
 
 @pytest.mark.parametrize(
