@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from h2._typing import Buffer
 
 
+class ClosedAfterGoaway(Closed):
+    """Close the connection after the GOAWAY just sent, lingering
+    (``server._GuardedTCPServer``): what the client still sends is read and
+    dropped for a moment first, so that the kernel does not answer it with a
+    reset that could destroy the GOAWAY before the client reads it."""
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection, but a stream opened past the advertised
     ``SETTINGS_MAX_CONCURRENT_STREAMS`` is refused alone (RST_STREAM
@@ -167,6 +174,6 @@ class GuardedH2Protocol(H2Protocol):
                 code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
                 self.connection.close_connection(code, last_stream_id=self._last_request)
                 await self._flush()
-                await self.send(Closed())
+                await self.send(ClosedAfterGoaway())
                 return
         await super()._handle_events(events)

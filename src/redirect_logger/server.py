@@ -25,7 +25,7 @@ from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
 from .config import ServerSettings, Settings
-from .http2 import GuardedH2Protocol
+from .http2 import ClosedAfterGoaway, GuardedH2Protocol
 from .limits import ConnectionGate
 from .logs import RateLimitedLog
 
@@ -135,7 +135,37 @@ class _GuardedTCPServer(TCPServer):
             if not event.idle and self._closing:
                 raise _RequestAfterIdleClose
             self._busy = not event.idle
+        elif isinstance(event, ClosedAfterGoaway):
+            await self._linger()
         await super().protocol_send(event)
+
+    async def _linger(self) -> None:
+        """A lingering close, after a GOAWAY (``http2.py``): end our side
+        (FIN after the GOAWAY), then read and drop what the client still
+        sends, until it closes too, for at most ``LINGER_SECONDS`` and
+        ``LINGER_BYTES``. Closing a socket with unread input makes the
+        kernel send a reset, and a reset can destroy the GOAWAY in the
+        client's receive buffer before the client reads it: a flood's
+        client, still writing, would see its connection reset with no
+        reason given. Called from the connection's reading task (the GOAWAY
+        is sent while it handles a read), so nothing else reads meanwhile."""
+        with suppress(
+            trio.BrokenResourceError,
+            trio.BusyResourceError,
+            trio.ClosedResourceError,
+            AttributeError,  # a TLS stream has no send_eof
+        ):
+            await self.stream.send_eof()
+        left = LINGER_BYTES
+        with trio.move_on_after(LINGER_SECONDS):
+            while left > 0:
+                try:
+                    data = await self.stream.receive_some(MAX_RECV)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                left -= len(data)
 
     async def _initiate_server_close(self) -> None:
         if self._busy:
@@ -232,6 +262,9 @@ class _GuardedTCPServer(TCPServer):
 
 
 _USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+# A lingering close after a GOAWAY reads and drops at most this long, and this much
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1 << 20
 # Each Hypercorn server's guarded connections (by its WorkerContext)
 _open: weakref.WeakKeyDictionary[WorkerContext, set[trio.socket.SocketType]] = (
     weakref.WeakKeyDictionary()
