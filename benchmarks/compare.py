@@ -171,6 +171,19 @@ def wrk_figures(report: str) -> tuple[float, float, float, int]:
     return float(rps.group(1)), _ms(*p50.groups()), _ms(*p99.groups()), int(count.group(1))
 
 
+def reader(bootstrap: str) -> Consumer:
+    """A consumer in a group of its own that commits nothing: for reading a
+    topic from its start (here and in shortfall.py)."""
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
+    )
+
+
 def _ends(consumer: Consumer, topic: str) -> dict[int, int] | None:
     """Each partition's end offset (high watermark) now; None if the topic is unknown."""
     metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
@@ -218,14 +231,7 @@ class Kept:
 def _kept(bootstrap: str, topic: str) -> Kept:
     """Every record of ``topic``, read from each partition's start to its
     (stable) end offset, by id."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"bench-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "log_level": 0,
-        }
-    )
+    consumer = reader(bootstrap)
     try:
         first = _ends(consumer, topic) or {}
         ends = _stable_ends(consumer, topic) or {}

@@ -76,9 +76,9 @@ from collections import Counter
 from itertools import cycle
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 
-from compare import _kept
+from compare import _ends, _kept, reader
 from served import ROOT, Served, write_config
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -388,20 +388,10 @@ def direct_run(
 def _offsets(bootstrap: str, topic: str) -> dict[tuple[int, int], bytes]:
     """Every record of ``topic``: (partition, offset) -> value, read to each
     partition's end offset."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"bench-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "log_level": 0,
-        }
-    )
+    consumer = reader(bootstrap)
     try:
-        partitions = sorted(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
-            for p in partitions
-        }
+        ends = _ends(consumer, topic) or {}
+        partitions = sorted(ends)
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         stored: dict[tuple[int, int], bytes] = {}
         positions = dict.fromkeys(partitions, 0)
