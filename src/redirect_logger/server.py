@@ -264,7 +264,7 @@ class _GuardedTCPServer(TCPServer):
 _USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
 # A lingering close after a GOAWAY reads and drops at most this long, and this much
 LINGER_SECONDS = 1.0
-LINGER_BYTES = 1 << 20
+LINGER_BYTES = 16 << 20
 # Each Hypercorn server's guarded connections (by its WorkerContext)
 _open: weakref.WeakKeyDictionary[WorkerContext, set[trio.socket.SocketType]] = (
     weakref.WeakKeyDictionary()
