@@ -197,19 +197,25 @@ def _frames(data: bytes) -> list[tuple[str, int, int | None]]:
     return found
 
 
+def _h2_pair(max_streams: int) -> tuple[_H2Connection, h2.connection.H2Connection]:
+    """The service's h2 connection, advertising ``max_streams``, and a client's."""
+    server = _H2Connection(h2.config.H2Configuration(client_side=False))
+    server.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams}
+    )
+    server.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    return server, client
+
+
 def test_http2_streams_past_the_limit_are_refused_with_no_stream_made() -> None:
     """With 2 streams allowed, a third is refused (RST_STREAM REFUSED_STREAM)
     and h2 makes no stream for it; its header block is decoded all the same
     (the next stream's block refers to it through HPACK's table, and
     decodes); DATA sent on it afterwards gets RST_STREAM STREAM_CLOSED, and
     the connection goes on."""
-    server = _H2Connection(h2.config.H2Configuration(client_side=False))
-    server.local_settings = h2.settings.Settings(
-        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
-    )
-    server.initiate_connection()
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
+    server, client = _h2_pair(max_streams=2)
     base = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
     for stream_id in (1, 3, 5):
         extra = [("x-only-in-5", "abc")] if stream_id == 5 else []
@@ -240,13 +246,7 @@ def test_http2_a_stream_closed_between_refusals_makes_room_in_the_same_read() ->
     refused, the client resets stream 1, and stream 9 is opened in its room
     (the open streams are counted again after the reset), 11 refused; in
     the next read, after the server has answered stream 3, stream 13 opens."""
-    server = _H2Connection(h2.config.H2Configuration(client_side=False))
-    server.local_settings = h2.settings.Settings(
-        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
-    )
-    server.initiate_connection()
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
+    server, client = _h2_pair(max_streams=2)
     base = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
     for stream_id in (1, 3, 5, 7):
         client.send_headers(stream_id, [*base, (":path", f"/{stream_id}")], end_stream=True)
