@@ -678,10 +678,12 @@ async def test_http2_streams_past_the_advertised_limit_are_refused_one_by_one(
 async def test_http2_rapid_reset_gets_goaway_and_the_connection_closed(broker: Broker) -> None:
     """h2_max_resets_per_second = 20. One connection opens and resets 20 streams
     at once, then asks once more: answered. Another opens and resets 50 at
-    once (CVE-2023-44487): the 21st reset gets GOAWAY ENHANCE_YOUR_CALM, whose
-    last stream is the last request handed to the app, and the connection is
-    closed; it is counted once, as h2_resets. Each request read before the
-    21st reset is recorded, none after it."""
+    once (CVE-2023-44487), in one write: the 21st reset gets GOAWAY
+    ENHANCE_YOUR_CALM, and the connection is closed; it is counted once, as
+    h2_resets. None of the write's requests reaches the app (the GOAWAY's
+    last stream id is 0). A third connection asks once, then opens and
+    resets 50: the GOAWAY's last stream is its first request, the only one
+    of its requests recorded."""
     stop = trio.Event()
     config = service_config(
         broker.bootstrap, unique_topic(), server={"h2_max_resets_per_second": 20}
@@ -705,17 +707,30 @@ async def test_http2_rapid_reset_gets_goaway_and_the_connection_closed(broker: B
                     assert not await rapid.until(lambda: False)  # until closed
                 assert rapid.goaway is not None
                 assert rapid.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-                assert rapid.goaway.last_stream_id == ids[20]
-            while service.ledger_snapshot()["received"] < 42:  # noqa: ASYNC110
+                assert rapid.goaway.last_stream_id == 0
+            third = await h2_connect(service.binds[0])
+            async with third.stream:
+                first = third.get("/docs/first")
+                await third.flush()
+                assert await third.until(lambda: first in third.ended)
+                assert third.statuses[first] == 301
+                ids = [third.get(f"/docs/t{n}", reset=True) for n in range(50)]
+                await third.flush()
+                with suppress(trio.BrokenResourceError):
+                    assert not await third.until(lambda: False)  # until closed
+                assert third.goaway is not None
+                assert third.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+                assert third.goaway.last_stream_id == first < ids[0]
+            while service.ledger_snapshot()["received"] < 22:  # noqa: ASYNC110
                 await trio.sleep(0.05)
             assert h2_metrics(service) == (
-                {"max_connections": 0, "max_connections_per_ip": 0, "h2_resets": 1},
+                {"max_connections": 0, "max_connections_per_ip": 0, "h2_resets": 2},
                 0,
             )
             stop.set()
     assert codes == [0]
     ledger = service.ledger_snapshot()
-    assert ledger["received"] == ledger["delivered"] == 21 + 21, ledger
+    assert ledger["received"] == ledger["delivered"] == 21 + 1, ledger
 
 
 async def test_a_servers_end_of_graceful_shutdown_resets_only_its_own_connections(

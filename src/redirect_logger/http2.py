@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import trio
 from h2.connection import ConnectionInputs
 from h2.events import Event as H2Event
@@ -112,14 +113,22 @@ class GuardedH2Protocol(H2Protocol):
     streams refused) more than ``server.h2_max_resets_per_second`` times in
     a second gets GOAWAY ``ENHANCE_YOUR_CALM`` and is closed: the "rapid
     reset" attack (CVE-2023-44487), where each reset stream costs the server
-    a request and the client nothing. The requests read before the reset past
-    the limit are handled as usual; none after it reaches the app.
+    a request and the client nothing.
 
-    What the connection reads (up to 64 KiB at a time) is handed to h2
-    ``SLICE`` bytes at a time, so that the bytes read after the reset past
-    the limit are not parsed: a rapid-reset client's read of 64 KiB holds
-    some 2,000 streams, each costing the Trio thread a header block to
-    decode, while the connection's other tasks and connections wait."""
+    What h2 makes of a read (up to 64 KiB) reaches the app only once the
+    whole read is decoded, and not at all if the read crosses the reset
+    limit: the GOAWAY's last stream id is the last request of an earlier
+    read, so the client may retry the others (RFC 9113 6.8), and a flood's
+    or a rapid-reset client's write, a read of its own, costs the app
+    nothing. Handing each request over as it was decoded let a flood
+    connection's first 100 streams be answered before its refusals crossed
+    the limit.
+
+    A read is handed to h2 ``SLICE`` bytes at a time, so that the bytes after
+    the reset past the limit are not decoded: a rapid-reset client's read of
+    64 KiB holds some 2,000 streams, each costing the Trio thread a header
+    block to decode, while the connection's other tasks and connections
+    wait."""
 
     SLICE = 4096  # bytes handed to h2 at once
 
@@ -138,19 +147,38 @@ class GuardedH2Protocol(H2Protocol):
         self._resets = 0  # in that second
         self._refused = 0  # of the connection's refused streams, those counted
         self._last_request = 0  # the highest stream id handed to the app
-        self._calmed = False  # GOAWAY ENHANCE_YOUR_CALM sent
+        self._ended = False  # GOAWAY sent: ENHANCE_YOUR_CALM, or h2's on a protocol error
+        self._read: list[H2Event] = []  # the events of the read being decoded
 
     async def handle(self, event: Event) -> None:
-        if not isinstance(event, RawData) or len(event.data) <= self.SLICE:
+        if not isinstance(event, RawData):
             await super().handle(event)
             return
         data = event.data
         for start in range(0, len(data), self.SLICE):
-            if self._calmed or self.closed:
-                return
-            await super().handle(RawData(data[start : start + self.SLICE]))
+            if start:
+                await trio.lowlevel.checkpoint()  # a slice's decoding is a step
+            if self._ended or self.closed:
+                break
+            try:  # as Hypercorn's handle does with a read
+                sliced = self.connection.receive_data(data[start : start + self.SLICE])
+            except h2.exceptions.ProtocolError:  # h2 queued its GOAWAY
+                await self._flush()
+                await self.send(Closed())
+                self._ended = True  # nothing more of it is decoded or handled
+                break
+            await self._handle_events(sliced)
+        events, self._read = self._read, []
+        if self._ended or self.closed:
+            return
+        for received in events:
+            if isinstance(received, h2.events.RequestReceived):
+                self._last_request = max(self._last_request, received.stream_id or 0)
+        await super()._handle_events(events)
 
     async def _handle_events(self, events: list[H2Event]) -> None:
+        """Count the resets of a slice's events, and keep the events for the
+        end of the read (``handle``), or send the GOAWAY."""
         now = trio.current_time()
         if now - self._second >= 1.0:
             self._second, self._resets = now, 0
@@ -159,21 +187,13 @@ class GuardedH2Protocol(H2Protocol):
             self._refused += refused
             self._resets += refused
             self._gate.streams_refused(refused)
-        limit = self._gate.limits.h2_max_resets_per_second
-        for index, event in enumerate(events):
-            if isinstance(event, h2.events.StreamReset):
-                self._resets += 1
-            elif isinstance(event, h2.events.RequestReceived) and self._resets <= limit:
-                self._last_request = max(self._last_request, event.stream_id or 0)
-            if self._resets > limit:
-                await super()._handle_events(events[:index])
-                self._gate.refused(
-                    "h2_resets", f"{self._resets} HTTP/2 stream resets within a second"
-                )
-                self._calmed = True
-                code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-                self.connection.close_connection(code, last_stream_id=self._last_request)
-                await self._flush()
-                await self.send(ClosedAfterGoaway())
-                return
-        await super()._handle_events(events)
+        self._resets += sum(isinstance(event, h2.events.StreamReset) for event in events)
+        if self._resets <= self._gate.limits.h2_max_resets_per_second:
+            self._read += events
+            return
+        self._gate.refused("h2_resets", f"{self._resets} HTTP/2 stream resets within a second")
+        self._ended = True
+        code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        self.connection.close_connection(code, last_stream_id=self._last_request)
+        await self._flush()
+        await self.send(ClosedAfterGoaway())
