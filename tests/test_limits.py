@@ -36,10 +36,12 @@ import hypercorn.trio.worker_context
 import pytest
 import trio
 from hyperframe.frame import DataFrame, Frame, RstStreamFrame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from brokers import Broker, free_port
-from redirect_logger.http2 import _H2Connection
+from redirect_logger.http2 import _FrameScan, _H2Connection
 from redirect_logger.service import Service
 from support import (
     ServiceProcess,
@@ -264,6 +266,81 @@ def test_http2_a_stream_closed_between_refusals_makes_room_in_the_same_read() ->
     events = server.receive_data(client.data_to_send())
     assert [e.stream_id for e in events if isinstance(e, h2.events.RequestReceived)] == [13]
     assert server.refused == 3
+
+
+def test_the_frame_scan_counts_resets_and_new_streams_however_reads_are_cut() -> None:
+    """A client's bytes: the preface, SETTINGS, streams 1, 3 and 5 (5's header
+    block over 16 KiB, so in HEADERS and CONTINUATION frames), DATA whose
+    payload looks like frame headers, 3's trailers (HEADERS on an open
+    stream), two RST_STREAM, a PING: cut into two reads at every byte, the
+    scan counts 2 resets and 3 new streams."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    base = [(":method", "POST"), (":scheme", "http"), (":authority", "x")]
+    client.send_headers(1, [*base, (":path", "/1")])
+    client.send_headers(3, [*base, (":path", "/3")])
+    big = "".join(chr(33 + n * 7 % 90) for n in range(40000))  # Huffman-coded over 16 KiB
+    client.send_headers(5, [*base, (":path", "/5"), ("x-big", big)])
+    client.send_data(1, bytes(RstStreamFrame(1).serialize()) * 20)
+    client.send_headers(3, [("x-trailer", "t")], end_stream=True)
+    client.reset_stream(1)
+    client.reset_stream(5)
+    client.ping(b"12345678")
+    data = client.data_to_send()
+    assert sum(frame[0] == 0x9 for frame in _frames(data[24:])) >= 1  # CONTINUATION
+    for cut in range(len(data) + 1):
+        scan = _FrameScan()
+        first, second = scan.read(data[:cut]), scan.read(data[cut:])
+        assert (first[0] + second[0], first[1] + second[1]) == (2, 3), cut
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(1, 6),
+    before=st.integers(0, 6),
+    answered=st.booleans(),
+    actions=st.lists(st.sampled_from(["open", "reset", "trailers"]), max_size=30),
+)
+def test_the_frame_scan_never_foresees_more_refusals_than_h2_makes(
+    limit: int, before: int, answered: bool, actions: list[str]
+) -> None:
+    """GuardedH2Protocol GOAWAYs a read undecoded when its RST_STREAM frames and
+    the refusals foreseen from the scan (its new streams past the limit and
+    past one room for each RST_STREAM) cross the limit: the refusals h2
+    then makes of the read are never fewer than foreseen, whatever the read
+    opens, resets and ends, with up to ``limit`` streams allowed and some
+    opened by an earlier read, answered or not."""
+    server, client = _h2_pair(max_streams=limit)
+    scan = _FrameScan()
+    base = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
+    opened: list[int] = []
+
+    def open_one(end: bool) -> None:
+        stream_id = client.get_next_available_stream_id()
+        client.send_headers(stream_id, [*base, (":path", "/")], end_stream=end)
+        opened.append(stream_id)
+
+    for _ in range(before):
+        open_one(end=False)
+    earlier = client.data_to_send()
+    scan.read(earlier)
+    for event in server.receive_data(earlier):
+        if isinstance(event, h2.events.RequestReceived) and answered:
+            server.send_headers(event.stream_id, [(":status", "301")], end_stream=True)
+            break
+    server.data_to_send()
+    for action in actions:
+        if action == "open":
+            open_one(end=False)
+        elif opened and action == "reset":
+            client.reset_stream(opened.pop(0))
+        elif opened and action == "trailers":
+            client.send_headers(opened.pop(), [("x-t", "t")], end_stream=True)
+    data = client.data_to_send()
+    resets, streams = scan.read(data)
+    refused = server.refused
+    server.receive_data(data)
+    assert server.refused - refused >= streams - limit - resets
 
 
 async def test_connections_past_max_connections_are_reset_and_counted(broker: Broker) -> None:
