@@ -776,28 +776,29 @@ async def test_http2_rapid_reset_gets_goaway_and_the_connection_closed(broker: B
                 await calm.flush()
                 assert await calm.until(lambda: last in calm.ended)
                 assert (calm.statuses[last], calm.goaway) == (301, None)
+
+            async def reset_50(client: H2Client) -> tuple[int, int]:
+                """50 streams opened and reset in one write: the first one's
+                id, and the last stream id of the GOAWAY that closes it."""
+                ids = [client.get(f"/docs/r{n}", reset=True) for n in range(50)]
+                await client.flush()
+                with suppress(trio.BrokenResourceError):
+                    assert not await client.until(lambda: False)  # until closed
+                assert client.goaway is not None
+                assert client.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+                return ids[0], client.goaway.last_stream_id
+
             rapid = await h2_connect(service.binds[0])
             async with rapid.stream:
-                ids = [rapid.get(f"/docs/r{n}", reset=True) for n in range(50)]
-                await rapid.flush()
-                with suppress(trio.BrokenResourceError):
-                    assert not await rapid.until(lambda: False)  # until closed
-                assert rapid.goaway is not None
-                assert rapid.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-                assert rapid.goaway.last_stream_id == 0
+                assert (await reset_50(rapid))[1] == 0
             third = await h2_connect(service.binds[0])
             async with third.stream:
                 first = third.get("/docs/first")
                 await third.flush()
                 assert await third.until(lambda: first in third.ended)
                 assert third.statuses[first] == 301
-                ids = [third.get(f"/docs/t{n}", reset=True) for n in range(50)]
-                await third.flush()
-                with suppress(trio.BrokenResourceError):
-                    assert not await third.until(lambda: False)  # until closed
-                assert third.goaway is not None
-                assert third.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-                assert third.goaway.last_stream_id == first < ids[0]
+                after, last_stream = await reset_50(third)
+                assert last_stream == first < after
             while service.ledger_snapshot()["received"] < 22:  # noqa: ASYNC110
                 await trio.sleep(0.05)
             assert h2_metrics(service) == (
