@@ -920,7 +920,9 @@ def h2_request(path: bytes, method: bytes = b"GET") -> Headers:
 async def h2_exchange(
     url: str, requests: list[Headers]
 ) -> tuple[dict[int, Response], h2.events.ConnectionTerminated | None]:
-    """Each request on its own stream of one connection: the answers, and a GOAWAY if any."""
+    """Each request on its own stream of one connection: the answers by stream
+    id, in the order of the requests (the service may answer them in any
+    order), and a GOAWAY if any."""
     client = h2.connection.H2Connection(
         h2.config.H2Configuration(
             client_side=True,
@@ -962,9 +964,9 @@ async def h2_exchange(
                         assert event.stream_id is not None
                         ended.add(event.stream_id)
                     elif isinstance(event, h2.events.ConnectionTerminated):
-                        return answers, event
+                        return dict(sorted(answers.items())), event
                 await stream.send_all(client.data_to_send())
-    return answers, None
+    return dict(sorted(answers.items())), None
 
 
 H2_PATHS = [
