@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from redirect_logger.bots import CACHE_SIZE, BotDetector
+from redirect_logger.bots import CACHE_SIZE, Agent, BotDetector, _devices
 from redirect_logger.config import parse_settings
 from redirect_logger.hits import (
     FIELD_LIMITS,
@@ -454,6 +454,62 @@ def test_bot_verdict_cache_stays_within_its_bound() -> None:
         default.is_bot("GET", f"agent-{n}")
     assert (CACHE_SIZE, default.cached) == (4096, 4096)
     assert time.monotonic() - started < 5.0  # ~15 ms here: ~2.5 µs per new agent
+
+
+def uap_spider(agent: str) -> bool:
+    """The verdict of every uap-core device pattern, in order, with no shortcut."""
+    device = _devices().extract(agent)
+    return device is not None and device.family == "Spider"
+
+
+# Texts uap-core's device patterns are made of, for agents that come near them.
+_AGENT_PARTS = [
+    *(AGENTS.values()),
+    "Mozilla/5.0 (",
+    "Linux; Android 10; ",
+    "iPhone; CPU iPhone OS 17_0 like Mac OS X",
+    "; ",
+    " Build/KOT49H",
+    ") AppleWebKit/537.36",
+    "Coolpad ",
+    "Coolpad_",
+    "Spider",
+    "Spi",
+    "der",
+    "spider",
+    "bot",
+    "Bot-Mobile",
+    "bots/2",
+    "crawler.html",
+    "PetalBot",
+    " PTST/12",
+    "X11; Datanyze; Linux",
+    "LG-",
+    "HUAWEI ",
+    "Motorola ",
+    "Sprint ",
+    "Nokia",
+    " ",
+]
+
+
+@pytest.mark.parametrize(
+    "agent",
+    [
+        "Mozilla/5.0 (Linux; Android 10; Spider Build/QP1A)",  # "$1": the word whole
+        "Mozilla/5.0 (Linux; Android 4.4; SpiCoolpad der Build/KOT49H)",  # "$1$2": split
+        "Mozilla/5.0 (Linux; Android 4.4; Spi Coolpad der Build/KOT49H)",  # "Spi der"
+        "Mozilla/5.0 (Linux; Android 4.4; Coolpad 8297 Build/KOT49H)",
+        "Mozilla/5.0 (Linux; Android 6.0; Nexus 5X) AppleWebKit (compatible; Googlebot/2.1)",
+    ],
+)
+def test_spider_shortcut_agrees_with_every_pattern_in_order(agent: str) -> None:
+    assert Agent(agent).spider is uap_spider(agent)
+
+
+@given(st.lists(st.sampled_from(_AGENT_PARTS), max_size=8).map("".join))
+def test_spider_shortcut_agrees_with_every_pattern_on_made_up_agents(agent: str) -> None:
+    assert Agent(agent).spider is uap_spider(agent)
 
 
 def test_message_headers_name_the_kind_and_rule_and_are_shared() -> None:

@@ -5,6 +5,12 @@ delivery-report callback (set once, in the producer's config) serves every
 message; it runs in whichever thread polls (the one poller, or the final
 flush) and touches only thread-safe state: the ledger, prometheus metrics and
 plain attributes.
+
+A sink built with ``acknowledged`` (the live producer under durability
+"memory") asks librdkafka for error reports only: a success report costs the
+GIL about as much as encoding the record did, and that producer needs no
+record's message back, only how many were acknowledged. It counts them
+instead (``_count_acknowledged``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
@@ -30,6 +37,14 @@ _BUFFER_RETRY = 0.005  # s between produce attempts while librdkafka's queue is 
 _PURGE_REPORTS_WAIT = 1.0  # s for the purged records' (error) reports to be served
 _AUTO_CREATE_WAIT = 1.0  # s for a topic a broker auto-creates to show in its metadata
 _AUTO_CREATE_RETRY = 0.1  # s between metadata requests meanwhile
+_POLL_IDLE = 0.1  # s a poll waits for reports
+# s a counting sink's poll waits while records are out: no success report
+# wakes it, so this is how late an acknowledgement may be counted.
+_POLL_COUNTING = 0.002
+
+# A counting sink's news: records acknowledged, and (seconds, records) for each
+# batch whose records all have their outcome, timed from its produce call.
+Acknowledged = Callable[[int, list[tuple[float, int]]], None]
 
 
 class _RepeatFilter(Throttle, logging.Filter):
@@ -99,7 +114,12 @@ class KafkaSink:
         *,
         name: str = "producer",
         unknown_topic: Callable[[], None] = lambda: None,
+        acknowledged: Acknowledged | None = None,
     ) -> None:
+        """``acknowledged``: count the records of untagged batches that are
+        acknowledged, without a report each, and tell it (module docstring).
+        Only for a sink whose batches carry no tag: a tagged record's success
+        is never reported then."""
         self.name = name
         # Called (in the reporting or producing thread) when librdkafka says a
         # topic does not exist; the records themselves go to ``reports`` as usual.
@@ -117,11 +137,21 @@ class KafkaSink:
         self._produced = 0
         self._reported = 0
         self._pending: list[tuple[Encoded, KafkaError, object]] = []  # with the batch's tag
+        # Counting (``acknowledged``), for the current producer: records it
+        # took, error reports it made, acknowledgements counted, and for each
+        # batch not yet settled, the count it took up to and its produce time.
+        self._acknowledged = acknowledged
+        self._took = 0
+        self._errors = 0
+        self._counted = 0
+        self._batches: deque[tuple[int, int, float]] = deque()
+        self._work = threading.Event()  # set while a counting sink has records out
         # During a rebuild: records to produce again, with their tags.
         self._carry: list[tuple[Encoded, object]] | None = None
         self._conf: dict[str, Any] = {
             **config,
             "on_delivery": self._on_delivery,
+            "delivery.report.only.error": acknowledged is not None,
             "stats_cb": self._on_stats,
             "error_cb": self._on_error,
             "logger": _librdkafka_log,
@@ -159,10 +189,13 @@ class KafkaSink:
         record = restored(message.topic() or "", message.key(), message.value() or b"")
         with self._count_lock:
             self._pending.append((record, error, tag))
+            self._errors += 1
 
     def _settle(self) -> None:
         """Hand the error reports served by the last poll to ``reports``, a
-        call per tag and kind."""
+        call per tag and kind (and count what was acknowledged)."""
+        if self._acknowledged is not None:
+            self._count_acknowledged()
         with self._count_lock:
             pending, self._pending = self._pending, []
         if pending:
@@ -185,6 +218,33 @@ class KafkaSink:
             with self._count_lock:
                 self._reported += len(pending)
         self._reports.served()
+
+    def _count_acknowledged(self) -> None:
+        """Count the records acknowledged since the last call, and time the
+        batches now settled: a record the producer took is out (in
+        ``len(producer)``, which also counts librdkafka's queued events) or
+        gone, and gone is acknowledged unless its error report was made. Read
+        in that order (taken, out, errors), a record taken later can only make
+        the count lower than the truth, never higher, and a later call makes
+        up for it. Exact once nothing is out: after a flush."""
+        waits: list[tuple[float, int]] = []
+        with self._count_lock:
+            took = self._took
+            out = len(self._producer)
+            done = took - out  # acknowledged or reported failed
+            acknowledged = done - self._errors - self._counted
+            if acknowledged > 0:
+                self._counted += acknowledged
+                self._reported += acknowledged
+            if out == 0:
+                self._work.clear()
+            now, settled = time.monotonic(), self._batches
+            while settled and settled[0][0] <= done:
+                _, records, produced_at = settled.popleft()
+                waits.append((now - produced_at, records))
+        if acknowledged > 0 or waits:
+            assert self._acknowledged is not None
+            self._acknowledged(max(acknowledged, 0), waits)
 
     def _on_stats(self, stats_json: str) -> None:
         brokers = orjson.loads(stats_json).get("brokers", {})
@@ -211,7 +271,8 @@ class KafkaSink:
         # keyword (0.3-0.4 us a record): topic, value, key, partition (-1: the
         # partitioner's choice), callback (None: the config's on_delivery),
         # on_delivery, timestamp, headers.
-        give_up = time.monotonic() + window
+        started = time.monotonic()
+        give_up = started + window
         produced = 0
         try:
             for index, (topic, key, value, timestamp_ms, headers) in enumerate(batch):
@@ -242,6 +303,12 @@ class KafkaSink:
         finally:
             with self._count_lock:
                 self._produced += produced
+                # Counted for the producer that took them; one replaced
+                # meanwhile (rebuild) was purged, and reports them failed.
+                if produced and self._acknowledged is not None and producer is self._producer:
+                    self._took += produced
+                    self._batches.append((self._took, produced, started))
+                    self._work.set()
 
     def topic_names(self, wanted: Collection[str], timeout: float) -> set[str] | None:
         """Which topics exist, from one metadata request for all topics, which
@@ -295,8 +362,17 @@ class KafkaSink:
         self._settle()
 
     def poll_until(self, stop: threading.Event) -> None:
+        """Poll until ``stop``. A counting sink gets no report for most
+        records, so while it has records out it polls every ``_POLL_COUNTING``
+        s, and otherwise waits for some to go out (statistics and errors are
+        served every ``_POLL_IDLE`` s at the latest either way)."""
         while not stop.is_set():
-            self._producer.poll(0.1)
+            if self._acknowledged is None:
+                self._producer.poll(_POLL_IDLE)
+            elif self._work.wait(_POLL_IDLE):
+                self._producer.poll(_POLL_COUNTING)
+            else:
+                self._producer.poll(0)
             self._settle()
 
     def flush(self, timeout: float) -> None:
@@ -332,7 +408,11 @@ class KafkaSink:
         finally:
             self._carry = None
         self.reachable = False
-        self._producer = self._create()
+        new = self._create()
+        with self._count_lock:  # what the old one took and did not settle stays queued
+            self._producer = new
+            self._took = self._errors = self._counted = 0
+            self._batches.clear()
         self.fatal_error = None
         self.rebuilds += 1
         taken = 0

@@ -50,18 +50,25 @@ class _LiveReports:
     def __init__(self, ledger: Ledger, spill: Spill, metrics: Metrics) -> None:
         self._ledger = ledger
         self._spill = spill
-        self._observe_latency = metrics.delivery_latency.observe
+        self._latency = metrics.delivery_latency
 
     def delivered(self, message: Message, tag: object) -> None:
         latency = message.latency()
         if latency is not None:
-            self._observe_latency(latency)
+            self._latency.observe(latency)
         if isinstance(tag, Flight):
             tag.delivered(message)
             return
         self._ledger.add_delivered()
         if isinstance(tag, Placement):
             tag.settle([record_id(message.value() or b"")])
+
+    def acknowledged(self, count: int, waits: list[tuple[float, int]]) -> None:
+        """Records of untagged batches acknowledged, counted by the sink
+        (durability "memory"), and how long each settled batch took."""
+        if count:
+            self._ledger.add_delivered(count)
+        self._latency.observe_many(waits)
 
     def undelivered(self, records: list[Encoded], why: str, tag: object) -> None:
         if isinstance(tag, Flight):
@@ -303,7 +310,14 @@ class Service:
             self.spill.journal = journal
             log.info("spill journal %s (%d bytes waiting)", journal.directory, journal.size)
         reports = _LiveReports(self.ledger, self.spill, self.metrics)
-        self.sink = KafkaSink(settings.kafka, reports, unknown_topic=self.topics.suspect)
+        # Under "memory" no batch is tagged: the sink counts acknowledgements.
+        counting = settings.records.durability == "memory"
+        self.sink = KafkaSink(
+            settings.kafka,
+            reports,
+            unknown_topic=self.topics.suspect,
+            acknowledged=reports.acknowledged if counting else None,
+        )
         if settings.spill.enabled:
             self.replayer = Replayer(
                 settings.kafka,
