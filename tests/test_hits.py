@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 
@@ -56,6 +57,26 @@ def test_a_kept_millisecond_is_written_as_rfc3339_ms_writes_it(
     for step in [0.0, *steps]:
         ts += step
         assert millisecond.text(ts) == rfc3339_ms(ts)
+
+
+@given(
+    second=st.integers(min_value=0, max_value=2**33),
+    ms=st.integers(min_value=0, max_value=999),
+    offsets=st.lists(st.integers(min_value=-40, max_value=40), min_size=1, max_size=20),
+)
+def test_a_kept_millisecond_is_right_next_to_its_edges(
+    second: int, ms: int, offsets: list[int]
+) -> None:
+    """Times a few float steps either side of a millisecond's rounding edges,
+    after a time inside it has been kept."""
+    millisecond = Millisecond()
+    inside = second + (ms + 0.5) / 1000
+    assert millisecond.text(inside) == rfc3339_ms(inside)
+    for edge in (second + (ms - 0.0005) / 1000, second + (ms + 0.9995) / 1000):
+        for offset in offsets:
+            ts = edge + offset * math.ulp(edge)
+            assert millisecond.text(ts) == rfc3339_ms(ts)
+            assert millisecond.text(inside) == rfc3339_ms(inside)
 
 
 @pytest.mark.parametrize(

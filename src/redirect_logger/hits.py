@@ -255,17 +255,25 @@ class Millisecond:
     many hits within one (a millisecond of requests, and a batch's
     ``logged_at``), and telling the millisecond costs less than writing it."""
 
-    __slots__ = ("_ms", "_text")
+    __slots__ = ("_high", "_low", "_ms", "_text")
 
     def __init__(self) -> None:
         self._ms, self._text = -1, ""
+        # Times well inside the kept millisecond, away from the edges where
+        # rounding to the microsecond could carry into the next one: for
+        # these a comparison is the whole cost.
+        self._low = self._high = 0.0
 
     def text(self, ts: float) -> str:
+        if self._low <= ts < self._high:
+            return self._text
         fraction, whole = math.modf(ts)
         # As rfc3339_ms rounds: a fraction that rounds to 1 s is the next second's .000.
         ms = int(whole) * 1000 + round(fraction * 1_000_000) // 1000
         if ms != self._ms:
             self._ms, self._text = ms, rfc3339_ms(ts)
+            margin = 4e-6 + 16 * math.ulp(ts)
+            self._low, self._high = ms / 1000 + margin, (ms + 1) / 1000 - margin
         return self._text
 
 
