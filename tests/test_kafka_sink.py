@@ -12,10 +12,12 @@ import pytest
 from confluent_kafka import KafkaError
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from redirect_logger import kafka
 from redirect_logger.hits import Encoded
 from redirect_logger.kafka import KafkaSink
+from redirect_logger.metrics import LATENCY_BUCKETS, DeliveryLatency
 
 
 class FakeMessage:
@@ -231,3 +233,30 @@ def test_a_record_taken_while_counting_is_not_counted_before_its_batch_is() -> N
     producer.acknowledge(4)
     sink.poll()
     assert reports.acknowledged == 7
+
+
+def test_delivery_latency_writes_what_a_prometheus_histogram_writes() -> None:
+    """The same samples (on the bucket edges, between, past the last), one at
+    a time and a batch at once, as prometheus_client's Histogram writes them
+    (but its ``_created``)."""
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    histogram = Histogram(DeliveryLatency.NAME, "x", buckets=LATENCY_BUCKETS, registry=theirs)
+    latency = DeliveryLatency()
+    ours.register(latency)
+    samples = [0.0007, 0.001, 0.003, 0.01, 0.0250001, 1, 2.5, 31.0]
+    for seconds in samples:
+        histogram.observe(seconds)
+        latency.observe(seconds)
+    for _ in range(3):
+        histogram.observe(0.004)
+    latency.observe_many([(0.004, 3)])
+
+    def samples_of(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if line[:1] != "#" and "_created" not in line]
+
+    (*our_counts, our_sum), (*their_counts, their_sum) = samples_of(ours), samples_of(theirs)
+    assert our_counts == their_counts
+    assert 'redirect_logger_delivery_latency_seconds_bucket{le="0.005"} 6.0' in our_counts
+    # 3 * 0.004 added at once rounds differently from 0.004 added 3 times
+    assert float(our_sum.split()[1]) == pytest.approx(float(their_sum.split()[1]))

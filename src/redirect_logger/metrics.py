@@ -214,9 +214,7 @@ class DeliveryLatency(Collector):
 
     def observe(self, seconds: float) -> None:
         """One record, acknowledged ``seconds`` after it was produced."""
-        with self._lock:
-            self._counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            self._sum += seconds
+        self.observe_many(((seconds, 1),))
 
     def observe_many(self, waits: Iterable[tuple[float, int]]) -> None:
         """``(seconds, records)`` pairs: that many records acknowledged that long after."""
