@@ -253,15 +253,11 @@ class Intake:
         budget, checked = self._budget, channel is self._send
         try:
             for item in items[taken:]:
-                data = item.data
-                if data is None:  # a hit: nothing for the budget
-                    channel.send_nowait(item)
-                else:
-                    size = len(data)
-                    if checked and not budget.fits(size):
-                        break
-                    channel.send_nowait(item)
-                    budget.take(size)
+                size = _size(item)
+                if checked and not budget.fits(size):
+                    break
+                channel.send_nowait(item)
+                budget.take(size)
                 taken += 1
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             pass
@@ -410,8 +406,7 @@ class Pipeline:
                 hit.commit.settle(hit.id, True)
             return
         self.held += 1
-        if hit.data is not None:
-            batch.bytes += len(hit.data)
+        batch.bytes += _size(hit)
         batch.records.append(encoded)
         if hit.commit is not None:
             batch.hits.append(hit)
