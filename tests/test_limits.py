@@ -11,6 +11,7 @@ real sockets on loopback, in every launch mode.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata
 import inspect
@@ -41,7 +42,10 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from brokers import Broker, free_port
+from redirect_logger.app import create_app
+from redirect_logger.config import parse_settings
 from redirect_logger.http2 import _FrameScan, _H2Connection
+from redirect_logger.limits import HEAVY_BYTES, HeavyLane
 from redirect_logger.service import Service
 from support import (
     ServiceProcess,
@@ -50,6 +54,7 @@ from support import (
     service_config,
     start_service,
     unique_topic,
+    unreachable_config,
     write_config,
 )
 
@@ -835,3 +840,102 @@ async def test_a_servers_end_of_graceful_shutdown_resets_only_its_own_connection
             await stream.aclose()
             stop.set()
     assert first_codes == second_codes == [0]
+
+
+# ------------------------------------------------------------------ the heavy lane
+
+
+async def test_heavy_requests_take_turns_one_a_scheduler_pass() -> None:
+    """Twenty requests taking their turn at once pass in twenty passes of the
+    scheduler (a task counting passes sees them apart), not all in one; the
+    first one, blocked after its turn (a client that does not read), keeps
+    none of the others waiting."""
+    lane = HeavyLane()
+    passes = 0
+    seen: list[int] = []
+    blocked = trio.Event()
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while True:
+            passes += 1
+            await trio.lowlevel.checkpoint()
+
+    async def heavy(index: int) -> None:
+        await lane.turn()
+        seen.append(passes)
+        if index == 0:
+            await blocked.wait()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_passes)
+            await trio.lowlevel.checkpoint()
+            for index in range(20):
+                nursery.start_soon(heavy, index)
+            while len(seen) < 20:
+                await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+    # A task runs before or after the counter within its pass: each count is
+    # its pass's or the one before, so twenty passes span at least 18.
+    assert seen == sorted(seen)
+    assert seen[-1] - seen[0] >= 18, seen
+
+
+@pytest.mark.parametrize("size", [HEAVY_BYTES, HEAVY_BYTES + 1])
+async def test_hits_with_a_target_past_heavy_bytes_take_a_turn(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Redirects, misses, pixels and WebSocket upgrades whose path and query
+    are longer than HEAVY_BYTES take their turn; the others do not. Collect
+    requests take it for a body longer than that, or a compressed one."""
+    turns: list[str] = []
+
+    async def turn(self: HeavyLane) -> None:
+        turns.append(path)
+
+    monkeypatch.setattr(HeavyLane, "turn", turn)
+    config = unreachable_config(collect={"enabled": True}, pixel={"enabled": True})
+    service = Service(parse_settings(config))
+    app: Any = create_app(service, own_lifecycle=False).asgi_app
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    def request(kind: str, path: str, query: bytes, body: bytes = b"", **headers: bytes) -> Any:
+        scope = {
+            "type": kind,
+            "scheme": "http" if kind == "http" else "ws",
+            "method": "POST" if body else "GET",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query,
+            "headers": [(b"host", b"x")]
+            + [(name.replace("_", "-").encode(), value) for name, value in headers.items()],
+            "client": ("127.0.0.1", 4711),
+            "server": ("127.0.0.1", 8080),
+            "extensions": {"websocket.http.response": {}},
+        }
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        return app(scope, receive, send)
+
+    for path in ("/docs/", "/nothing/", "/p.gif"):
+        await request("http", path, b"x" * (size - len(path)))
+        await request("websocket", path, b"x" * (size - len(path)))
+    path = "/collect"
+    events = b'{"e":"' + b"x" * (size - 8) + b'"}'
+    assert len(events) == size
+    await request("http", path, b"", events, content_type=b"application/json")
+    small = gzip.compress(b'{"e":1}')
+    json = b"application/json"
+    await request("http", path, b"", small, content_type=json, content_encoding=b"gzip")
+    heavy = size > HEAVY_BYTES
+    expected = ["/docs/"] * 2 + ["/nothing/"] * 2 + ["/p.gif"] * 2 if heavy else []
+    assert turns == [*expected, *(["/collect"] if heavy else []), "/collect"]
+    statuses = [m["status"] for m in sent if "status" in m]
+    assert statuses == [503] * 6 + [503, 503]  # no pipeline started: shed, and counted

@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from .collect import Collector
 from .hits import Hit
+from .limits import HEAVY_BYTES, HeavyLane
 from .metrics import CONTENT_TYPE
 from .pipeline import Admission
 from .pixel import PIXEL_METHODS, Pixel
@@ -48,6 +49,11 @@ _HTTP = ("http.response.start", "http.response.body")
 _DENIAL = ("websocket.http.response.start", "websocket.http.response.body")
 
 
+def _heavy(scope: Scope) -> bool:
+    """A hit whose target takes its turn in the heavy lane."""
+    return len(scope["raw_path"]) + len(scope["query_string"]) > HEAVY_BYTES
+
+
 def _head(status: int, headers: list[tuple[bytes, bytes]], kind: str = _HTTP[0]) -> dict[str, Any]:
     return {"type": kind, "status": status, "headers": headers}
 
@@ -66,8 +72,11 @@ class Frontend:
         self._service = service
         self._own_lifecycle = own_lifecycle
         collect = service.settings.collect
+        self._lane = HeavyLane()
         self._collector = (
-            Collector(collect, service.settings.kafka, service.admit_all, service.metrics)
+            Collector(
+                collect, service.settings.kafka, service.admit_all, service.metrics, self._lane
+            )
             if collect.enabled
             else None
         )
@@ -81,11 +90,16 @@ class Frontend:
         if kind == "http" and not self._service.is_admin(scope):
             if scope["path"] == self._collect_path and self._collector is not None:
                 await self._collector(scope, receive, send)  # every method: collect.path wins
-            elif scope["path"] == self._service.pixel_path and scope["method"] in PIXEL_METHODS:
+                return
+            if _heavy(scope):
+                await self._lane.turn()
+            if scope["path"] == self._service.pixel_path and scope["method"] in PIXEL_METHODS:
                 await self._pixel(scope, send)
             else:
                 await self._hit(scope, send)
         elif kind == "websocket" and not self._service.is_admin(scope):
+            if _heavy(scope):
+                await self._lane.turn()
             await self._upgrade(scope, send)
         elif kind == "lifespan" and self._own_lifecycle:
             await self._lifespan(receive, send)

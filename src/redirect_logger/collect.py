@@ -23,6 +23,7 @@ import trio
 from . import decoding
 from .config import MESSAGE_MAX_BYTES, NDJSON_TYPES, PROTOBUF_TYPES, CollectSettings, KafkaValue
 from .hits import Hit
+from .limits import HEAVY_BYTES, HeavyLane
 from .pipeline import Admission
 
 if TYPE_CHECKING:
@@ -252,8 +253,10 @@ class Collector:
         kafka: Mapping[str, KafkaValue],
         admit_all: Callable[[Sequence[Hit]], Awaitable[tuple[int, Admission]]],
         metrics: Metrics,
+        lane: HeavyLane,
     ) -> None:
         self._admit_all = admit_all
+        self._lane = lane
         self._max_body = settings.max_body_bytes
         self._max_events = settings.max_events
         self._types = frozenset(settings.content_types)
@@ -394,6 +397,8 @@ class Collector:
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise _body_too_large(self._max_body)
         body = received = await self._read_body(receive, deadline)
+        if len(received) > HEAVY_BYTES or coding is not None:  # its decoding is heavy
+            await self._lane.turn()
         try:
             if coding is not None:
                 try:

@@ -14,6 +14,8 @@ import resource
 from collections import Counter
 from collections.abc import Callable
 
+import trio
+
 from .config import ServerSettings
 from .logs import RateLimitedLog
 
@@ -44,6 +46,42 @@ def descriptor_shortfall(server: ServerSettings) -> str | None:
         "past it new connections wait unaccepted; raise it (LimitNOFILE=, ulimit -n, "
         "see docs/deployment.md#file-descriptors) or lower server.max_connections"
     )
+
+
+# A request this much larger than most takes its turn in the HeavyLane: a
+# target (path and query) longer, or a collect body (as received) longer.
+# A 16 KiB target costs the service about twice an ordinary redirect
+# (docs/benchmarks.md#a-lane-for-heavy-requests); 4 KiB, about a quarter more.
+HEAVY_BYTES = 4096
+
+
+class HeavyLane:
+    """Heavy requests take turns: one passes ``turn`` per pass of Trio's
+    scheduler, whatever else is runnable.
+
+    A burst of heavy requests (each costing the service up to twice an
+    ordinary one: clients that open many connections at once and ask for the
+    largest answers) would otherwise all run in the same passes as the
+    ordinary requests beside them, each pass as long as the whole burst.
+    Taking turns spreads the burst over as many passes as it has requests,
+    and ordinary requests keep moving between them. A turn holds nothing
+    while the request is handled: a request that then waits (for its
+    record's durability, or on a client that does not read) keeps no other
+    request from its turn.
+
+    How: ``trio.Lock`` hands itself to the next waiter at each release, and
+    a task woken runs in the scheduler's next pass; a free lock is taken
+    with a checkpoint too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def turn(self) -> None:
+        """Return on this request's turn (at once, bar one pass, when no
+        other heavy request waits)."""
+        async with self._lock:
+            pass
 
 
 class ConnectionGate:
