@@ -50,8 +50,9 @@ def descriptor_shortfall(server: ServerSettings) -> str | None:
 
 # A request this much larger than most takes its turn in the HeavyLane: a
 # target (path and query) longer, or a collect body (as received) longer.
-# A 16 KiB target costs the service about twice an ordinary redirect
-# (docs/benchmarks.md#a-lane-for-heavy-requests); 4 KiB, about a quarter more.
+# A redirect's 16,000-byte target of characters its Location percent-encodes
+# cost the service 0.70 to 0.73 ms, a 4 KiB one 0.42 ms, a short one 0.28 to
+# 0.31 ms (docs/benchmarks.md#a-lane-for-heavy-requests-2026-12-03-issue-13).
 HEAVY_BYTES = 4096
 
 
@@ -59,7 +60,7 @@ class HeavyLane:
     """Heavy requests take turns: one passes ``turn`` per pass of Trio's
     scheduler, whatever else is runnable.
 
-    A burst of heavy requests (each costing the service up to twice an
+    A burst of heavy requests (each costing the service up to 2.5 times an
     ordinary one: clients that open many connections at once and ask for the
     largest answers) would otherwise all run in the same passes as the
     ordinary requests beside them, each pass as long as the whole burst.
