@@ -44,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from brokers import Broker, free_port
 from redirect_logger.app import create_app
 from redirect_logger.config import parse_settings
+from redirect_logger.hits import FIELD_LIMITS
 from redirect_logger.http2 import _FrameScan, _H2Connection
 from redirect_logger.limits import HEAVY_BYTES, HeavyLane
 from redirect_logger.service import Service
@@ -850,7 +851,8 @@ async def test_heavy_requests_take_turns_one_a_scheduler_pass() -> None:
     scheduler (a task counting passes sees them apart), not all in one; the
     first one, blocked after its turn (a client that does not read), keeps
     none of the others waiting."""
-    lane = HeavyLane()
+    taken: list[None] = []
+    lane = HeavyLane(lambda: taken.append(None))
     passes = 0
     seen: list[int] = []
     blocked = trio.Event()
@@ -880,6 +882,7 @@ async def test_heavy_requests_take_turns_one_a_scheduler_pass() -> None:
     # its pass's or the one before, so twenty passes span at least 18.
     assert seen == sorted(seen)
     assert seen[-1] - seen[0] >= 18, seen
+    assert len(taken) == 20  # redirect_logger_heavy_requests_total
 
 
 @pytest.mark.parametrize("size", [HEAVY_BYTES, HEAVY_BYTES + 1])
@@ -939,3 +942,41 @@ async def test_hits_with_a_target_past_heavy_bytes_take_a_turn(
     assert turns == [*expected, *(["/collect"] if heavy else []), "/collect"]
     statuses = [m["status"] for m in sent if "status" in m]
     assert statuses == [503] * 6 + [503, 503]  # no pipeline started: shed, and counted
+
+
+async def test_heavy_requests_are_answered_recorded_and_counted(broker: Broker) -> None:
+    """Against Apache Kafka: three redirects with a 5 KB path (each taking a
+    turn) among three short ones, all at once, are each answered with the
+    forwarded path and recorded by id; the turns are counted in
+    redirect_logger_heavy_requests_total."""
+    stop = trio.Event()
+    topic = unique_topic()
+    config = service_config(broker.bootstrap, topic)
+    paths = [f"/docs/{i}/" + "a" * 5000 for i in range(3)] + [f"/docs/{i}" for i in range(3)]
+    answers: dict[str, httpx.Response] = {}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service, codes = await start_service(nursery, config, stop)
+            async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+
+                async def get(path: str) -> None:
+                    answers[path] = await client.get(path)
+
+                async with trio.open_nursery() as requests:
+                    for path in paths:
+                        requests.start_soon(get, path)
+            counted = samples_of(service.metrics.exposition().decode())
+            stop.set()
+    assert codes == [0]
+    assert counted[("redirect_logger_heavy_requests_total", ())] == 3
+    for path in paths:
+        assert answers[path].status_code == 301
+        assert answers[path].headers["location"] == "https://docs.example.com" + path[5:]
+    cut = FIELD_LIMITS["path"]  # the record keeps the start of a long path
+    ids = {answers[path].headers["x-hit-id"]: path[:cut] for path in paths}
+    records = read_topic(broker.bootstrap, topic, expected=len(paths))
+    assert {record["id"]: record["path"] for record in records} == ids
+    assert (
+        sorted(record.get("truncated", []) for record in records)
+        == [[]] * 3 + [["path", "location"]] * 3
+    )

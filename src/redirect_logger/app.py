@@ -72,7 +72,7 @@ class Frontend:
         self._service = service
         self._own_lifecycle = own_lifecycle
         collect = service.settings.collect
-        self._lane = HeavyLane()
+        self._lane = HeavyLane(service.metrics.heavy_requests.inc)
         self._collector = (
             Collector(
                 collect, service.settings.kafka, service.admit_all, service.metrics, self._lane

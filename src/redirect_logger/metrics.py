@@ -298,6 +298,12 @@ class Metrics:
             "HTTP/2 streams refused (REFUSED_STREAM) past server.h2_max_concurrent_streams",
             registry=self.registry,
         )
+        self.heavy_requests = Counter(
+            "redirect_logger_heavy_requests",
+            "Requests that took their turn in the heavy lane: a hit whose target is longer"
+            " than 4 KiB, a collect request whose body is longer or compressed",
+            registry=self.registry,
+        )
         for reason in REFUSALS:
             self.connections_refused.labels(reason)
         for reason in CLOSES:
