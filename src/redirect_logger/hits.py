@@ -524,7 +524,7 @@ class Enricher:
         if record is None:
             return None
         key = None if self._key == "none" else record[self._key]
-        ts, status, rule, data = hit[1], hit[8], hit[10], hit[11]
+        ts, status, rule, data = hit.ts, hit.status, hit.rule, hit.data
         if data is None:
             topic = self._topics.get(rule, self._default_topic)
         else:

@@ -82,9 +82,9 @@ class HeavyLane:
     async def turn(self) -> None:
         """Return on this request's turn (at once, bar one pass, when no
         other heavy request waits)."""
-        self._count()
         async with self._lock:
             pass
+        self._count()
 
 
 class ConnectionGate:

@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .ledger import OUTCOMES, Ledger
-from .limits import CLOSES, REFUSALS
+from .limits import CLOSES, HEAVY_BYTES, REFUSALS
 
 if TYPE_CHECKING:
     from .config import Rule
@@ -301,7 +301,7 @@ class Metrics:
         self.heavy_requests = Counter(
             "redirect_logger_heavy_requests",
             "Requests that took their turn in the heavy lane: a hit whose target is longer"
-            " than 4 KiB, a collect request whose body is longer or compressed",
+            f" than {HEAVY_BYTES} bytes, a collect request whose body is longer or compressed",
             registry=self.registry,
         )
         for reason in REFUSALS:
